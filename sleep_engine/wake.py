@@ -1,0 +1,204 @@
+"""Wake (DESIGN §3): streaming chat with routing traces, teaching, test-time fast-weight learning.
+
+Every finished turn and every taught text is appended to the durable episode log: that log is the
+experience a later Sleep consolidates. Every `fast_update_every` episodes, a few gradient steps of
+the LM loss on the recent episodes update the fast weights B_h A_h, and nothing else.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import WakeConfig
+from .decoding import generate_tokens, make_decoder, stop_token_ids
+from .memory import MemoryModel, RoutingTrace
+from .store import Episode, EpisodeLog
+
+
+class WakeInputError(ValueError):
+    """The message or text cannot be used (empty, binary, ...); nothing was changed."""
+
+
+class WakeBusy(RuntimeError):
+    """The model is busy (another reply or a memory update) for longer than we wait."""
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)   # truncation etc., shown to the user
+    trace: RoutingTrace | None = None
+    done: bool = False
+    stopped: bool = False
+    prompt_tokens: int = 0
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    episode_id: int | None = None
+    fast_update: dict | None = None
+
+    def token_texts(self, tokenizer) -> list[str]:
+        return [tokenizer.decode([t]) for t in self.token_ids]
+
+
+def clean_text(text, what: str, max_chars: int) -> tuple[str, list[str]]:
+    """Validate user text: a clear error for empty/binary input, a notice when it is cut."""
+    if not isinstance(text, str):
+        raise WakeInputError(f"{what} must be text")
+    if "\x00" in text:
+        raise WakeInputError(f"{what} looks like binary data (contains NUL bytes)")
+    if not text.strip():
+        raise WakeInputError(f"{what} is empty")
+    notices = []
+    if len(text) > max_chars:
+        notices.append(f"{what} was {len(text):,} characters; only the first {max_chars:,} were used")
+        text = text[:max_chars]
+    return text, notices
+
+
+class WakeSession:
+    """One conversation with the memory model. Thread-safe: one reply or update at a time."""
+
+    def __init__(self, memory: MemoryModel, tokenizer, episodes: EpisodeLog, cfg: WakeConfig,
+                 lock: threading.RLock | None = None, on_memory_change=None):
+        self.memory, self.lm, self.tokenizer = memory, memory.lm, tokenizer
+        self.episodes, self.cfg = episodes, cfg
+        self.lock = lock or threading.RLock()
+        self.on_memory_change = on_memory_change    # called after fast weights change (to save them)
+        self.decoder = make_decoder(self.lm, cfg.context_tokens + cfg.max_new_tokens)
+        self.stop_ids = stop_token_ids(tokenizer, self.lm)
+        self.history: list[dict] = []
+        self.pending_for_fast_update: list[Episode] = []
+        self.last_fast_update: dict | None = None
+
+    # -- prompt ----------------------------------------------------------------------------
+    def _encode(self, messages: list[dict]) -> list[int]:
+        msgs = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []) + messages
+        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def build_prompt(self, message: str) -> tuple[list[int], list[str]]:
+        """Token ids for history + message within `context_tokens`; oldest turns go first, then
+        the message itself is cut (with a notice, never an error)."""
+        notices: list[str] = []
+        history = list(self.history)
+        ids = self._encode(history + [{"role": "user", "content": message}])
+        dropped = 0
+        while len(ids) > self.cfg.context_tokens and history:
+            history = history[2:]
+            dropped += 1
+            ids = self._encode(history + [{"role": "user", "content": message}])
+        if dropped:
+            notices.append(f"{dropped} older turn(s) left the context window ({self.cfg.context_tokens} tokens)")
+        if len(ids) > self.cfg.context_tokens:
+            overhead = len(self._encode([{"role": "user", "content": ""}]))
+            keep = max(1, self.cfg.context_tokens - overhead - 8)
+            msg_ids = self.tokenizer(message, add_special_tokens=False)["input_ids"]
+            message = self.tokenizer.decode(msg_ids[:keep])
+            ids = self._encode([{"role": "user", "content": message}])[: self.cfg.context_tokens]
+            notices.append(f"message truncated to its first {keep} tokens to fit the context window "
+                           f"({self.cfg.context_tokens} tokens)")
+        self.history = history
+        return ids, notices
+
+    # -- chat ------------------------------------------------------------------------------
+    def stream(self, message, stop_event: threading.Event | None = None, seed: int = 0) -> Iterator[Reply]:
+        """Yield the growing reply (cumulative text); the last one has done=True and the
+        routing trace. The finished turn is logged as an episode."""
+        message, notices = clean_text(message, "message", self.cfg.max_message_chars)
+        if not self.lock.acquire(timeout=300):
+            raise WakeBusy("the model is busy; try again in a moment")
+        try:
+            prompt, more = self.build_prompt(message)
+            reply = Reply(notices=notices + more, prompt_tokens=len(prompt))
+            t0 = time.perf_counter()
+            with self.memory.tracing() as trace:
+                for tok in generate_tokens(self.decoder, prompt, self.cfg.max_new_tokens, self.stop_ids,
+                                           self.cfg.temperature, self.cfg.top_p, seed, stop_event):
+                    if reply.ttft_s is None:
+                        reply.ttft_s = time.perf_counter() - t0
+                    reply.token_ids.append(tok)
+                    reply.text = self.tokenizer.decode(reply.token_ids, skip_special_tokens=True)
+                    yield reply
+            elapsed = time.perf_counter() - t0
+            reply.trace = trace
+            reply.stopped = bool(stop_event is not None and stop_event.is_set())
+            if len(reply.token_ids) > 1 and reply.ttft_s is not None and elapsed > reply.ttft_s:
+                reply.tokens_per_s = (len(reply.token_ids) - 1) / (elapsed - reply.ttft_s)
+            self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
+            ep = self.episodes.append("turn", f"User: {message}\nAssistant: {reply.text}",
+                                      messages=self.history[-2:])
+            reply.episode_id = ep.id
+            reply.fast_update = self._after_episode(ep)
+        finally:
+            self.lock.release()
+        reply.done = True
+        yield reply
+
+    def reply(self, message, stop_event: threading.Event | None = None) -> Reply:
+        last = Reply()
+        for last in self.stream(message, stop_event):
+            pass
+        return last
+
+    def clear(self) -> None:
+        with self.lock:
+            self.history = []
+
+    def context_tokens(self) -> int:
+        return len(self._encode(self.history)) if self.history else 0
+
+    # -- teaching and fast weights -----------------------------------------------------------
+    def teach(self, text, source: str = "pasted", qa: list[dict] | None = None) -> Episode:
+        """Add a text to read as an episode (it goes to the durable log before this returns)."""
+        text, notices = clean_text(text, "taught text", self.cfg.max_message_chars)
+        with self.lock:
+            ep = self.episodes.append("taught", text.strip(), source=source, qa=qa)
+            self._after_episode(ep)
+        return ep
+
+    def _after_episode(self, ep: Episode) -> dict | None:
+        self.pending_for_fast_update.append(ep)
+        if self.cfg.fast_update_every and len(self.pending_for_fast_update) >= self.cfg.fast_update_every:
+            texts = [e.text for e in self.pending_for_fast_update]
+            self.pending_for_fast_update = []
+            return self.update_fast_weights(texts)
+        return None
+
+    def update_fast_weights(self, texts: list[str], steps: int | None = None) -> dict:
+        """A few AdamW steps of the LM loss on `texts`, on B_h A_h only. Returns the loss on the
+        same texts before and after."""
+        steps = steps or self.cfg.fast_update_steps
+        with self.lock:
+            t0 = time.perf_counter()
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
+            dev = next(self.lm.parameters()).device
+            ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+            labels = ids.masked_fill(mask == 0, -100)
+            params = self.memory.train_only(fast_weights=True)
+            opt = torch.optim.AdamW(params, lr=self.cfg.fast_lr, weight_decay=0.0)
+            losses = []
+            try:
+                for _ in range(steps):
+                    loss = self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+                    losses.append(float(loss))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                with torch.no_grad():
+                    after = float(self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+            finally:
+                self.memory.freeze_all()
+            self.memory.fast_weight_steps += steps
+            self.last_fast_update = {"loss_before": losses[0], "loss_after": after, "steps": steps,
+                                     "texts": len(texts), "seconds": time.perf_counter() - t0,
+                                     "time": time.time()}
+            if self.on_memory_change:
+                self.on_memory_change()
+            return self.last_fast_update
