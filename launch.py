@@ -201,8 +201,16 @@ def main(argv=None) -> int:
                 ep = engine.wake.teach(text, source=name)
                 print(f"episode {ep.id}: {name} ({len(text)} chars)")
             return 0
-        engine = open_engine(cfg, quiet=args.verb == "chat" and args.once is not None)
-        return cmd_chat(engine, getattr(args, "once", None))
+        once = getattr(args, "once", None)
+        if once is not None:  # refuse bad input before spending seconds on loading the model
+            from sleep_engine.wake import WakeInputError, clean_text
+            try:
+                clean_text(once, "message", cfg.wake.max_message_chars)
+            except WakeInputError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        engine = open_engine(cfg, quiet=once is not None)
+        return cmd_chat(engine, once)
     except (ModelLoadError, StateMismatchError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from .config import ConfigError, LabConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded Q4_1 GGUF)"
-CACHE_FORMAT = 1  # bump when the cached layout changes
+CACHE_FORMAT = 2  # bump when the cached layout changes
 
 
 class ModelLoadError(RuntimeError):
@@ -80,26 +80,33 @@ def _embedded_cache(cache_dir: Path) -> Path:
     return Path(cache_dir) / f"smollm2-135m-instruct-v{CACHE_FORMAT}"
 
 
+def _save_gguf_tokenizer(gguf: Path, target: Path) -> None:
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
+
+
 def _dequantize_embedded_to(target: Path) -> None:
-    """GGUF → float32 safetensors + config + tokenizer, written atomically into `target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """GGUF → float32 safetensors + config + tokenizer, written atomically into `target`.
+
+    The weights come from our own GGUF reader (~3 s); the tokenizer from transformers' GGUF
+    converter (~15 s of Python parsing), run in a second process at the same time."""
+    import multiprocessing
+
+    from safetensors.torch import save_file
+
+    from .gguf_file import llama_from_gguf
     gguf = embedded_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):  # the weights are plain floats now
-        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        # save_pretrained refuses gguf-loaded models even without the config entry: write the
-        # parts ourselves (tied output head stored once, as the embedding)
-        from safetensors.torch import save_file
-        model.config.save_pretrained(tmp)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        tok.save_pretrained(tmp)
+        tok_proc = multiprocessing.get_context("spawn").Process(target=_save_gguf_tokenizer, args=(gguf, tmp))
+        tok_proc.start()
+        config, state = llama_from_gguf(gguf)
+        config.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok_proc.join()
+        if tok_proc.exitcode != 0:
+            raise ModelLoadError(f"converting the embedded tokenizer failed (exit code {tok_proc.exitcode})")
         (tmp / "sleep-lab.json").write_text(json.dumps({"source": str(gguf), "format": CACHE_FORMAT}))
         if target.exists():
             shutil.rmtree(target)

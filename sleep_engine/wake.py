@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -125,7 +125,7 @@ class WakeSession:
                         reply.ttft_s = time.perf_counter() - t0
                     reply.token_ids.append(tok)
                     reply.text = self.tokenizer.decode(reply.token_ids, skip_special_tokens=True)
-                    yield reply
+                    yield replace(reply, token_ids=list(reply.token_ids))  # a snapshot per chunk
             elapsed = time.perf_counter() - t0
             reply.trace = trace
             reply.stopped = bool(stop_event is not None and stop_event.is_set())
@@ -187,7 +187,7 @@ class WakeSession:
             try:
                 for _ in range(steps):
                     loss = self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -1,0 +1,44 @@
+"""launch.py as a user runs it: help, clear one-line errors, exit code 2 for misuse."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_help_lists_the_verbs():
+    out = run("--help")
+    assert out.returncode == 0
+    for verb in ("chat", "teach", "bench"):
+        assert verb in out.stdout
+    assert "--state-dir" in run("chat", "--help").stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--quantize", "int3", "chat", "--once", "hi"], "quantize must be one of"),
+    (["chat", "--quantize", "int3", "--once", "hi"], "quantize must be one of"),
+    (["chat", "--model", "/no/such/model", "--once", "hi"], "no such directory"),
+    (["chat", "--once", "   "], "message is empty"),
+    (["chat", "--once", ""], "message is empty"),
+    (["chat", "--threads", "-1", "--once", "hi"], "threads must be between"),
+    (["teach", "/no/such/file.txt"], "No such file"),
+    (["bench", "sleepwalk"], "invalid choice"),
+])
+def test_misuse_gives_one_clear_line_and_exit_2(args, needle, tmp_path):
+    out = run(*args, "--state-dir", str(tmp_path)) if args[0] != "bench" else run(*args)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_binary_file_is_refused_by_teach(tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"\x00\x01\x02binary")
+    out = run("teach", str(f), "--state-dir", str(tmp_path / "s"))
+    assert out.returncode == 2 and "binary" in out.stderr

