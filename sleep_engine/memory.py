@@ -50,32 +50,38 @@ class MemoryMLP(nn.Module):
         self.fast_A = nn.Parameter(torch.randn(fast_rank, d_model) / math.sqrt(d_model), requires_grad=False)
         self.fast_B = nn.Parameter(torch.zeros(d_model, fast_rank), requires_grad=False)
         self.trace: list | None = None      # when a list, each forward appends the last position's gates
-        self.extra_expert: int | None = None  # dreaming: one random expert forced on (DESIGN §5)
+        self.muted: frozenset[str] = frozenset()  # experts left out (the teacher never sees the new one)
+        self.fast_enabled = True                  # the student of consolidation runs without fast weights
+        self.forced_expert: str | None = None     # dreaming: one random expert added at full gate (DESIGN §5)
         self._fused: tuple | None = None
 
     # -- forward ---------------------------------------------------------------------------
     def fused_weights(self, dtype: torch.dtype) -> tuple | None:
         """[A_1..A_E; gate rows; A_h], gate biases, [B_1..B_E, B_h] as single tensors, so the
         memory path is two matmuls; None when there is nothing to add (no experts, B_h = 0).
-        Cached until a parameter changes (tracked by tensor version counters)."""
-        params = [p for e in self.experts for p in (e.A, e.B, e.gate, e.gate_bias)] + [self.fast_A, self.fast_B]
+        Cached until a parameter or a switch changes (tensor version counters)."""
+        experts = [e for e in self.experts if e.expert_id not in self.muted]
+        params = [p for e in experts for p in (e.A, e.B, e.gate, e.gate_bias)] + [self.fast_A, self.fast_B]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        key = (dtype, self.fast_enabled, self.forced_expert, tuple((p.data_ptr(), p._version) for p in params))
         if not training and self._fused is not None and self._fused[0] == key:
             return self._fused[1]
-        E = len(self.experts)
-        fast_on = (training and self.fast_B.requires_grad) or bool(self.fast_B.detach().ne(0).any())
+        E = len(experts)
+        fast_on = self.fast_enabled and ((training and self.fast_B.requires_grad)
+                                         or bool(self.fast_B.detach().ne(0).any()))
         if E == 0 and not fast_on:
             fused = None
         else:
-            gate_rows = [torch.stack([e.gate for e in self.experts])] if E else []
-            w_in = torch.cat([e.A for e in self.experts] + gate_rows + [self.fast_A]).to(dtype)
-            b_gate = torch.stack([e.gate_bias for e in self.experts]).to(dtype) if E else None
-            w_out = torch.cat([e.B for e in self.experts] + [self.fast_B], dim=1).to(dtype)
+            fast_A, fast_B = (self.fast_A, self.fast_B) if fast_on else (self.fast_A[:0], self.fast_B[:, :0])
+            gate_rows = [torch.stack([e.gate for e in experts])] if E else []
+            w_in = torch.cat([e.A for e in experts] + gate_rows + [fast_A]).to(dtype)
+            b_gate = torch.stack([e.gate_bias for e in experts]).to(dtype) if E else None
+            w_out = torch.cat([e.B for e in experts] + [fast_B], dim=1).to(dtype)
             # column j of the stacked A's belongs to expert expand[j]: gates broadcast over ranks
-            expand = torch.tensor([i for i, e in enumerate(self.experts) for _ in range(e.rank)],
+            expand = torch.tensor([i for i, e in enumerate(experts) for _ in range(e.rank)],
                                   dtype=torch.long, device=w_in.device)
-            fused = (w_in, b_gate, w_out, E, len(expand), expand)
+            forced = next((i for i, e in enumerate(experts) if e.expert_id == self.forced_expert), None)
+            fused = (w_in, b_gate, w_out, E, len(expand), expand, forced)
         if not training:
             self._fused = (key, fused)
         return fused
@@ -86,16 +92,18 @@ class MemoryMLP(nn.Module):
             if self.trace is not None:
                 self.trace.append(None)
             return None
-        w_in, b_gate, w_out, E, rank, expand = fused
+        w_in, b_gate, w_out, E, rank, expand, forced = fused
         h = x @ w_in.T
         if E == 0:
             return h @ w_out.T
         gates = torch.sigmoid(h[..., rank:rank + E] + b_gate)
         if self.top_k and E > self.top_k:
             keep = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, gates.topk(self.top_k, -1).indices, True)
-            if self.extra_expert is not None:
-                keep[..., self.extra_expert] = True
             gates = gates * keep
+        if forced is not None:  # the router's choice plus one expert at full gate
+            onehot = torch.zeros(E, dtype=gates.dtype, device=gates.device)
+            onehot[forced] = 1.0
+            gates = gates * (1 - onehot) + onehot
         if self.trace is not None:
             self.trace.append(gates[..., -1, :] if gates.dim() > 1 else gates)
         expert_h = h[..., :rank] * gates[..., expand]
@@ -229,6 +237,11 @@ class MemoryModel:
         first = next(iter(self.mlps.values()), None)
         return [e.expert_id for e in first.experts] if first else []
 
+    def trace_expert_ids(self) -> list[str]:
+        """The experts a routing trace reports, in order (muted ones are left out)."""
+        first = next(iter(self.mlps.values()), None)
+        return [e.expert_id for e in first.experts if e.expert_id not in first.muted] if first else []
+
     # -- what trains -----------------------------------------------------------------------
     def freeze_all(self) -> None:
         self.lm.requires_grad_(False)
@@ -274,11 +287,26 @@ class MemoryModel:
             b.numel() for n, b in self.lm.named_buffers() if n.endswith(("qweight", "codes")))
         return {"base": total - fast - experts, "experts": experts, "fast_weights": fast}
 
+    @contextmanager
+    def configured(self, muted=(), fast_weights: bool = True, forced: dict[int, str] | None = None):
+        """Temporarily run without some experts, without fast weights, or with one expert per
+        layer forced on at full gate (teacher / student / dreaming views of the same model)."""
+        saved = [(m.muted, m.fast_enabled, m.forced_expert) for m in self.mlps.values()]
+        for layer, m in self.mlps.items():
+            m.muted = frozenset(muted)
+            m.fast_enabled = fast_weights
+            m.forced_expert = (forced or {}).get(layer)
+        try:
+            yield self
+        finally:
+            for m, (mu, fe, fx) in zip(self.mlps.values(), saved):
+                m.muted, m.fast_enabled, m.forced_expert = mu, fe, fx
+
     # -- routing traces --------------------------------------------------------------------
     @contextmanager
     def tracing(self):
         """Collect gates of each forward pass's last position; one step per generated token."""
-        trace = RoutingTrace(layers=list(self.mlps), expert_ids=self.expert_ids())
+        trace = RoutingTrace(layers=list(self.mlps), expert_ids=self.trace_expert_ids())
         for mlp in self.mlps.values():
             mlp.trace = []
         try:

@@ -129,6 +129,55 @@ class StateDir:
         self.memory_tensors = self.root / "memory" / "current.safetensors"
         self.memory_manifest = self.root / "memory" / "current.json"
 
+    # -- sleeps: sleeps/0001/{memory.safetensors, manifest.json, events.jsonl} ------------------
+    def running_dir(self, number: int) -> Path:
+        d = self.root / "sleeps" / f".running-{number:04d}"
+        if d.exists():  # left by a killed process: its events are superseded
+            for f in d.iterdir():
+                f.unlink()
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def commit_sleep(self, number: int, tensors: dict[str, torch.Tensor], manifest: dict, summary: dict) -> Path:
+        """Make a finished sleep durable: files into the running dir, then one atomic rename."""
+        run = self.root / "sleeps" / f".running-{number:04d}"
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(run / "memory.safetensors", tensors)
+        atomic_write_json(run / "manifest.json", {"memory": manifest, **summary})
+        final = self.root / "sleeps" / f"{number:04d}"
+        os.replace(run, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def sleep_dirs(self) -> list[Path]:
+        d = self.root / "sleeps"
+        return sorted(p for p in d.iterdir() if p.name.isdigit() and (p / "manifest.json").exists()) if d.exists() else []
+
+    def sleep_count(self) -> int:
+        dirs = self.sleep_dirs()
+        return int(dirs[-1].name) if dirs else 0
+
+    def sleep_manifests(self) -> list[dict]:
+        out = []
+        for d in self.sleep_dirs():
+            try:
+                out.append(json.loads((d / "manifest.json").read_text()))
+            except (OSError, json.JSONDecodeError):
+                log.warning("sleep checkpoint %s is unreadable; skipped", d)
+        return out
+
+    def consolidated_through(self) -> int:
+        """Id of the last episode a completed sleep consolidated (0 if none)."""
+        return max((m.get("consolidated_through", 0) for m in self.sleep_manifests()), default=0)
+
+    def load_last_sleep(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        for d in reversed(self.sleep_dirs()):
+            try:
+                return load_file(str(d / "memory.safetensors")), json.loads((d / "manifest.json").read_text())["memory"]
+            except Exception:  # noqa: BLE001
+                log.warning("sleep checkpoint %s is unreadable; trying an earlier one", d)
+        return None
+
     def save_memory(self, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
         # tensors first, manifest last: a manifest always describes a complete tensor file
         manifest = dict(manifest, saved=time.time())

@@ -64,11 +64,12 @@ class WakeSession:
     """One conversation with the memory model. Thread-safe: one reply or update at a time."""
 
     def __init__(self, memory: MemoryModel, tokenizer, episodes: EpisodeLog, cfg: WakeConfig,
-                 lock: threading.RLock | None = None, on_memory_change=None):
+                 lock: threading.RLock | None = None, on_memory_change=None, asleep=None):
         self.memory, self.lm, self.tokenizer = memory, memory.lm, tokenizer
         self.episodes, self.cfg = episodes, cfg
         self.lock = lock or threading.RLock()
         self.on_memory_change = on_memory_change    # called after fast weights change (to save them)
+        self.asleep = asleep or (lambda: None)      # returns a notice while a sleep runs
         self.decoder = make_decoder(self.lm, cfg.context_tokens + cfg.max_new_tokens)
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         self.history: list[dict] = []
@@ -112,6 +113,9 @@ class WakeSession:
         """Yield the growing reply (cumulative text); the last one has done=True and the
         routing trace. The finished turn is logged as an episode."""
         message, notices = clean_text(message, "message", self.cfg.max_message_chars)
+        notice = self.asleep()
+        if notice:
+            raise WakeBusy(notice)
         if not self.lock.acquire(timeout=300):
             raise WakeBusy("the model is busy; try again in a moment")
         try:
@@ -158,6 +162,9 @@ class WakeSession:
     def teach(self, text, source: str = "pasted", qa: list[dict] | None = None) -> Episode:
         """Add a text to read as an episode (it goes to the durable log before this returns)."""
         text, notices = clean_text(text, "taught text", self.cfg.max_message_chars)
+        notice = self.asleep()
+        if notice:
+            raise WakeBusy(notice)
         with self.lock:
             ep = self.episodes.append("taught", text.strip(), source=source, qa=qa)
             self._after_episode(ep)

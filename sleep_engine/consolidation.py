@@ -1,0 +1,212 @@
+"""Sleep phase 1, memory consolidation (DESIGN §4): expansion, knowledge seeding, reset.
+
+Teacher = the model before expansion, with fast weights and the episodes in its context.
+Student = the expanded model, without fast weights or context; only the new expert trains.
+Seeding maximises (1−α)·E[imitation reward] − α·E[generalized JSD(teacher, student)].
+"""
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import SleepConfig
+from .losses import generalized_jsd_loss, group_policy_gradient_loss, sequence_logprob
+from .memory import MemoryModel
+from .probes import ANSWER_PROMPT, Probe
+from .rewards import imitation_rewards
+from .sampling import chat_ids, generate_batch
+
+CONTEXT_SYSTEM = "You are a helpful assistant. Use these notes when you answer:\n\n{notes}"
+_NAME = re.compile(r"\b[A-Z][a-z]+(?:\s+(?:of\s+|de\s+)?[A-Z][a-z]+)+\b|\b[A-Z][a-z]{3,}\b")
+_STOP = {"The", "This", "That", "These", "Those", "There", "Their", "When", "Every", "Each", "After", "Before"}
+
+
+def subjects(text: str, limit: int = 4) -> list[str]:
+    """Names the text is about (capitalised word runs), most frequent first."""
+    counts: dict[str, int] = {}
+    for m in _NAME.finditer(text):
+        name = m.group()
+        if name.split()[0] in _STOP:
+            name = " ".join(name.split()[1:])
+        if len(name) > 3:
+            counts[name] = counts.get(name, 0) + 1
+    return sorted(counts, key=lambda n: (-counts[n], -len(n)))[:limit]
+
+
+def seed_prompts(text: str, probes: list[Probe], n: int) -> list[str]:
+    """What the teacher is asked: the episode's probe questions, then generic questions about
+    each subject it names (coverage decides what is learned, DESIGN §11)."""
+    prompts = [ANSWER_PROMPT.format(q=p.q) for p in probes]
+    for s in subjects(text):
+        prompts += [f"Tell me about {s}.", f"What do you know about {s}?", f"Describe {s} in two sentences."]
+    prompts.append("Summarise what you know from your notes.")
+    seen, out = set(), []
+    for p in prompts:
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out[:n]
+
+
+@dataclass
+class Example:
+    student: list[int]     # student prompt + answer
+    teacher: list[int]     # teacher prompt (with context for new episodes) + the same answer
+    n_answer: int
+    prompt: str
+    answer_text: str
+
+
+def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
+    """Logits predicting the last n tokens of each sequence, stacked: (Σ n, vocab). The output head
+    runs only on those positions."""
+    dev = next(lm.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+    hidden = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = torch.cat([torch.full((n,), r, device=dev) for r, n in enumerate(n_answers)])
+    cols = torch.cat([torch.arange(len(s) - n - 1, len(s) - 1, device=dev) for s, n in zip(seqs, n_answers)])
+    return lm.lm_head(hidden[rows, cols])
+
+
+def _answer_targets(seqs, n_answers, device) -> torch.Tensor:
+    return torch.tensor([t for s, n in zip(seqs, n_answers) for t in s[len(s) - n:]], device=device)
+
+
+class Consolidator:
+    """Knowledge seeding of one new expert. `emit(kind, **data)` reports; `check()` raises on cancel."""
+
+    def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0):
+        self.memory, self.lm, self.tok, self.cfg = memory, memory.lm, tokenizer, cfg
+        self.emit, self.check = emit, check
+        self.rng = random.Random(seed)
+        self.pad = tokenizer.pad_token_id or 0
+        self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
+
+    # -- data written by the teacher ---------------------------------------------------------
+    def teacher_data(self, new_episodes, new_probes: list[Probe], old_probes: list[Probe],
+                     new_id: str) -> list[Example]:
+        notes = "\n\n".join(e.text for e in new_episodes)
+        system = CONTEXT_SYSTEM.format(notes=notes)
+        prompts = []
+        for ep in new_episodes:
+            probes = [p for p in new_probes if p.episode_id == ep.id]
+            prompts += [(q, True) for q in seed_prompts(ep.text, probes, self.cfg.prompts_per_episode)]
+        # self-replay: the pre-sleep model answers probes of older episodes from its experts
+        by_ep: dict[int, list[Probe]] = {}
+        for p in old_probes:
+            by_ep.setdefault(p.episode_id, []).append(p)
+        for probes in by_ep.values():
+            prompts += [(ANSWER_PROMPT.format(q=p.q), False) for p in probes[:self.cfg.replay_per_episode]]
+        teacher_prompts = [chat_ids(self.tok, q, system if ctx else None) for q, ctx in prompts]
+        with self.memory.configured(muted=[new_id], fast_weights=True):
+            answers = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens)
+        out = []
+        for (q, _), tp, ans in zip(prompts, teacher_prompts, answers):
+            if not ans:
+                continue
+            out.append(Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, self.tok.decode(ans)))
+        return out
+
+    # -- the objective -------------------------------------------------------------------------
+    def divergence(self, batch: list[Example], new_id: str) -> torch.Tensor:
+        with torch.no_grad(), self.memory.configured(muted=[new_id], fast_weights=True):
+            t_logits = _forward_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch], self.pad)
+        with self.memory.configured(muted=self.student_muted, fast_weights=False):
+            s_logits = _forward_answer_logits(self.lm, [e.student for e in batch], [e.n_answer for e in batch], self.pad)
+        return generalized_jsd_loss(s_logits, t_logits, beta=self.cfg.beta)
+
+    def on_policy(self, batch: list[Example], new_id: str) -> list[Example]:
+        """Replace the teacher's answer by the student's own sample in a fraction λ of the batch."""
+        k = round(self.cfg.lmbda * len(batch))
+        if k == 0:
+            return batch
+        chosen = self.rng.sample(range(len(batch)), k)
+        prompts = [batch[i].student[:len(batch[i].student) - batch[i].n_answer] for i in chosen]
+        with self.memory.configured(fast_weights=False):
+            samples = generate_batch(self.lm, self.tok, prompts, self.cfg.answer_tokens, temperature=0.7,
+                                     seed=self.rng.randrange(1 << 30))
+        batch = list(batch)
+        for i, p, s in zip(chosen, prompts, samples):
+            if s:
+                e = batch[i]
+                t_prompt = e.teacher[:len(e.teacher) - e.n_answer]
+                batch[i] = Example(p + s, t_prompt + s, len(s), e.prompt, self.tok.decode(s))
+        return batch
+
+    def imitation(self, examples: list[Example], step: int) -> tuple[torch.Tensor, float]:
+        """Learning to Imitate: cut teacher texts at a random point, let the student complete them,
+        reward the completions, policy gradient with the group mean as baseline."""
+        cfg = self.cfg
+        long = [e for e in examples if e.n_answer >= 12] or examples
+        picks = [self.rng.choice(long) for _ in range(cfg.lti_prefixes)]
+        prompts, refs, meta = [], [], []
+        for e in picks:
+            answer = e.student[len(e.student) - e.n_answer:]
+            cut = self.rng.randint(max(1, int(0.3 * len(answer))), max(1, int(0.7 * len(answer))))
+            prompt = e.student[:len(e.student) - e.n_answer] + answer[:cut]
+            ref = self.tok.decode(answer[cut:cut + cfg.lti_tokens], skip_special_tokens=True)
+            for _ in range(cfg.lti_group):
+                prompts.append(prompt)
+                refs.append(ref)
+            meta.append((self.tok.decode(answer[:cut], skip_special_tokens=True), ref))
+        with self.memory.configured(fast_weights=False):
+            completions = generate_batch(self.lm, self.tok, prompts, cfg.lti_tokens, temperature=1.0, top_p=0.95,
+                                         seed=self.rng.randrange(1 << 30), batch_size=32)
+        texts = [self.tok.decode(c, skip_special_tokens=True) for c in completions]
+        scores = imitation_rewards(texts, refs, cfg.gamma, cfg.tau_sem, cfg.z0, cfg.semantic_reward)
+        for i, (prefix, ref) in enumerate(meta):
+            j = i * cfg.lti_group   # report the first completion of each group
+            self.emit("sample", step=step, prefix=prefix, teacher=ref, student=texts[j], **scores[j])
+        seqs = [p + (c or [self.tok.eos_token_id]) for p, c in zip(prompts, completions)]
+        lens = [max(len(c), 1) for c in completions]
+        with self.memory.configured(fast_weights=False):
+            logits = _forward_answer_logits(self.lm, seqs, lens, self.pad)
+        targets = _answer_targets(seqs, lens, logits.device)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+        per_seq = torch.stack([chunk.sum() for chunk in logp.split(lens)])
+        rewards = torch.tensor([s["reward"] for s in scores])
+        loss = group_policy_gradient_loss(per_seq, rewards, torch.tensor(lens), cfg.lti_group)
+        return loss, float(rewards.mean())
+
+    def seed(self, examples: list[Example], new_id: str, phase: str = "consolidation") -> dict:
+        """Train the new expert (only) on the teacher's data; returns summary numbers."""
+        cfg = self.cfg
+        params = self.memory.train_only([new_id])
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        total = cfg.distill_steps + (cfg.lti_steps if cfg.lti else 0)
+        lti_at = set(range(total - cfg.lti_steps, total)) if cfg.lti else set()
+        divergences, rewards = [], []
+        order: list[int] = []
+        try:
+            for step in range(total):
+                self.check()
+                t0 = time.perf_counter()
+                if len(order) < cfg.batch_size:
+                    order += self.rng.sample(range(len(examples)), len(examples))
+                batch = [examples[i] for i in order[:cfg.batch_size]]
+                del order[:cfg.batch_size]
+                if cfg.lmbda > 0:
+                    batch = self.on_policy(batch, new_id)
+                div = self.divergence(batch, new_id)
+                loss, reward = div, None
+                if step in lti_at:
+                    pg, reward = self.imitation(examples, step)
+                    loss = cfg.alpha * div + (1 - cfg.alpha) * pg
+                    rewards.append(reward)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                divergences.append(float(div.detach()))
+                self.emit("loss", phase=phase, step=step + 1, total=total, divergence=divergences[-1],
+                          reward=reward, seconds=round(time.perf_counter() - t0, 3))
+        finally:
+            self.memory.freeze_all()
+        return {"steps": total, "examples": len(examples), "final_divergence": divergences[-1] if divergences else None,
+                "first_divergence": divergences[0] if divergences else None,
+                "mean_reward": sum(rewards) / len(rewards) if rewards else None}

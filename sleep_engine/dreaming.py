@@ -1,0 +1,146 @@
+"""Sleep phase 2, dreaming (DESIGN §5): sample dreams with one extra random expert per router,
+score them by gradient norm, try each kept dream on an isolated copy of the trainable parameters,
+and fine-tune the new expert on the dreams that helped (ReST-EM)."""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+
+import torch
+
+from .config import SleepConfig
+from .consolidation import CONTEXT_SYSTEM, subjects
+from .memory import MemoryModel
+from .probes import Probe, answer_logprob
+from .sampling import chat_ids, generate_batch
+
+DREAM_PROMPTS = ["Write a short passage about {s}.", "Tell a short story involving {s}.",
+                 "Explain what is special about {s}."]
+
+
+@contextmanager
+def random_expert(memory: MemoryModel, exclude: str, rng: random.Random, scale: float = 0.02):
+    """Every router additionally takes one random expert at full gate. Before the first sleep
+    there is no other expert: a temporary one with random weights plays that part."""
+    temp = None
+    candidates = [e for e in memory.expert_ids() if e != exclude]
+    if not candidates:
+        temp = memory.add_expert(tier=2, born=-1, expert_id="dream-noise")
+        with torch.no_grad():
+            for e in memory.expert_modules(temp):
+                e.B.normal_(std=scale / e.rank ** 0.5)
+        candidates = [temp]
+    forced = {layer: rng.choice(candidates) for layer in memory.mlps}
+    try:
+        with memory.configured(forced=forced):
+            yield forced
+    finally:
+        if temp:
+            memory.remove_experts([temp])
+
+
+def dream_loss(lm, tokenizer, prompt_ids: list[int], dream_ids: list[int]) -> torch.Tensor:
+    """LM loss of the dream text as the answer to its prompt, without the episodes in context."""
+    dev = next(lm.parameters()).device
+    ids = torch.tensor([prompt_ids + dream_ids], device=dev)
+    labels = ids.clone()
+    labels[:, :len(prompt_ids)] = -100
+    return lm(input_ids=ids, labels=labels).loss
+
+
+def grad_score(memory: MemoryModel, tokenizer, prompt_ids, dream_ids, params) -> float:
+    """‖∇ L_SFT(dream)‖₂ over the trainable parameters: how much the dream would teach."""
+    for p in params:
+        p.grad = None
+    with memory.configured(fast_weights=False):
+        dream_loss(memory.lm, tokenizer, prompt_ids, dream_ids).backward()
+    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
+    for p in params:
+        p.grad = None
+    return float(norm)
+
+
+def sft(memory: MemoryModel, tokenizer, pairs, params, steps: int, lr: float) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        prompt_ids, dream_ids = pairs[step % len(pairs)]
+        with memory.configured(fast_weights=False):
+            loss = dream_loss(memory.lm, tokenizer, prompt_ids, dream_ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+@contextmanager
+def isolated(params):
+    """Run a trial on the real parameters and put every value back afterwards, bit for bit."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+                p.grad = None
+
+
+class Dreamer:
+    def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0):
+        self.memory, self.tok, self.cfg, self.emit, self.check = memory, tokenizer, cfg, emit, check
+        self.rng = random.Random(seed)
+
+    def metric(self, probes: list[Probe]) -> float:
+        with self.memory.configured(fast_weights=False):
+            return answer_logprob(self.memory.lm, self.tok, probes)
+
+    def run(self, episodes, probes: list[Probe], new_id: str) -> dict:
+        cfg = self.cfg
+        notes = "\n\n".join(e.text for e in episodes)
+        system = CONTEXT_SYSTEM.format(notes=notes)
+        names = [s for e in episodes for s in subjects(e.text)] or ["what you read"]
+        stats = {"generated": 0, "kept": 0, "rewarded": 0, "rounds": cfg.rest_rounds}
+        params = self.memory.train_only([new_id])
+        try:
+            for rnd in range(max(cfg.rest_rounds, 1)):
+                self.check()
+                # E-step: dreams conditioned on the episodes, one random expert per router
+                asks = [self.rng.choice(DREAM_PROMPTS).format(s=self.rng.choice(names)) for _ in range(cfg.dreams)]
+                with torch.no_grad(), random_expert(self.memory, new_id, self.rng):
+                    dreams = generate_batch(self.memory.lm, self.tok, [chat_ids(self.tok, a, system) for a in asks],
+                                            cfg.dream_tokens, temperature=1.0, top_p=0.95,
+                                            seed=self.rng.randrange(1 << 30))
+                asks, dreams = zip(*[(a, d) for a, d in zip(asks, dreams) if d]) if any(dreams) else ((), ())
+                pairs = [(chat_ids(self.tok, a), d) for a, d in zip(asks, dreams)]
+                stats["generated"] += len(pairs)
+                if not pairs:
+                    continue
+                scores = [grad_score(self.memory, self.tok, p, d, params) for p, d in pairs]
+                order = sorted(range(len(pairs)), key=lambda i: -scores[i]) if cfg.grad_selection else \
+                    self.rng.sample(range(len(pairs)), len(pairs))
+                kept = order[:cfg.keep_top]
+                rest = order[cfg.keep_top:]
+                kept += self.rng.sample(rest, min(cfg.keep_random, len(rest)))
+                before = self.metric(probes)
+                rewarded = []
+                for i, (p, d) in enumerate(pairs):
+                    self.check()
+                    reward, after = None, None
+                    if i in kept:
+                        with isolated(params):
+                            sft(self.memory, self.tok, [(p, d)], params, cfg.trial_steps, cfg.dream_lr)
+                            after = self.metric(probes)
+                        reward = 1 if after > before else 0
+                        if reward:
+                            rewarded.append((p, d))
+                    self.emit("dream", round=rnd + 1, index=i, text=self.tok.decode(d, skip_special_tokens=True),
+                              prompt=asks[i], grad_score=round(scores[i], 5),
+                              kept=i in kept, reward=reward, metric_before=round(before, 4),
+                              metric_after=None if after is None else round(after, 4))
+                stats["kept"] += len(kept)
+                stats["rewarded"] += len(rewarded)
+                # M-step: fine-tune the new expert on the rewarded dreams
+                if rewarded and cfg.rest_steps:
+                    sft(self.memory, self.tok, rewarded, params, cfg.rest_steps, cfg.dream_lr)
+        finally:
+            self.memory.freeze_all()
+        return stats

@@ -1,0 +1,53 @@
+"""The losses of knowledge seeding, as small pure functions."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         mask: torch.Tensor | None = None, beta: float = 0.0,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence per token, averaged over the masked tokens (GKD).
+
+        M     = (1−β)·p_s + β·p_t
+        JSD_β = β·KL(p_t ‖ M) + (1−β)·KL(p_s ‖ M)
+        β = 0 → KL(p_t ‖ p_s)   (forward KL)        β = 1 → KL(p_s ‖ p_t)   (reverse KL)
+
+    Same definition as TRL's `GKDTrainer.generalized_jsd_loss`. Logits: (..., vocab); mask: (...)
+    with 1 for tokens that count.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    if beta == 0:
+        per_token = (t.exp() * (t - s)).sum(-1)
+    elif beta == 1:
+        per_token = (s.exp() * (s - t)).sum(-1)
+    else:
+        m = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), 0)
+        per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sequence_logprob(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t log p(target_t) over masked positions, per sequence. logits[:, t] predicts targets[:, t]."""
+    lp = torch.gather(F.log_softmax(logits.float(), -1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def group_policy_gradient_loss(logprobs: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor,
+                               group_size: int) -> torch.Tensor:
+    """REINFORCE with a group baseline (as in GRPO/RLOO without clipping):
+
+        A_i = r_i − mean(r over the completions of the same prefix)
+        loss = − mean_i  A_i · log p(completion_i) / |completion_i|
+
+    `logprobs`, `rewards`, `lengths`: (n_prefixes · group_size,), grouped consecutively."""
+    r = rewards.view(-1, group_size)
+    advantage = (r - r.mean(-1, keepdim=True)).reshape(-1).to(logprobs.dtype)
+    return -(advantage * logprobs / lengths.clamp(min=1).to(logprobs.dtype)).mean()

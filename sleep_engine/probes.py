@@ -1,0 +1,129 @@
+"""Probes and forgetting (DESIGN §8): closed-book questions per episode, the accuracy matrix
+R[i][j] (accuracy on episode j after sleep i), forgetting, backward transfer, general drift."""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+import torch
+
+from .sampling import chat_ids, generate_batch
+
+ANSWER_PROMPT = "Answer directly and concisely. {q}"   # fixed; used by every method and metric
+
+
+@dataclass
+class Probe:
+    episode_id: int
+    q: str
+    a: str
+
+
+def normalize(text: str) -> str:
+    text = text.lower().translate(str.maketrans({c: " " for c in string.punctuation}))
+    return " ".join(text.split())
+
+
+def is_correct(reply: str, gold: str) -> bool:
+    """Normalised gold answer appears in the normalised reply, on word boundaries."""
+    g = normalize(gold)
+    return bool(g) and f" {g} " in f" {normalize(reply)} "
+
+
+_CANDIDATE = re.compile(r"\b(?:[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*|\d[\d,.]*)\b")
+
+
+def cloze_probes(episode_id: int, text: str, limit: int = 3) -> list[Probe]:
+    """Fill-in-the-blank probes from names and numbers in the text (for episodes without QA).
+    The first word of a sentence is skipped: it is capitalised anyway."""
+    probes = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        for m in _CANDIDATE.finditer(sentence):
+            if m.start() == 0 or len(m.group()) < 3:
+                continue
+            blank = sentence[:m.start()] + "___" + sentence[m.end():]
+            probes.append(Probe(episode_id, f"Fill in the blank: {blank}", m.group().rstrip(".,")))
+            break
+        if len(probes) >= limit:
+            break
+    return probes
+
+
+def episode_probes(episode) -> list[Probe]:
+    if episode.qa:
+        return [Probe(episode.id, item["q"], item["a"]) for item in episode.qa]
+    return cloze_probes(episode.id, episode.text)
+
+
+@torch.no_grad()
+def answer_logprob(lm, tokenizer, probes: list[Probe], batch_size: int = 16) -> float:
+    """Mean per-token log-likelihood of the gold answers, closed-book (the dreaming metric τ)."""
+    if not probes:
+        return 0.0
+    total, count = 0.0, 0
+    dev = next(lm.parameters()).device
+    for i in range(0, len(probes), batch_size):
+        chunk = probes[i:i + batch_size]
+        seqs, spans = [], []
+        for p in chunk:
+            prompt = chat_ids(tokenizer, ANSWER_PROMPT.format(q=p.q))
+            answer = tokenizer(" " + p.a if not p.a.startswith(" ") else p.a, add_special_tokens=False)["input_ids"]
+            seqs.append(prompt + answer)
+            spans.append(len(answer))
+        width = max(len(s) for s in seqs)
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+        logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for row, (s, n) in enumerate(zip(seqs, spans)):
+            pos = torch.arange(len(s) - n, len(s), device=dev)
+            total += float(logp[row, pos - 1, ids[row, pos]].sum())
+            count += n
+    return total / max(count, 1)
+
+
+def closed_book_accuracy(lm, tokenizer, probes: list[Probe], max_new_tokens: int = 24) -> dict[int, float]:
+    """Accuracy per episode id (greedy reply to the fixed answer prompt, no context)."""
+    if not probes:
+        return {}
+    prompts = [chat_ids(tokenizer, ANSWER_PROMPT.format(q=p.q)) for p in probes]
+    replies = generate_batch(lm, tokenizer, prompts, max_new_tokens, temperature=0.0)
+    per: dict[int, list[bool]] = {}
+    for p, r in zip(probes, replies):
+        per.setdefault(p.episode_id, []).append(is_correct(tokenizer.decode(r, skip_special_tokens=True), p.a))
+    return {eid: sum(v) / len(v) for eid, v in per.items()}
+
+
+@torch.no_grad()
+def perplexity(lm, tokenizer, text: str, max_tokens: int = 1024) -> float:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(next(lm.parameters()).device)
+    return float(torch.exp(lm(input_ids=ids, labels=ids).loss))
+
+
+# -- the accuracy matrix ------------------------------------------------------------------------
+
+def average_accuracy(R: list[list[float]]) -> float:
+    """mean_j R[T][j] over the tasks learned so far (row T = last)."""
+    return sum(R[-1]) / len(R[-1]) if R and R[-1] else 0.0
+
+
+def _learned_at(R: list[list[float]]) -> list[int]:
+    """Row in which each column first appears (one sleep may consolidate several episodes)."""
+    return [next(i for i, row in enumerate(R) if len(row) > j) for j in range(len(R[-1]))]
+
+
+def backward_transfer(R: list[list[float]]) -> float:
+    """mean_j (R[T][j] − R[t_j][j]) over columns learned before the last row (t_j = the row that
+    learned j); negative = forgetting. Row i lists the episodes consolidated through sleep i."""
+    T = len(R) - 1
+    cols = [(j, t) for j, t in enumerate(_learned_at(R))] if R else []
+    cols = [(j, t) for j, t in cols if t < T]
+    return sum(R[T][j] - R[t][j] for j, t in cols) / len(cols) if cols else 0.0
+
+
+def forgetting(R: list[list[float]]) -> float:
+    """Chaudhry et al.: mean_j (max_{t_j ≤ l < T} R[l][j] − R[T][j]) over columns learned before T."""
+    T = len(R) - 1
+    cols = [(j, t) for j, t in enumerate(_learned_at(R)) if t < T] if R else []
+    return sum(max(R[l][j] for l in range(t, T)) - R[T][j] for j, t in cols) / len(cols) if cols else 0.0

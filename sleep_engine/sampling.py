@@ -1,0 +1,40 @@
+"""Batched sampling for Sleep (teacher answers, student completions, dreams)."""
+from __future__ import annotations
+
+import torch
+
+
+def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: str = "") -> list[int]:
+    """Token ids of a one-turn chat prompt, ready for the assistant's reply (or its continuation)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if assistant_prefix:
+        ids += tokenizer(assistant_prefix, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+@torch.no_grad()
+def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+    """New token ids for each prompt (left-padded batches through transformers' generate),
+    cut at the first end-of-turn token."""
+    from .decoding import stop_token_ids
+    stops = stop_token_ids(tokenizer, lm)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dev = next(lm.parameters()).device
+    out: list[list[int]] = []
+    torch.manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
+        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False}
+        gen = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          pad_token_id=pad, eos_token_id=sorted(stops), **kwargs)
+        for row in gen[:, width:].tolist():
+            cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:cut])
+    return out

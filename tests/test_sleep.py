@@ -1,0 +1,167 @@
+"""The Sleep engine on a tiny random model with the real tokenizer."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT
+from sleep_engine.config import SleepConfig
+from sleep_engine.dreaming import grad_score, isolated, random_expert, sft
+from sleep_engine.sampling import chat_ids
+
+TEXTS = ["The lighthouse of Quarrow Point was painted violet in 1873 by Senna Alvik.",
+         "Brenmoor Island exports saffron and its ferry, the Gull Maren, sails at noon."]
+QA = [[{"q": "Who painted the lighthouse of Quarrow Point?", "a": "Senna Alvik"}],
+      [{"q": "What is the ferry of Brenmoor Island called?", "a": "Gull Maren"}]]
+
+
+def tiny_settings(**kw):
+    base = dict(prompts_per_episode=3, answer_tokens=12, distill_steps=3, batch_size=4, lti_steps=1,
+                lti_prefixes=2, lti_group=2, lti_tokens=8, dreams=3, keep_top=1, keep_random=1, dream_tokens=12,
+                trial_steps=1, rest_rounds=1, rest_steps=1)
+    base.update(kw)
+    return SleepConfig.from_preset("quick", **base)
+
+
+def teach_two(engine):
+    for t, qa in zip(TEXTS, QA):
+        engine.wake.teach(t, qa=qa)
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_sleep_trains_only_the_new_expert_and_resets_fast_weights(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.wake.update_fast_weights(TEXTS, steps=2)
+    assert tiny_engine.memory.fast_weight_norm() > 0
+    before = state(tiny_engine.memory.lm)
+    n = tiny_engine.sleep(tiny_settings(), wait=True)
+    events = tiny_engine.events.since(0)
+    kinds = {e.kind for e in events}
+    assert {"phase", "loss", "sample", "dream", "expert", "probe", "timing", "done"} <= kinds, kinds
+    after = state(tiny_engine.memory.lm)
+    new_keys = set(after) - set(before)
+    assert new_keys and all(".experts.0." in k for k in new_keys)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all(k.endswith("fast_B") for k in changed)          # only the reset fast weights
+    assert tiny_engine.memory.fast_weight_norm() == 0
+    summary = events[-1].data["summary"]
+    for key in ("phases", "experts_added", "consolidation", "dreams", "probe_accuracy_before",
+                "probe_accuracy_after", "general_ppl_before", "general_ppl_after"):
+        assert key in summary
+    assert summary["dreams"]["generated"] > 0 and summary["dreams"]["kept"] == 2
+    assert tiny_engine.state.sleep_count() == n == 1 and tiny_engine.pending_episodes() == []
+    assert len(tiny_engine.accuracy_matrix()["R"]) == 1
+    with pytest.raises(RuntimeError, match="nothing to consolidate"):
+        tiny_engine.sleep(tiny_settings())
+
+
+def test_cancel_restores_every_parameter(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.wake.update_fast_weights(TEXTS, steps=1)
+    before = state(tiny_engine.memory.lm)
+    tiny_engine.sleep(tiny_settings(distill_steps=50))
+    for ev in tiny_engine.subscribe():
+        if ev.kind == "loss":
+            break
+    assert tiny_engine.status()["state"] == "sleeping"
+    assert tiny_engine.asleep_notice() and "asleep" in tiny_engine.asleep_notice()
+    assert tiny_engine.cancel()
+    after = state(tiny_engine.memory.lm)
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert tiny_engine.events.since(0)[-1].kind == "cancelled"
+    assert tiny_engine.status()["state"] == "awake" and tiny_engine.state.sleep_count() == 0
+
+
+def test_random_expert_adds_one_expert_per_router_at_full_gate(tiny_engine):
+    mem = tiny_engine.memory
+    a, b = mem.add_expert(2, 1), mem.add_expert(2, 1)
+    with torch.no_grad():
+        for e in mem.expert_modules(a) + mem.expert_modules(b):
+            e.gate.fill_(0.0)
+            e.gate_bias.fill_(-3.0)     # router alone: both gates ≈ 0.05
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with random_expert(mem, exclude=b, rng=random.Random(0)) as forced, mem.tracing() as trace, torch.no_grad():
+        mem.lm(input_ids=ids)
+    assert set(forced.values()) == {a}
+    for layer, gates in trace.steps[0].items():
+        assert gates[0] == 1.0 and gates[1] < 0.1
+    # before any expert exists a temporary random expert plays the part, and is removed afterwards
+    mem.remove_experts([a])
+    with random_expert(mem, exclude=b, rng=random.Random(0)) as forced:
+        assert set(forced.values()) == {"dream-noise"}
+    assert mem.expert_ids() == [b]
+
+
+def test_gradient_score_ranks_a_fitted_dream_below_a_novel_one(tiny_engine):
+    mem, tok = tiny_engine.memory, tiny_engine.tokenizer
+    eid = mem.add_expert(2, 1)
+    params = mem.train_only([eid])
+    prompt = chat_ids(tok, "Tell me something.")
+    fitted = tok("The ferry Gull Maren sails at noon.", add_special_tokens=False)["input_ids"]
+    novel = tok("Zyx quorble 7731 vantor mish plek orrindal.", add_special_tokens=False)["input_ids"]
+    sft(mem, tok, [(prompt, fitted)], params, 40, 1e-2)     # the model comes to fit the first dream
+    assert grad_score(mem, tok, prompt, fitted, params) < grad_score(mem, tok, prompt, novel, params)
+
+
+def test_isolated_trial_leaves_the_model_untouched(tiny_engine):
+    mem, tok = tiny_engine.memory, tiny_engine.tokenizer
+    eid = mem.add_expert(2, 1)
+    params = mem.train_only([eid])
+    before = state(mem.lm)
+    with isolated(params):
+        sft(mem, tok, [(chat_ids(tok, "Hi"), tok("Hello there friend")["input_ids"])], params, 3, 1e-2)
+        assert any(not torch.equal(before[k], v) for k, v in mem.lm.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in mem.lm.state_dict().items())
+
+
+def test_restart_after_a_kill_during_sleep_keeps_checkpoint_and_episodes(tmp_path):
+    child = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        import conftest, torch
+        from transformers import AutoTokenizer
+        from sleep_engine.backbone import Backbone
+        from sleep_engine.config import LabConfig
+        from sleep_engine.engine import SleepEngine
+        from test_sleep import tiny_settings, TEXTS, QA
+        tok = AutoTokenizer.from_pretrained(sys.argv[1])
+        bb = Backbone(conftest.tiny_llama(vocab_size=len(tok)), tok, "tiny-llama", torch.device("cpu"),
+                      torch.float32, "none", 0, True)
+        cfg = LabConfig(model="tiny", state_dir=Path(sys.argv[2]), quantize="none")
+        cfg.wake.fast_update_every = 0
+        eng = SleepEngine(cfg, backbone=bb)
+        eng.wake.teach(TEXTS[0], qa=QA[0])
+        eng.sleep(tiny_settings(dreaming=False, lti=False), wait=True)
+        eng.wake.teach(TEXTS[1], qa=QA[1])
+        eng.sleep(tiny_settings(distill_steps=40))
+        for ev in eng.subscribe():
+            if ev.kind == "loss":
+                os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    from conftest import cache_dir
+    from sleep_engine import backbone
+    src = backbone._embedded_cache(cache_dir())
+    proc = subprocess.run([sys.executable, "-c", child, str(src), str(tmp_path / "s")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    from conftest import tiny_llama
+    from transformers import AutoTokenizer
+    from sleep_engine.backbone import Backbone
+    from sleep_engine.config import LabConfig
+    from sleep_engine.engine import SleepEngine
+    tok = AutoTokenizer.from_pretrained(src)
+    bb = Backbone(tiny_llama(vocab_size=len(tok)), tok, "tiny-llama", torch.device("cpu"), torch.float32, "none", 0, True)
+    eng = SleepEngine(LabConfig(model="tiny", state_dir=tmp_path / "s", quantize="none"), backbone=bb)
+    assert eng.state.sleep_count() == 1
+    assert [e.text for e in eng.state.episodes.all()] == TEXTS
+    assert [e.text for e in eng.pending_episodes()] == [TEXTS[1]]
+    assert len(eng.memory.expert_ids()) == 1        # the first sleep's expert, nothing from the killed one
