@@ -5,6 +5,7 @@
     python launch.py chat                 interactive terminal chat (streaming)
     python launch.py chat --once "TEXT"   print one reply and exit
     python launch.py teach FILE [FILE…]   add texts to read as episodes
+    python launch.py sleep [--teach FILE…] [--preset quick|full] [--json]   sleep once
     python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
 
 Every verb takes --state-dir and --model and works on the memory saved there.
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     teach = sub.add_parser("teach", help="add text files as episodes (one episode per file)")
     _common(teach, sub=True)
     teach.add_argument("files", nargs="+", help="UTF-8 text files")
+    sleep = sub.add_parser("sleep", help="teach texts (optional), then sleep once")
+    _common(sleep, sub=True)
+    sleep.add_argument("--teach", nargs="+", default=[], metavar="FILE",
+                       help="text files (one episode each) or JSON lines with 'text' and optional 'qa'")
+    sleep.add_argument("--preset", default="quick", choices=["quick", "full"])
+    sleep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a sleep setting, e.g. --set distill_steps=20 --set dreaming=false")
+    sleep.add_argument("--json", action="store_true", help="end with one JSON summary on the last line")
     bench = sub.add_parser("bench", help="benchmarks")
     _common(bench, sub=True)
     bench.add_argument("what", choices=["wake"])
@@ -177,6 +186,78 @@ def _read_text_file(path: str) -> str:
         raise OSError(f"{path} is not UTF-8 text") from None
 
 
+def read_episodes(path: str) -> list[dict]:
+    """A .jsonl file holds one episode per line ({"text", "qa"?}); anything else is one text."""
+    text = _read_text_file(path)
+    if path.endswith(".jsonl"):
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                    out.append({"text": d["text"], "qa": d.get("qa"), "source": f"{os.path.basename(path)}:{n}"})
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise OSError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+        return out
+    return [{"text": text, "qa": None, "source": os.path.basename(path)}]
+
+
+def cmd_sleep(cfg: LabConfig, args) -> int:
+    from sleep_engine.config import SleepConfig
+    from sleep_engine.engine import NothingToConsolidate
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    settings = SleepConfig.from_preset(args.preset, **overrides)
+    episodes = [ep for f in args.teach for ep in read_episodes(f)]
+    engine = open_engine(cfg)
+    for ep in episodes:
+        logged = engine.wake.teach(ep["text"], source=ep["source"], qa=ep["qa"])
+        print(f"episode {logged.id}: {ep['source']}", file=sys.stderr)
+    try:
+        number = engine.sleep(settings)
+    except NothingToConsolidate as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = None
+    try:
+        for ev in engine.subscribe():
+            d = ev.data
+            if ev.kind == "phase":
+                print(f"[sleep {number}] {d['name']} …", file=sys.stderr, flush=True)
+            elif ev.kind == "loss":
+                r = "" if d.get("reward") is None else f"  reward {d['reward']:.2f}"
+                print(f"  {d['phase']} step {d['step']}/{d['total']}  divergence {d['divergence']:.4f}{r}",
+                      file=sys.stderr, flush=True)
+            elif ev.kind == "dream":
+                print(f"  dream {d['index']}: grad {d['grad_score']:.3g} kept={d['kept']} reward={d['reward']}",
+                      file=sys.stderr, flush=True)
+            elif ev.kind == "timing":
+                print(f"  {d['phase']}: {d['seconds']:.1f}s", file=sys.stderr, flush=True)
+            elif ev.kind == "error":
+                print(f"error: {d['message']}", file=sys.stderr)
+                return 1
+            elif ev.kind == "done":
+                summary = d["summary"]
+    except KeyboardInterrupt:
+        print("stopping: rolling back to the pre-sleep state …", file=sys.stderr)
+        engine.cancel()
+        return 130
+    if engine._worker is not None:
+        engine._worker.join()   # let the worker thread end before the interpreter does
+    if summary is None:
+        return 1
+    out = {k: summary[k] for k in ("sleep", "phases", "experts_added", "consolidation", "dreams",
+                                   "probe_accuracy_before", "probe_accuracy_after", "general_ppl_before",
+                                   "general_ppl_after", "answer_logprob_before", "answer_logprob_after")}
+    out["total_s"] = round(sum(summary["phases"].values()), 2)
+    print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -194,6 +275,8 @@ def main(argv=None) -> int:
                                 cold=not args.no_cold, log=lambda s: print(s, file=sys.stderr, flush=True))
             print(json.dumps(result) if args.json else json.dumps(result, indent=1))
             return 0
+        if args.verb == "sleep":
+            return cmd_sleep(cfg, args)
         if args.verb == "teach":
             texts = [(_read_text_file(f), os.path.basename(f)) for f in args.files]
             engine = open_engine(cfg)

@@ -223,16 +223,23 @@ class QuantLinear(nn.Module):
     def supports(linear: nn.Linear, mode: str) -> bool:
         return mode == "int8" or linear.in_features % QuantLinear.GROUP == 0
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.mode == "int8":
-            return self.qweight.to(torch.bfloat16) * self.scale[:, None]
+            return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
         n, k = self.out_features, self.in_features
-        codes = self.codes.view(n, k // self.GROUP, self.GROUP).to(torch.bfloat16)
-        return (codes * self.step[..., None] + self.lo[..., None]).view(n, k)
+        codes = self.codes.view(n, k // self.GROUP, self.GROUP).to(dtype)
+        return (codes * self.step[..., None].to(dtype) + self.lo[..., None].to(dtype)).view(n, k)
+
+    # Above this many rows the packed kernels lose to dequantize + float32 GEMM, and backward
+    # through bf16 matmuls is ~30x slower than float32 on this CPU (measured): batches and
+    # training take the float32 path.
+    KERNEL_MAX_ROWS = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad or x.device.type != "cpu":
-            return F.linear(x.to(torch.bfloat16), self.dequantized(), self.bias).to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if x.requires_grad or rows > self.KERNEL_MAX_ROWS or x.device.type != "cpu":
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.dequantized(), bias).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
         if self.mode == "int8":

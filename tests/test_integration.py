@@ -30,3 +30,24 @@ def test_teach_then_chat_work_on_the_same_state(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = (tmp_path / "s" / "episodes.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "Orrowmere" in lines[0]
+
+
+@pytest.mark.usefixtures("embedded_source")
+def test_quick_sleep_on_two_passages_raises_answer_likelihood_without_damage(tmp_path):
+    """`sleep --preset quick` on two fictional passages (real model, default int4 storage)."""
+    import json
+    rows = [json.loads(line) for line in (ROOT / "assets" / "passages.jsonl").read_text().splitlines()[:2]]
+    teach = tmp_path / "two.jsonl"
+    teach.write_text("".join(json.dumps({"text": r["text"], "qa": r["qa"]}) + "\n" for r in rows))
+    out = lab("sleep", "--teach", str(teach), "--preset", "quick", "--json", "--state-dir", str(tmp_path / "s"),
+              timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["answer_logprob_after"] > summary["answer_logprob_before"]
+    assert summary["general_ppl_after"] < 1.05 * summary["general_ppl_before"]
+    assert summary["experts_added"] and summary["dreams"]["generated"] > 0
+    # the next process answers from what this sleep consolidated
+    again = lab("chat", "--once", "Hello", "--state-dir", str(tmp_path / "s"), "--max-new-tokens", "4")
+    assert again.returncode == 0 and "1 experts" not in again.stderr  # quiet mode prints nothing
+    manifest = json.loads((tmp_path / "s" / "sleeps" / "0001" / "manifest.json").read_text())
+    assert manifest["consolidated_through"] == 2
