@@ -48,6 +48,6 @@ def test_quick_sleep_on_two_passages_raises_answer_likelihood_without_damage(tmp
     assert summary["experts_added"] and summary["dreams"]["generated"] > 0
     # the next process answers from what this sleep consolidated
     again = lab("chat", "--once", "Hello", "--state-dir", str(tmp_path / "s"), "--max-new-tokens", "4")
-    assert again.returncode == 0 and "1 experts" not in again.stderr  # quiet mode prints nothing
+    assert again.returncode == 0, again.stderr
     manifest = json.loads((tmp_path / "s" / "sleeps" / "0001" / "manifest.json").read_text())
     assert manifest["consolidated_through"] == 2
