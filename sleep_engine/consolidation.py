@@ -22,6 +22,18 @@ from .sampling import chat_ids, generate_batch
 
 CONTEXT_SYSTEM = "You are a helpful assistant. Use these notes when you answer:\n\n{notes}"
 _NAME = re.compile(r"\b[A-Z][a-z]+(?:\s+(?:of\s+|de\s+)?[A-Z][a-z]+)+\b|\b[A-Z][a-z]{3,}\b")
+# Generic requests answered by the pre-sleep model without context: the student must keep
+# answering them as before, which keeps the new expert from changing unrelated behaviour.
+# (Written for this purpose; the perplexity check uses different text, assets/generic_text.txt.)
+ANCHOR_PROMPTS = [
+    "Give me a tip for sleeping well.", "What is a good way to learn a new language?",
+    "Write one sentence about autumn leaves.", "Explain what a thermometer measures.",
+    "Name three kinds of fruit.", "How do you make a cup of tea?", "Why do people exercise?",
+    "What does a librarian do?", "Describe the colour blue to a child.", "What is the sum of 12 and 7?",
+    "Suggest a name for a pet goldfish.", "What are clouds made of?", "How many legs does a spider have?",
+    "Write a short greeting for a birthday card.", "What is the opposite of 'ancient'?",
+    "Why is the sea salty?",
+]
 _STOP = {"The", "This", "That", "These", "Those", "There", "Their", "When", "Every", "Each", "After", "Before"}
 
 
@@ -59,6 +71,7 @@ class Example:
     n_answer: int
     prompt: str
     answer_text: str
+    teacher_logits: torch.Tensor | None = None   # (n_answer, vocab), kept from the teacher's own generation
 
 
 def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
@@ -103,20 +116,26 @@ class Consolidator:
             by_ep.setdefault(p.episode_id, []).append(p)
         for probes in by_ep.values():
             prompts += [(ANSWER_PROMPT.format(q=p.q), False) for p in probes[:self.cfg.replay_per_episode]]
+        prompts += [(q, False) for q in self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))]
         teacher_prompts = [chat_ids(self.tok, q, system if ctx else None) for q, ctx in prompts]
         with self.memory.configured(muted=[new_id], fast_weights=True):
-            answers = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens)
+            answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
+                                             return_logits=True)
         out = []
-        for (q, _), tp, ans in zip(prompts, teacher_prompts, answers):
+        for (q, _), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
                 continue
-            out.append(Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, self.tok.decode(ans)))
+            out.append(Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, self.tok.decode(ans), lg))
         return out
 
     # -- the objective -------------------------------------------------------------------------
     def divergence(self, batch: list[Example], new_id: str) -> torch.Tensor:
-        with torch.no_grad(), self.memory.configured(muted=[new_id], fast_weights=True):
-            t_logits = _forward_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch], self.pad)
+        if all(e.teacher_logits is not None for e in batch):
+            t_logits = torch.cat([e.teacher_logits for e in batch]).float()
+        else:
+            with torch.no_grad(), self.memory.configured(muted=[new_id], fast_weights=True):
+                t_logits = _forward_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch],
+                                                  self.pad)
         with self.memory.configured(muted=self.student_muted, fast_weights=False):
             s_logits = _forward_answer_logits(self.lm, [e.student for e in batch], [e.n_answer for e in batch], self.pad)
         return generalized_jsd_loss(s_logits, t_logits, beta=self.cfg.beta)

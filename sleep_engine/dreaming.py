@@ -4,7 +4,7 @@ and fine-tune the new expert on the dreams that helped (ReST-EM)."""
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -105,7 +105,8 @@ class Dreamer:
                 self.check()
                 # E-step: dreams conditioned on the episodes, one random expert per router
                 asks = [self.rng.choice(DREAM_PROMPTS).format(s=self.rng.choice(names)) for _ in range(cfg.dreams)]
-                with torch.no_grad(), random_expert(self.memory, new_id, self.rng):
+                novelty = random_expert(self.memory, new_id, self.rng) if cfg.random_expert else nullcontext()
+                with torch.no_grad(), novelty:
                     dreams = generate_batch(self.memory.lm, self.tok, [chat_ids(self.tok, a, system) for a in asks],
                                             cfg.dream_tokens, temperature=1.0, top_p=0.95,
                                             seed=self.rng.randrange(1 << 30))

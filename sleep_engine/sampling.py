@@ -16,14 +16,16 @@ def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: 
 
 @torch.no_grad()
 def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[list[int]]:
+                   top_p: float = 1.0, seed: int = 0, batch_size: int = 16, return_logits: bool = False):
     """New token ids for each prompt (left-padded batches through transformers' generate),
-    cut at the first end-of-turn token."""
+    cut at the first end-of-turn token. With return_logits, also the logits that produced each
+    kept token ((n, vocab) bfloat16 per prompt): a teacher's distributions come for free."""
     from .decoding import stop_token_ids
     stops = stop_token_ids(tokenizer, lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dev = next(lm.parameters()).device
     out: list[list[int]] = []
+    logits_out: list[torch.Tensor] = []
     torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
@@ -32,9 +34,13 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False}
-        gen = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                          pad_token_id=pad, eos_token_id=sorted(stops), **kwargs)
-        for row in gen[:, width:].tolist():
+        res = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          pad_token_id=pad, eos_token_id=sorted(stops), output_logits=return_logits,
+                          return_dict_in_generate=True, **kwargs)
+        steps = torch.stack(res.logits, 1).to(torch.bfloat16) if return_logits else None  # (batch, new, vocab)
+        for r, row in enumerate(res.sequences[:, width:].tolist()):
             cut = next((k for k, t in enumerate(row) if t in stops), len(row))
             out.append(row[:cut])
-    return out
+            if return_logits:
+                logits_out.append(steps[r, :cut].clone())
+    return (out, logits_out) if return_logits else out
