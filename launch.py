@@ -40,6 +40,8 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
     g.add_argument("--threads", type=int, default=d(0), help="CPU threads (default: all cores)")
     g.add_argument("--trust-remote-code", action="store_true", default=d(False),
                    help="allow a hub model's own code to run")
+    g.add_argument("--tiers", type=int, default=d(3),
+                   help="memory tiers beyond context: 2 = fast weights + one expert tier, 3 (default) adds a slow tier")
     g.add_argument("--seed", type=int, default=d(0))
     g.add_argument("--max-new-tokens", type=int, default=d(256))
     g.add_argument("--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
@@ -80,6 +82,7 @@ def config_from_args(args) -> LabConfig:
     cfg = LabConfig(model=args.model, quantize=args.quantize, device=args.device, threads=args.threads,
                     cache_dir=args.cache_dir, state_dir=args.state_dir,
                     trust_remote_code=args.trust_remote_code, seed=args.seed)
+    cfg.memory.tiers = args.tiers
     cfg.wake.max_new_tokens = args.max_new_tokens
     cfg.wake.temperature = args.temperature
     return cfg.validate()

@@ -49,19 +49,18 @@ def subjects(text: str, limit: int = 4) -> list[str]:
     return sorted(counts, key=lambda n: (-counts[n], -len(n)))[:limit]
 
 
-def seed_prompts(text: str, probes: list[Probe], n: int) -> list[str]:
-    """What the teacher is asked: the episode's probe questions, then generic questions about
-    each subject it names (coverage decides what is learned, DESIGN §11)."""
-    prompts = [ANSWER_PROMPT.format(q=p.q) for p in probes]
-    for s in subjects(text):
-        prompts += [f"Tell me about {s}.", f"What do you know about {s}?", f"Describe {s} in two sentences."]
-    prompts.append("Summarise what you know from your notes.")
-    seen, out = set(), []
-    for p in prompts:
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out[:n]
+SUBJECT_TEMPLATES = ["Tell me about {s}.", "What do you know about {s}?", "Give me three facts about {s}.",
+                     "Describe {s} in two sentences.", "What is {s} known for?", "Where and when is {s} from?"]
+
+
+def seed_prompts(text: str, n: int) -> list[str]:
+    """What the teacher is asked about a new episode: generic questions about each subject it
+    names, round-robin over subjects (coverage decides what is learned, DESIGN §11), and a
+    summary. The episode's probe questions are deliberately not used: they are the test."""
+    names = subjects(text)
+    prompts = [t.format(s=s) for t in SUBJECT_TEMPLATES for s in names]
+    prompts.insert(min(len(names), len(prompts)), "Summarise what you know from your notes.")
+    return prompts[:n]
 
 
 @dataclass
@@ -108,8 +107,7 @@ class Consolidator:
         system = CONTEXT_SYSTEM.format(notes=notes)
         prompts = []
         for ep in new_episodes:
-            probes = [p for p in new_probes if p.episode_id == ep.id]
-            prompts += [(q, True) for q in seed_prompts(ep.text, probes, self.cfg.prompts_per_episode)]
+            prompts += [(q, True) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
         # self-replay: the pre-sleep model answers probes of older episodes from its experts
         by_ep: dict[int, list[Probe]] = {}
         for p in old_probes:

@@ -15,7 +15,7 @@ import torch
 
 from .backbone import Backbone, load_backbone
 from .config import LabConfig, SleepConfig
-from .consolidation import Consolidator, Example
+from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .memory import MemoryModel
@@ -296,11 +296,12 @@ class SleepEngine:
             return {}
         new_id = self.memory.add_expert(tier=3, born=number)
         emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
-        probes = [p for e in episodes for p in episode_probes(e)]
+        asks = [ANSWER_PROMPT.format(q=p.q) for e in episodes for p in episode_probes(e)]
+        asks += [q for e in episodes for q in seed_prompts(e.text, cfg.prompts_per_episode)]
         seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), emit, check,
                               seed=number)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
-        prompts = [chat_ids(self.tokenizer, ANSWER_PROMPT.format(q=p.q)) for p in probes]
+        prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
             answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens)
         examples = [Example(p + a, p + a, len(a), "", "") for p, a in zip(prompts, answers) if a]

@@ -165,3 +165,15 @@ def test_restart_after_a_kill_during_sleep_keeps_checkpoint_and_episodes(tmp_pat
     assert [e.text for e in eng.state.episodes.all()] == TEXTS
     assert [e.text for e in eng.pending_episodes()] == [TEXTS[1]]
     assert len(eng.memory.expert_ids()) == 1        # the first sleep's expert, nothing from the killed one
+
+
+def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
+    assert [e.tier for e in tiny_engine.memory.experts()] == [2]
+    tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    assert summary["tier_consolidation"]["removed"] == ["e0", "e1"]
+    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e2", 3)]
+    assert tiny_engine.state.sleep_count() == 2
