@@ -181,7 +181,8 @@ class QuantLinear(nn.Module):
         if mode == "int8":
             scale = w.abs().amax(1).clamp(min=1e-8) / 127
             self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scale", scale.bfloat16())
+            self.register_buffer("scale", scale.bfloat16())   # the kernel's
+            self.register_buffer("scale_f32", scale)           # the float path's
         elif mode == "int4":
             n, k = w.shape
             groups = w.view(n, k // self.GROUP, self.GROUP)
@@ -193,9 +194,10 @@ class QuantLinear(nn.Module):
             zeros = lo + 8 * step
             self.register_buffer("scale_zeros", torch.stack(
                 [step.squeeze(-1).T, zeros.squeeze(-1).T], -1).contiguous().bfloat16())
-            self.register_buffer("codes", codes.to(torch.uint8))  # for the dequantized (training) path
-            self.register_buffer("step", step.squeeze(-1).bfloat16())
-            self.register_buffer("lo", lo.squeeze(-1).bfloat16())
+            # for the float path: codes with float32 step and minimum reproduce Q4_1 weights exactly
+            self.register_buffer("codes", codes.to(torch.uint8))
+            self.register_buffer("step", step.squeeze(-1))
+            self.register_buffer("lo", lo.squeeze(-1))
         else:
             raise ValueError(mode)
 
@@ -211,6 +213,7 @@ class QuantLinear(nn.Module):
         if new.mode == "int8":
             new.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
             new.register_buffer("scale", torch.cat([p.scale for p in parts]))
+            new.register_buffer("scale_f32", torch.cat([p.scale_f32 for p in parts]))
         else:
             new.register_buffer("codes", torch.cat([p.codes for p in parts]))
             new.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(new.codes.to(torch.int32), 1))
@@ -225,15 +228,15 @@ class QuantLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.mode == "int8":
-            return self.qweight.to(dtype) * self.scale[:, None].to(dtype)
+            return self.qweight.to(dtype) * self.scale_f32[:, None].to(dtype)
         n, k = self.out_features, self.in_features
         codes = self.codes.view(n, k // self.GROUP, self.GROUP).to(dtype)
         return (codes * self.step[..., None].to(dtype) + self.lo[..., None].to(dtype)).view(n, k)
 
-    # Above this many rows the packed kernels lose to dequantize + float32 GEMM, and backward
-    # through bf16 matmuls is ~30x slower than float32 on this CPU (measured): batches and
-    # training take the float32 path.
-    KERNEL_MAX_ROWS = 16
+    # Above this many rows the packed kernels lose to dequantize + float32 GEMM (M=1200: 43 ms vs
+    # 20 ms), and backward through bf16 matmuls is ~30x slower than float32 on this CPU
+    # (measured): batches and training take the float32 path; decoding and short prompts the kernel.
+    KERNEL_MAX_ROWS = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
