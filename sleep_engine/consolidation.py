@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SleepConfig
-from .losses import generalized_jsd_loss, group_policy_gradient_loss, sequence_logprob
+from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
 from .probes import ANSWER_PROMPT, Probe
 from .rewards import imitation_rewards

@@ -1,5 +1,4 @@
 """The Sleep engine on a tiny random model with the real tokenizer."""
-import os
 import random
 import signal
 import subprocess
