@@ -268,7 +268,6 @@ class SleepEngine:
                 self.state.commit_sleep(number, tensors, manifest, summary)
                 self.state.save_memory(tensors, manifest)
                 finish("checkpoint", t0)
-                summary["phases"] = phases
                 self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
                 emit("done", summary=summary)
         except Cancelled:
