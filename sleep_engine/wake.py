@@ -155,6 +155,16 @@ class WakeSession:
         with self.lock:
             self.history = []
 
+    def drop_last_turn(self) -> str | None:
+        """Take the last turn out of the conversation (to retry it); returns its user message.
+        The turn stays in the episode log: it was experience all the same."""
+        with self.lock:
+            if len(self.history) >= 2 and self.history[-1]["role"] == "assistant":
+                message = self.history[-2]["content"]
+                self.history = self.history[:-2]
+                return message
+        return None
+
     def context_tokens(self) -> int:
         return len(self._encode(self.history)) if self.history else 0
 
