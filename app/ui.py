@@ -1,0 +1,394 @@
+"""The lab page (Gradio Blocks): Wake, Sleep and Inspect tabs over one SleepEngine.
+
+The page only reads engine state and events and starts/stops engine work; the Sleep itself runs
+in the engine's own worker thread, so a reload or a second tab re-attaches to it (a 1 s timer
+polls `engine.status()` and the event bus and redraws only when something changed).
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from sleep_engine.config import ConfigError, SleepConfig
+from sleep_engine.engine import NothingToConsolidate
+from sleep_engine.wake import WakeBusy, WakeInputError
+
+from . import plots, views
+
+UPLOAD_LIMIT = 1_000_000     # bytes per uploaded text file (the server refuses larger uploads too)
+SETTINGS = [("distill_steps", "steps (consolidation)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
+            ("keep_random", "b random kept"), ("gamma", "γ (semantic vs edit reward)"),
+            ("alpha", "α (divergence vs reward)"), ("lmbda", "λ (student-sampled fraction)")]
+INT_SETTINGS = {"distill_steps", "dreams", "keep_top", "keep_random"}
+
+CSS = """
+#header .fields {display:flex; flex-wrap:wrap; gap:6px 18px; font-size:0.92em}
+#header .k {color:#777; margin-right:4px}
+.badge {padding:2px 10px; border-radius:10px; font-weight:600}
+.badge.awake {background:#e3f6e8; color:#17663a}
+.badge.sleeping {background:#e6e4fb; color:#3b2f9c}
+.bar {height:10px; background:#eee; border-radius:5px; overflow:hidden; margin:6px 0}
+.bar > div {height:100%; background:#636efa; transition:width .5s}
+.notice-error {color:#b3261e; font-weight:600}
+"""
+
+
+def _error(message: str) -> str:
+    return f'<p class="notice-error">⚠️ {html.escape(message)}</p>'
+
+
+def _ok(message: str) -> str:
+    return f"<p>{html.escape(message)}</p>"
+
+
+def read_upload(path: str | None) -> tuple[str, str]:
+    """An uploaded file as (text, name); OSError with a clear message for oversize/binary/non-UTF-8."""
+    name = os.path.basename(path or "")
+    size = os.path.getsize(path)
+    if size > UPLOAD_LIMIT:
+        raise OSError(f"{name} is {size:,} bytes; the limit is {UPLOAD_LIMIT:,} bytes")
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        raise OSError(f"{name} looks like a binary file, not text")
+    try:
+        return data.decode("utf-8"), name
+    except UnicodeDecodeError:
+        raise OSError(f"{name} is not UTF-8 text") from None
+
+
+def in_own_thread(make_iter, stop: threading.Event):
+    """Run an engine generator in one dedicated thread and relay its items. The engine holds its
+    (thread-owned) lock across yields, while Gradio may resume a generator on any worker thread;
+    an exception in the producer is re-raised here, and closing this relay stops the producer."""
+    q: queue.Queue = queue.Queue()
+    done = object()
+
+    def produce():
+        try:
+            for item in make_iter():
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="wake-stream").start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()   # the page went away or the relay ended: let the producer finish its turn
+
+
+class StopFlags:
+    """One stop event per browser session, so Stop ends only that session's reply."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def fresh(self, session: str) -> threading.Event:
+        with self._lock:
+            self._flags[session] = ev = threading.Event()
+            return ev
+
+    def stop(self, session: str) -> None:
+        with self._lock:
+            ev = self._flags.get(session)
+        if ev:
+            ev.set()
+
+
+def build_app(engine) -> gr.Blocks:
+    stops = StopFlags()
+    usage = views.UsageMeter()
+    export_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-export-"))
+
+    # -- read-only views ----------------------------------------------------------------------
+    def header_html() -> str:
+        status = engine.status()
+        cls = "sleeping" if status.get("state") == "sleeping" else "awake"
+        cells = []
+        for k, v in views.header_fields(engine.info(), status):
+            v = f'<span class="badge {cls}">{html.escape(v)}</span>' if k == "state" else html.escape(v)
+            cells.append(f'<span><span class="k">{k}</span>{v}</span>')
+        return f'<div class="fields">{"".join(cells)}</div>'
+
+    def tiers_table():
+        return views.tier_rows(engine.memory_tiers())
+
+    def progress_html(status: dict) -> str:
+        pct = 100 * status.get("progress", 0.0) if status.get("state") == "sleeping" else 0
+        return (f'<div class="bar"><div style="width:{pct:.1f}%"></div></div>'
+                f'<p id="progress-text">{html.escape(views.progress_text(status))}</p>')
+
+    def asleep() -> bool:
+        return engine.status().get("state") == "sleeping"
+
+    # -- Wake -----------------------------------------------------------------------------------
+    def routing_outputs(reply):
+        tokens = reply.token_texts(engine.tokenizer) if reply else []
+        view = views.routing_view(reply.trace if reply else None, tokens)
+        if reply is not None and view["experts"]:
+            usage.add(view)
+        return (plots.routing_heatmap(view), views.token_strip(view),
+                plots.expert_load_bar(views.expert_load(view)))
+
+    def chat(message, history, request: gr.Request):
+        history = list(history or [])
+        keep = (gr.skip(),) * 5
+        stop = stops.fresh(request.session_hash if request else "api")
+        reply = None
+        try:
+            for reply in in_own_thread(lambda: engine.wake.stream(message, stop), stop):
+                turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
+                if not reply.done:
+                    yield (history + turn, "", gr.skip()) + keep
+        except (WakeInputError, WakeBusy) as e:
+            yield (history, message, _error(str(e))) + keep   # the message stays in the box
+            return
+        notes = list(reply.notices)
+        if reply.stopped:
+            notes.append("stopped")
+        if reply.tokens_per_s:
+            notes.append(f"{len(reply.token_ids)} tokens, first after {1000 * (reply.ttft_s or 0):.0f} ms, "
+                         f"{reply.tokens_per_s:.1f} tokens/s; logged as episode {reply.episode_id}")
+        if reply.fast_update:
+            u = reply.fast_update
+            notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}")
+        turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
+        yield (history + turn, "", _ok(" · ".join(notes))) + routing_outputs(reply) + (tiers_table(), header_html())
+
+    def stop_reply(request: gr.Request):
+        stops.stop(request.session_hash if request else "api")
+
+    def retry(history, request: gr.Request):
+        if asleep():
+            yield (history, gr.skip(), _error(engine.asleep_notice() or "the model is asleep")) + (gr.skip(),) * 5
+            return
+        message = engine.wake.drop_last_turn()
+        history = list(history or [])
+        last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None)
+        if message is None or last_user is None:
+            yield (history, gr.skip(), _error("nothing to retry")) + (gr.skip(),) * 5
+            return
+        yield from chat(message, history[:last_user], request)
+
+    def clear():
+        if asleep():
+            return gr.skip(), _error("the model is asleep; the conversation is kept until the sleep ends"), gr.skip()
+        engine.wake.clear()
+        return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table()
+
+    def teach(text, upload):
+        try:
+            if upload:
+                body, source = read_upload(upload)
+            elif text and text.strip():
+                body, source = text, "pasted"
+            else:
+                raise WakeInputError("paste a text or choose a text file to teach")
+            ep = engine.wake.teach(body, source=source)
+        except (WakeInputError, WakeBusy, OSError) as e:
+            return gr.skip(), None, _error(str(e)), gr.skip(), gr.skip()
+        return ("" if not upload else gr.skip()), None, _ok(f"taught {source} ({len(ep.text):,} characters) "
+                                                            f"as episode {ep.id}"), tiers_table(), header_html()
+
+    # -- Sleep ----------------------------------------------------------------------------------
+    def preset_values(name):
+        cfg = SleepConfig.from_preset(name)
+        return [getattr(cfg, key) for key, _ in SETTINGS]
+
+    def start_sleep(preset, *values):
+        try:
+            overrides = {}
+            for (key, label), v in zip(SETTINGS, values):
+                if v is None or v == "":
+                    raise ConfigError(f"{label} is empty")
+                if key in INT_SETTINGS and float(v) != int(float(v)):
+                    raise ConfigError(f"sleep.{key} must be a whole number, got {v!r}")
+                overrides[key] = int(float(v)) if key in INT_SETTINGS else float(v)
+            settings = SleepConfig.from_preset(preset or "quick", **overrides)
+            number = engine.sleep(settings)
+        except (ConfigError, NothingToConsolidate, RuntimeError, ValueError) as e:
+            return _error(str(e))
+        return _ok(f"Sleep {number} started ({preset} preset). Chat is paused until it ends; Stop rolls it back.")
+
+    def stop_sleep():
+        if engine.cancel():
+            return _ok("Stopped: the model was rolled back to its pre-sleep state, bit for bit.")
+        return _error("no sleep is running")
+
+    def status_api() -> dict:
+        st = engine.status()
+        st["events"] = len(engine.events.since(0))
+        return json.loads(json.dumps(st, default=str))
+
+    # -- live panels (timer) --------------------------------------------------------------------
+    def panels():
+        events = engine.events.since(0)
+        status = engine.status()
+        manifests = engine.state.sleep_manifests()
+        running = ({"sleep": status.get("sleep"), "experts": views.live_experts(events)}
+                   if status.get("state") == "sleeping" else None)
+        dreams = views.dream_rows(events)
+        return (plots.consolidation_fig(views.loss_series(events)), views.sample_rows(events),
+                plots.dreams_scatter(dreams), views.dream_table(dreams),
+                plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
+                plots.growth_fig(views.growth(manifests, running)))
+
+    def tick(key):
+        status = engine.status()
+        new_key = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
+                   len(engine.events.since(0)), status.get("sleeps")]
+        progress = progress_html(status)
+        if new_key == key:
+            return (key, gr.skip(), progress) + (gr.skip(),) * 8
+        sleeps_changed = key is None or key[3] != new_key[3]
+        return ((new_key, header_html(), progress) + panels() +
+                (tiers_table(), gr.update(choices=sleep_choices()) if sleeps_changed else gr.skip()))
+
+    # -- Inspect --------------------------------------------------------------------------------
+    def sleep_choices():
+        return [d.name for d in engine.state.sleep_dirs()]
+
+    def inspect(name):
+        dirs = {d.name: d for d in engine.state.sleep_dirs()}
+        if not name or name not in dirs:
+            return [], [], [], [], None, None, _ok("No sleep selected." if dirs else "No completed sleep yet.")
+        d = dirs[name]
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            return [], [], [], [], None, None, _error(f"sleep {name} is unreadable: {e}")
+        events = views.read_events(d / "events.jsonl")
+        ev_copy = export_dir / f"sleep-{name}-events.jsonl"
+        if (d / "events.jsonl").exists():
+            shutil.copyfile(d / "events.jsonl", ev_copy)
+        csv_copy = export_dir / "accuracy-matrix.csv"
+        csv_copy.write_text(views.matrix_csv(engine.accuracy_matrix()))
+        return (views.sleep_summary(manifest), views.dream_table(views.dream_rows(events)),
+                views.expert_rows(manifest, usage), views.probe_rows(manifest),
+                str(ev_copy) if ev_copy.exists() else None, str(csv_copy),
+                _ok(f"sleep {name}: {len(events)} events"))
+
+    # -- layout ---------------------------------------------------------------------------------
+    with gr.Blocks(title="Sleep Lab", analytics_enabled=False) as demo:
+        gr.Markdown("## Sleep Lab")
+        header = gr.HTML(elem_id="header")
+        key = gr.State(None)
+        timer = gr.Timer(1.0)
+        with gr.Tabs():
+            with gr.Tab("Wake", id="wake"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
+                        msg = gr.Textbox(placeholder="Message the model (Enter sends)", show_label=False,
+                                         elem_id="message")
+                        with gr.Row():
+                            send = gr.Button("Send", variant="primary", elem_id="send")
+                            stop = gr.Button("Stop", elem_id="stop-reply")
+                            retry_btn = gr.Button("Retry", elem_id="retry")
+                            clear_btn = gr.Button("Clear", elem_id="clear")
+                        wake_notice = gr.HTML(elem_id="wake-notice")
+                    with gr.Column(scale=2):
+                        teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
+                                                lines=5, elem_id="teach-text")
+                        teach_file = gr.File(label=f"…or a UTF-8 text file (up to {UPLOAD_LIMIT // 1000} kB)",
+                                             type="filepath", elem_id="teach-file")
+                        teach_btn = gr.Button("Teach", elem_id="teach")
+                        teach_notice = gr.HTML(elem_id="teach-notice")
+                        tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
+                                             label="Memory tiers", interactive=False, elem_id="tiers")
+                heat = gr.Plot(label="Routing heatmap", elem_id="routing-heatmap")
+                strip = gr.HighlightedText(label="Tokens coloured by dominant routed expert", elem_id="token-strip",
+                                           show_legend=True)
+                load = gr.Plot(label="Expert load", elem_id="expert-load")
+            with gr.Tab("Sleep", id="sleep"):
+                with gr.Row():
+                    preset = gr.Dropdown(list(SleepConfig.PRESETS), value="quick", label="preset", scale=1)
+                    fields = [gr.Number(value=v, label=label, elem_id=f"set-{key_}")
+                              for (key_, label), v in zip(SETTINGS, preset_values("quick"))]
+                with gr.Row():
+                    sleep_btn = gr.Button("Sleep now", variant="primary", elem_id="sleep-now")
+                    stop_sleep_btn = gr.Button("Stop (roll back)", variant="stop", elem_id="stop-sleep")
+                sleep_notice = gr.HTML(elem_id="sleep-notice")
+                progress = gr.HTML(elem_id="progress")
+                with gr.Row():
+                    cons_plot = gr.Plot(label="Consolidation", elem_id="panel-consolidation")
+                    dream_plot = gr.Plot(label="Dreams", elem_id="panel-dreams")
+                samples = gr.Dataframe(headers=views.SAMPLE_COLUMNS, label="Consolidation samples (LTI)",
+                                       interactive=False, wrap=True, max_height=300, elem_id="panel-samples")
+                dream_df = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False, wrap=True,
+                                        max_height=300, elem_id="panel-dream-table")
+                forget_plot = gr.Plot(label="Forgetting", elem_id="panel-forgetting")
+                growth_plot = gr.Plot(label="Expert growth", elem_id="panel-growth")
+            with gr.Tab("Inspect", id="inspect"):
+                with gr.Row():
+                    pick = gr.Dropdown(choices=[], label="past sleep", elem_id="inspect-pick", scale=2)
+                    refresh = gr.Button("Refresh", scale=0)
+                    ev_dl = gr.DownloadButton("Event log (JSON lines)", elem_id="dl-events", scale=1)
+                    csv_dl = gr.DownloadButton("Accuracy matrix (CSV)", elem_id="dl-matrix", scale=1)
+                inspect_notice = gr.HTML(elem_id="inspect-notice")
+                summary = gr.Dataframe(headers=["", "value"], label="Summary", interactive=False, wrap=True)
+                ins_dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
+                                          wrap=True, max_height=300)
+                ins_experts = gr.Dataframe(headers=["expert", "tier", "rank", "layers", "parameters",
+                                                    "tokens seen", "mean gate", "dominant tokens"],
+                                           label="Experts added (usage over the replies this server has seen)",
+                                           interactive=False)
+                ins_probes = gr.Dataframe(headers=["episode", "", "accuracy before", "accuracy after"],
+                                          label="Probe results (closed-book)", interactive=False)
+
+        # -- wiring -------------------------------------------------------------------------------
+        wake_out = [chatbot, msg, wake_notice, heat, strip, load, tiers, header]
+        for trigger in (msg.submit, send.click):
+            trigger(chat, [msg, chatbot], wake_out, api_name="chat" if trigger == msg.submit else False,
+                    concurrency_id="wake", show_progress="hidden")
+        stop.click(stop_reply, None, None, queue=False, api_name="stop_reply")
+        retry_btn.click(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
+        chatbot.retry(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
+        clear_btn.click(clear, None, [chatbot, wake_notice, tiers], api_name="clear")
+        chatbot.clear(clear, None, [chatbot, wake_notice, tiers], api_name=False)
+        teach_btn.click(teach, [teach_text, teach_file], [teach_text, teach_file, teach_notice, tiers, header],
+                        api_name="teach")
+
+        preset.change(preset_values, preset, fields, api_name=False)
+        sleep_btn.click(start_sleep, [preset] + fields, sleep_notice, api_name="sleep")
+        stop_sleep_btn.click(stop_sleep, None, sleep_notice, api_name="stop_sleep", concurrency_limit=None)
+        gr.api(status_api, api_name="status")
+
+        live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, tiers, pick]
+        timer.tick(tick, key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
+
+        inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]
+        pick.change(inspect, pick, inspect_out, api_name=False)
+        refresh.click(lambda: gr.update(choices=sleep_choices()), None, pick, api_name=False)
+
+        # a reload or a second tab re-attaches: conversation, routing, panels, running sleep
+        def on_load():
+            history = [dict(m) for m in engine.wake.history]
+            return (history,) + routing_outputs(None) + tick(None)
+        demo.load(on_load, None, [chatbot, heat, strip, load] + live, api_name=False, show_progress="hidden")
+    return demo
+
+
+def launch(engine, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
+           share: bool = False, block: bool = True) -> gr.Blocks:
+    """Start the page. Safe defaults: loopback only, no share link, no run history or monitoring."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = build_app(engine)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=UPLOAD_LIMIT,
+                enable_monitoring=False, run_history=False, ssr_mode=False, show_error=True,
+                prevent_thread_lock=not block, css=CSS, quiet=not block, footer_links=["api", "settings"])
+    return demo
