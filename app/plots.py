@@ -21,15 +21,15 @@ def expert_color(expert_id: str, experts: list[str]) -> str:
 
 
 def _base(fig: go.Figure, title: str, revision: str, height: int = 320) -> go.Figure:
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), uirevision=revision, height=height,
-                      margin=dict(l=50, r=20, t=45, b=40), template="plotly_white",
-                      legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(title={"text": title, "font": {"size": 14}}, uirevision=revision, height=height,
+                      margin={"l": 50, "r": 20, "t": 45, "b": 40}, template="plotly_white",
+                      legend={"orientation": "h", "y": -0.2})
     return fig
 
 
 def _empty(fig: go.Figure, message: str) -> go.Figure:
     fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                       font=dict(size=13, color="#888"))
+                       font={"size": 13, "color": "#888"})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
@@ -59,7 +59,7 @@ def routing_heatmap(view: dict) -> go.Figure:
               for li in range(len(view["layers"]))]
     fig.add_trace(go.Heatmap(
         x=x, y=view["layers"], z=z, customdata=custom, colorscale="Viridis", zmin=0, zmax=1,
-        colorbar=dict(title="gate", thickness=12),
+        colorbar={"title": "gate", "thickness": 12},
         hovertemplate="token %{x}: '%{customdata[0]}'<br>layer %{y}<br>expert %{customdata[1]}"
                       "<br>gate %{z:.3f}<extra></extra>"))
     ticks = x if len(x) <= 40 else x[:: max(1, len(x) // 40)]
@@ -79,7 +79,7 @@ def expert_load_bar(load: dict) -> go.Figure:
                          marker_color=[expert_color(e, load["experts"]) for e in load["experts"]],
                          hovertemplate="expert %{x}<br>mean gate %{y:.3f}<extra></extra>"))
     fig.add_trace(go.Scatter(x=load["experts"], y=load["dominant_share"], name="share of tokens dominated",
-                             mode="markers", marker=dict(symbol="diamond", size=10, color="#333"),
+                             mode="markers", marker={"symbol": "diamond", "size": 10, "color": "#333"},
                              hovertemplate="expert %{x}<br>dominates %{y:.0%} of tokens<extra></extra>"))
     fig.update_yaxes(range=[0, 1.05], title="gate / share")
     return fig
@@ -99,7 +99,7 @@ def consolidation_fig(series: dict) -> go.Figure:
                              hovertemplate="step %{x} (%{customdata})<br>divergence %{y:.4f}<extra></extra>"),
                   secondary_y=False)
     fig.add_trace(go.Scatter(x=series["reward_step"], y=series["reward"], mode="markers", name="LTI reward",
-                             marker=dict(size=11, symbol="star", color="#ef553b"),
+                             marker={"size": 11, "symbol": "star", "color": "#ef553b"},
                              hovertemplate="step %{x}<br>mean reward %{y:.3f}<extra></extra>"), secondary_y=True)
     fig.update_xaxes(title="step")
     fig.update_yaxes(title_text="divergence", secondary_y=False)
@@ -122,7 +122,7 @@ def dreams_scatter(dreams: list[dict]) -> go.Figure:
             continue
         fig.add_trace(go.Scatter(
             x=[d.get("grad_score") for d in ds], y=[y_of(d) for d in ds], mode="markers", name=label,
-            marker=dict(size=12, color=color, symbol=symbol, line=dict(width=1, color="#333")),
+            marker={"size": 12, "color": color, "symbol": symbol, "line": {"width": 1, "color": "#333"}},
             customdata=[[d.get("round"), d.get("index"), _hover_text(d.get("text", ""))] for d in ds],
             hovertemplate="round %{customdata[0]}, dream %{customdata[1]}<br>grad score %{x:.4g}"
                           "<br>reward %{y}<br>%{customdata[2]}<extra></extra>"))
@@ -146,7 +146,7 @@ def forgetting_fig(view: dict) -> go.Figure:
     sleeps, eps, R = view["sleeps"], view["episodes"], view["R"]
     for j, ep in enumerate(eps):
         fig.add_trace(go.Scatter(x=sleeps, y=[row[j] for row in R], mode="lines+markers", name=f"episode {ep}",
-                                 line=dict(color=PALETTE[j % len(PALETTE)]), legendgroup="ep",
+                                 line={"color": PALETTE[j % len(PALETTE)]}, legendgroup="ep",
                                  hovertemplate=f"episode {ep}<br>after sleep %{{x}}: %{{y:.2f}}<extra></extra>"),
                       row=1, col=1)
     fig.add_trace(go.Heatmap(z=R, x=[str(e) for e in eps], y=[str(s) for s in sleeps], zmin=0, zmax=1,
@@ -155,9 +155,9 @@ def forgetting_fig(view: dict) -> go.Figure:
                              texttemplate="%{text}",
                              hovertemplate="after sleep %{y}, episode %{x}: %{z:.2f}<extra></extra>"), row=1, col=2)
     fig.add_trace(go.Scatter(x=sleeps, y=view["ppl_after"][:len(sleeps)], mode="lines+markers", name="ppl after",
-                             line=dict(color="#333")), row=1, col=3)
+                             line={"color": "#333"}), row=1, col=3)
     fig.add_trace(go.Scatter(x=sleeps, y=view["ppl_before"][:len(sleeps)], mode="markers", name="ppl before",
-                             marker=dict(color="#aaa", symbol="circle-open", size=9)), row=1, col=3)
+                             marker={"color": "#aaa", "symbol": "circle-open", "size": 9}), row=1, col=3)
     fig.update_yaxes(range=[-0.05, 1.05], title_text="accuracy", row=1, col=1)
     fig.update_xaxes(title_text="sleep", dtick=1, row=1, col=1)
     fig.update_xaxes(title_text="episode", type="category", row=1, col=2)
@@ -179,7 +179,7 @@ def growth_fig(data: dict) -> go.Figure:
         fig.add_trace(go.Bar(x=x, y=data["experts_per_tier"][t], name=f"tier {t}",
                              marker_color=TIER_COLORS.get(t, "#999")), row=1, col=1, secondary_y=False)
     fig.add_trace(go.Scatter(x=x, y=data["params_added"], name="parameters added", mode="lines+markers",
-                             line=dict(color="#ef553b")), row=1, col=1, secondary_y=True)
+                             line={"color": "#ef553b"}), row=1, col=1, secondary_y=True)
     fig.add_trace(go.Heatmap(z=data["experts_per_layer"], x=x, y=[str(layer) for layer in data["layers"]],
                              colorscale="Greens", showscale=False,
                              hovertemplate="%{x}<br>layer %{y}: %{z} experts<extra></extra>"), row=1, col=2)

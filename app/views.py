@@ -86,7 +86,7 @@ class UsageMeter:
 # -- header, tiers, status --------------------------------------------------------------------
 
 
-def human(n: float | int | None) -> str:
+def human(n: float | None) -> str:
     if n is None:
         return "–"
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -106,8 +106,8 @@ def header_fields(info: dict, status: dict) -> list[tuple[str, str]]:
     p = info.get("params", {})
     return [("model", str(info.get("model"))), ("device", str(info.get("device"))),
             ("quantization", str(info.get("quantize"))),
-            ("parameters", f"base {human(p.get('base'))} · experts {human(p.get('experts'))} · "
-                           f"fast weights {human(p.get('fast_weights'))}"),
+            ("parameters", (f"base {human(p.get('base'))} · experts {human(p.get('experts'))} · "
+                           f"fast weights {human(p.get('fast_weights'))}")),
             ("state", state_badge(status)), ("sleeps", str(status.get("sleeps", 0))),
             ("episodes", str(info.get("episodes", 0)))]
 
@@ -287,13 +287,13 @@ def sleep_summary(manifest: dict) -> list[tuple[str, str]]:
             ("preset", str((manifest.get("settings") or {}).get("preset", "–"))),
             ("wall time", f"{sum(phases.values()):.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + ")"),
             ("experts added", ", ".join(manifest.get("experts_added", [])) or "none"),
-            ("divergence", f"{num(c.get('first_divergence'), '.4f')} → {num(c.get('final_divergence'), '.4f')} "
-                           f"over {c.get('steps', '–')} steps"),
+            ("divergence", (f"{num(c.get('first_divergence'), '.4f')} → {num(c.get('final_divergence'), '.4f')} "
+                           f"over {c.get('steps', '–')} steps")),
             ("LTI mean reward", num(c.get("mean_reward"), ".3f")),
             ("dreams", f"{d.get('generated', 0)} generated, {d.get('kept', 0)} kept, {d.get('rewarded', 0)} rewarded"),
             ("probe accuracy (mean over episodes)", f"{mean(acc_b)} → {mean(acc_a)}"),
-            ("general perplexity", f"{num(manifest.get('general_ppl_before'), '.2f')} → "
-                                   f"{num(manifest.get('general_ppl_after'), '.2f')}")]
+            ("general perplexity", (f"{num(manifest.get('general_ppl_before'), '.2f')} → "
+                                   f"{num(manifest.get('general_ppl_after'), '.2f')}"))]
 
 
 def probe_rows(manifest: dict) -> list[list]:
