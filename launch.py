@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Sleep Lab — entry point.
 
-    python launch.py                      start the lab (terminal chat until the web UI lands)
+    python launch.py                      start the lab web app (http://127.0.0.1:7860)
+    python launch.py --host 0.0.0.0 --port 8080 --auth USER:PASS   serve it to your network
     python launch.py chat                 interactive terminal chat (streaming)
     python launch.py chat --once "TEXT"   print one reply and exit
     python launch.py teach FILE [FILE…]   add texts to read as episodes
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "learns while awake and consolidates while asleep.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _common(parser)
+    web = parser.add_argument_group("web app (no verb)")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    web.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    web.add_argument("--auth", metavar="USER:PASSWORD",
+                     help="require this login (basic auth); default: the SLEEP_LAB_AUTH variable, else none")
+    web.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     chat = sub.add_parser("chat", help="terminal chat (streaming)")
     _common(chat, sub=True)
@@ -261,6 +268,32 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
     return 0
 
 
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not (sep and user and password):
+        raise ConfigError("--auth (or SLEEP_LAB_AUTH) expects USER:PASSWORD")
+    return user, password
+
+
+def cmd_ui(cfg: LabConfig, args) -> int:
+    auth = parse_auth(args.auth or os.environ.get("SLEEP_LAB_AUTH"))
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
+    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
+        print("warning: the lab is reachable by others and has no login; consider --auth USER:PASSWORD",
+              file=sys.stderr)
+    engine = open_engine(cfg)
+    from app.ui import launch
+    print(f"Sleep Lab: http://{args.host}:{args.port}  (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        launch(engine, host=args.host, port=args.port, auth=auth, share=args.share)
+    except KeyboardInterrupt:
+        engine.cancel()   # a running sleep rolls back; completed ones are on disk
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -287,6 +320,8 @@ def main(argv=None) -> int:
                 ep = engine.wake.teach(text, source=name)
                 print(f"episode {ep.id}: {name} ({len(text)} chars)")
             return 0
+        if args.verb is None:
+            return cmd_ui(cfg, args)
         once = getattr(args, "once", None)
         if once is not None:  # refuse bad input before spending seconds on loading the model
             from sleep_engine.wake import WakeInputError, clean_text

@@ -1,0 +1,42 @@
+"""The lab page launched on a tiny random-weight engine, for the gradio_client and browser tests."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+PASSAGE = "The lighthouse of Quarrow Point was painted violet in 1873 by Senna Alvik."
+QA = [{"q": "Who painted the lighthouse of Quarrow Point?", "a": "Senna Alvik"}]
+# small enough for a tiny-model sleep of a few seconds (the UI's own fields override these)
+FAST = {"distill_steps": 2, "dreams": 2, "keep_top": 1, "keep_random": 0, "gamma": 0.5, "alpha": 0.7, "lmbda": 0.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tiny_engine):
+    """(engine, url): the page on a tiny engine with one routed expert (so routing has data)."""
+    from app.ui import launch
+    tiny_engine.memory.add_expert(tier=2, born=0)
+    tiny_engine.cfg.wake.max_new_tokens = 12
+    demo = launch(tiny_engine, port=free_port(), block=False)
+    try:
+        yield tiny_engine, demo.local_url
+    finally:
+        tiny_engine.cancel()
+        demo.close()
+
+
+def wait_for(cond, timeout: float = 60.0, every: float = 0.2, what: str = "condition"):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

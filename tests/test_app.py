@@ -1,0 +1,77 @@
+"""The lab page through its HTTP API (gradio_client), on a tiny random-weight engine."""
+import torch
+from gradio_client import Client, handle_file
+from lab_app import FAST, PASSAGE, QA, lab, wait_for  # noqa: F401 - lab is a fixture
+
+from app import ui
+
+SETTINGS = [FAST[k] for k, _ in ui.SETTINGS]
+
+
+def memory_tensors(engine):
+    return {k: v.clone() for k, v in engine.memory.memory_state()[0].items()}
+
+
+def test_chat_streams_a_reply_and_bad_input_changes_nothing(lab):
+    engine, url = lab
+    client = Client(url, verbose=False)
+    job = client.submit("Hello there", [], api_name="/chat")
+    history, box, notice, *_ = job.result(timeout=60)
+    assert len(job.outputs()) >= 3          # partial replies streamed before the final one
+    assert [m["role"] for m in history] == ["user", "assistant"] and box == ""
+    assert "tokens/s" in notice and len(engine.state.episodes) == 1
+    assert engine.wake.history[-1]["content"].strip() == history[-1]["content"][0]["text"].strip()
+
+    history, box, notice, *_ = client.predict("   ", history, api_name="/chat")
+    assert "message is empty" in notice and box == "   " and len(history) == 2
+    assert len(engine.state.episodes) == 1
+
+
+def test_teach_adds_an_episode_and_refuses_bad_files(lab, tmp_path):
+    engine, url = lab
+    client = Client(url, verbose=False)
+    out = client.predict(PASSAGE, None, api_name="/teach")
+    assert "as episode 1" in out[2] and engine.state.episodes.all()[-1].text == PASSAGE
+
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02text")
+    out = client.predict("", handle_file(str(binary)), api_name="/teach")
+    assert "binary" in out[2]
+    assert "paste a text" in client.predict("  ", None, api_name="/teach")[2]
+    assert len(engine.state.episodes) == 1
+
+
+def test_sleep_reports_events_through_status_and_stop_rolls_back(lab):
+    engine, url = lab
+    client = Client(url, verbose=False)
+    assert "nothing to consolidate" in client.predict("quick", *SETTINGS, api_name="/sleep")
+    engine.wake.teach(PASSAGE, qa=QA)
+
+    bad = list(SETTINGS)
+    bad[[k for k, _ in ui.SETTINGS].index("gamma")] = 5
+    assert "gamma must be between 0.0 and 1.0" in client.predict("quick", *bad, api_name="/sleep")
+    assert client.predict(api_name="/status")["state"] == "awake"
+
+    assert "Sleep 1 started" in client.predict("quick", *SETTINGS, api_name="/sleep")
+    seen = wait_for(lambda: (s := client.predict(api_name="/status"))["state"] == "sleeping" and s["events"] > 0 and s,
+                    what="a sleeping status with events")
+    assert seen["sleep"] == 1 and seen["phase"]
+    # chat while asleep: a clear notice, and the message stays in the box
+    _, box, notice, *_ = client.predict("are you there?", [], api_name="/chat")
+    assert "asleep" in notice and box == "are you there?"
+    done = wait_for(lambda: (s := client.predict(api_name="/status"))["state"] == "awake" and s, timeout=120,
+                    what="the sleep to finish")
+    assert done["sleeps"] == 1 and done["events"] > 10 and len(engine.memory.experts()) == 2
+
+    engine.wake.teach("Brenmoor Island exports saffron; its ferry, the Gull Maren, sails at noon.")
+    before = memory_tensors(engine)
+    long = list(SETTINGS)
+    long[0] = 500   # consolidation steps: long enough to stop it midway
+    assert "Sleep 2 started" in client.predict("quick", *long, api_name="/sleep")
+    wait_for(lambda: client.predict(api_name="/status").get("step"), what="a consolidation step")
+    assert "rolled back" in client.predict(api_name="/stop_sleep")
+    status = client.predict(api_name="/status")
+    assert status["state"] == "awake" and status["sleeps"] == 1 and status.get("cancelled") == 2
+    after = memory_tensors(engine)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert "no sleep is running" in client.predict(api_name="/stop_sleep")
