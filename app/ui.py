@@ -23,10 +23,11 @@ from sleep_engine.wake import WakeBusy, WakeInputError
 
 from . import plots, views
 
-UPLOAD_LIMIT = 1_000_000     # bytes per uploaded text file (the server refuses larger uploads too)
+UPLOAD_LIMIT = 1 << 20       # bytes per uploaded text file (the server refuses larger uploads too)
 SETTINGS = [("distill_steps", "steps (consolidation)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
             ("keep_random", "b random kept"), ("gamma", "γ (semantic vs edit reward)"),
             ("alpha", "α (divergence vs reward)"), ("lmbda", "λ (student-sampled fraction)")]
+DREAM_WIDTHS = ["5%", "4%", "7%", "7%", "6%", "7%", "7%", "20%", "37%"]
 INT_SETTINGS = {"distill_steps", "dreams", "keep_top", "keep_random"}
 
 CSS = """
@@ -87,6 +88,18 @@ def in_own_thread(make_iter, stop: threading.Event):
             yield item
     finally:
         stop.set()   # the page went away or the relay ended: let the producer finish its turn
+
+
+def parse_more(text: str | None) -> dict[str, str]:
+    """'key=value' lines (any SleepConfig field, as with the CLI's --set) → overrides."""
+    out = {}
+    for line in (text or "").splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ConfigError(f"expected key=value, got {line.strip()!r}")
+            out[key.strip()] = value.strip()
+    return out
 
 
 class StopFlags:
@@ -209,8 +222,9 @@ def build_app(engine) -> gr.Blocks:
         return [getattr(cfg, key) for key, _ in SETTINGS]
 
     def start_sleep(preset, *values):
+        *values, more = values
         try:
-            overrides = {}
+            overrides = parse_more(more)
             for (key, label), v in zip(SETTINGS, values):
                 if v is None or v == "":
                     raise ConfigError(f"{label} is empty")
@@ -254,8 +268,9 @@ def build_app(engine) -> gr.Blocks:
         if new_key == key:
             return (key, gr.skip(), progress) + (gr.skip(),) * 8
         sleeps_changed = key is None or key[3] != new_key[3]
-        return ((new_key, header_html(), progress) + panels() +
-                (tiers_table(), gr.update(choices=sleep_choices()) if sleeps_changed else gr.skip()))
+        choices = sleep_choices()
+        pick = gr.update(choices=choices, value=choices[-1] if choices else None) if sleeps_changed else gr.skip()
+        return (new_key, header_html(), progress) + panels() + (tiers_table(), pick)
 
     # -- Inspect --------------------------------------------------------------------------------
     def sleep_choices():
@@ -303,21 +318,26 @@ def build_app(engine) -> gr.Blocks:
                     with gr.Column(scale=2):
                         teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
                                                 lines=5, elem_id="teach-text")
-                        teach_file = gr.File(label=f"…or a UTF-8 text file (up to {UPLOAD_LIMIT // 1000} kB)",
+                        teach_file = gr.File(label="…or a UTF-8 text file (up to 1 MiB)",
                                              type="filepath", elem_id="teach-file")
                         teach_btn = gr.Button("Teach", elem_id="teach")
                         teach_notice = gr.HTML(elem_id="teach-notice")
                         tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
                                              label="Memory tiers", interactive=False, elem_id="tiers")
-                heat = gr.Plot(label="Routing heatmap", elem_id="routing-heatmap")
-                strip = gr.HighlightedText(label="Tokens coloured by dominant routed expert", elem_id="token-strip",
-                                           show_legend=True)
-                load = gr.Plot(label="Expert load", elem_id="expert-load")
+                strip = gr.HighlightedText(label="Tokens of the last reply, coloured by dominant routed expert",
+                                           elem_id="token-strip", show_legend=True)
+                with gr.Row():
+                    heat = gr.Plot(label="Routing heatmap", elem_id="routing-heatmap", scale=3)
+                    load = gr.Plot(label="Expert load", elem_id="expert-load", scale=2)
             with gr.Tab("Sleep", id="sleep"):
                 with gr.Row():
                     preset = gr.Dropdown(list(SleepConfig.PRESETS), value="quick", label="preset", scale=1)
                     fields = [gr.Number(value=v, label=label, elem_id=f"set-{key_}")
                               for (key_, label), v in zip(SETTINGS, preset_values("quick"))]
+                with gr.Accordion("More settings", open=False):
+                    more = gr.Textbox(label="any other sleep setting, one key=value per line (as with the "
+                                            "CLI's --set), e.g. dreaming=false or answer_tokens=48",
+                                      lines=3, elem_id="more-settings")
                 with gr.Row():
                     sleep_btn = gr.Button("Sleep now", variant="primary", elem_id="sleep-now")
                     stop_sleep_btn = gr.Button("Stop (roll back)", variant="stop", elem_id="stop-sleep")
@@ -327,9 +347,10 @@ def build_app(engine) -> gr.Blocks:
                     cons_plot = gr.Plot(label="Consolidation", elem_id="panel-consolidation")
                     dream_plot = gr.Plot(label="Dreams", elem_id="panel-dreams")
                 samples = gr.Dataframe(headers=views.SAMPLE_COLUMNS, label="Consolidation samples (LTI)",
-                                       interactive=False, wrap=True, max_height=300, elem_id="panel-samples")
+                                       interactive=False, wrap=True, max_height=300, elem_id="panel-samples",
+                                       column_widths=["6%", "24%", "24%", "25%", "7%", "7%", "7%"])
                 dream_df = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False, wrap=True,
-                                        max_height=300, elem_id="panel-dream-table")
+                                        max_height=300, elem_id="panel-dream-table", column_widths=DREAM_WIDTHS)
                 forget_plot = gr.Plot(label="Forgetting", elem_id="panel-forgetting")
                 growth_plot = gr.Plot(label="Expert growth", elem_id="panel-growth")
             with gr.Tab("Inspect", id="inspect"):
@@ -341,7 +362,7 @@ def build_app(engine) -> gr.Blocks:
                 inspect_notice = gr.HTML(elem_id="inspect-notice")
                 summary = gr.Dataframe(headers=["", "value"], label="Summary", interactive=False, wrap=True)
                 ins_dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
-                                          wrap=True, max_height=300)
+                                          wrap=True, max_height=300, column_widths=DREAM_WIDTHS)
                 ins_experts = gr.Dataframe(headers=["expert", "tier", "rank", "layers", "parameters",
                                                     "tokens seen", "mean gate", "dominant tokens"],
                                            label="Experts added (usage over the replies this server has seen)",
@@ -363,7 +384,7 @@ def build_app(engine) -> gr.Blocks:
                         api_name="teach")
 
         preset.change(preset_values, preset, fields, api_name=False)
-        sleep_btn.click(start_sleep, [preset] + fields, sleep_notice, api_name="sleep")
+        sleep_btn.click(start_sleep, [preset] + fields + [more], sleep_notice, api_name="sleep")
         stop_sleep_btn.click(stop_sleep, None, sleep_notice, api_name="stop_sleep", concurrency_limit=None)
         gr.api(status_api, api_name="status")
 
@@ -373,6 +394,7 @@ def build_app(engine) -> gr.Blocks:
         inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]
         pick.change(inspect, pick, inspect_out, api_name=False)
         refresh.click(lambda: gr.update(choices=sleep_choices()), None, pick, api_name=False)
+        refresh.click(inspect, pick, inspect_out, api_name=False)
 
         # a reload or a second tab re-attaches: conversation, routing, panels, running sleep
         def on_load():

@@ -9,6 +9,9 @@ import pytest
 PASSAGE = "The lighthouse of Quarrow Point was painted violet in 1873 by Senna Alvik."
 QA = [{"q": "Who painted the lighthouse of Quarrow Point?", "a": "Senna Alvik"}]
 # small enough for a tiny-model sleep of a few seconds (the UI's own fields override these)
+# the rest of the preset made small too (the page's "More settings" box takes any sleep setting)
+MORE = ("prompts_per_episode=2\nanswer_tokens=8\nbatch_size=4\nanchor_prompts=2\nreplay_per_episode=1\n"
+        "lti_prefixes=2\nlti_group=2\nlti_tokens=6\ndream_tokens=8")
 FAST = {"distill_steps": 2, "dreams": 2, "keep_top": 1, "keep_random": 0, "gamma": 0.5, "alpha": 0.7, "lmbda": 0.0}
 
 
@@ -18,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(tiny_engine):
+@pytest.fixture(name="lab")
+def lab_fixture(tiny_engine):
     """(engine, url): the page on a tiny engine with one routed expert (so routing has data)."""
     from app.ui import launch
     tiny_engine.memory.add_expert(tier=2, born=0)

@@ -1,11 +1,11 @@
 """The lab page through its HTTP API (gradio_client), on a tiny random-weight engine."""
 import torch
 from gradio_client import Client, handle_file
-from lab_app import FAST, PASSAGE, QA, lab, wait_for  # noqa: F401 - lab is a fixture
+from lab_app import FAST, MORE, PASSAGE, QA, lab_fixture, wait_for  # noqa: F401 - the `lab` fixture
 
 from app import ui
 
-SETTINGS = [FAST[k] for k, _ in ui.SETTINGS]
+SETTINGS = [FAST[k] for k, _ in ui.SETTINGS] + [MORE]
 
 
 def memory_tensors(engine):

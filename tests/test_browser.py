@@ -1,0 +1,185 @@
+"""The lab page in a real browser: Python Playwright driving Debian's headless chromium.
+
+    pytest tests/test_browser.py                      on a tiny random-weight engine
+    python tests/test_browser.py URL OUT_DIR          the same walk-through against a running lab
+                                                      (how docs/*.png are made with the real model)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from lab_app import MORE, PASSAGE, lab_fixture  # noqa: F401 - the `lab` fixture
+
+CHROMIUM = os.environ.get("SLEEP_LAB_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+def plot_traces(page, elem_id: str) -> int:
+    """Number of data traces drawn in a gr.Plot (Plotly keeps them on the graph div)."""
+    return page.evaluate(f"() => {{ const gd = document.querySelector('#{elem_id} .js-plotly-plot');"
+                         " return gd && gd.data ? gd.data.length : 0; }")
+
+
+def table_rows(page, elem_id: str) -> int:
+    return page.locator(f"#{elem_id} tbody tr").count()
+
+
+def text_of(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def wait_text(page, elem_id: str, needle: str, timeout: float = 60_000) -> None:
+    page.wait_for_function(
+        "([id, s]) => { const el = document.getElementById(id); return el && el.innerText.includes(s); }",
+        arg=[elem_id, needle], timeout=timeout)
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")   # commit the value (gr.Number updates on blur)
+
+
+def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long_steps: int = 500,
+                 sleep_timeout: float = 120_000, question: str = "Hello! Who are you?",
+                 more: str = "") -> dict:
+    """Chat, teach, sleep to the end, sleep again and stop it; a screenshot of each tab."""
+    shots.mkdir(parents=True, exist_ok=True)
+    seen: dict = {}
+    page.goto(url)
+    wait_text(page, "header", "model")
+
+    # Wake: empty message → an error in the page, nothing sent
+    page.locator("#send").click()
+    wait_text(page, "wake-notice", "message is empty")
+    seen["empty_message_turns"] = page.locator("#chatbot .message-row").count()
+    # a real message: the reply streams in, then the routing view appears
+    page.locator("#message textarea").fill(question)
+    page.locator("#message textarea").press("Enter")
+    wait_text(page, "wake-notice", "tokens/s", timeout=120_000)
+    seen["chat_text"] = text_of(page, "chatbot")
+    seen["heatmap_traces"] = plot_traces(page, "routing-heatmap")
+
+    # Teach: pasted text works; a binary file is refused with a message
+    page.locator("#teach-text textarea").fill(passage)
+    page.locator("#teach").click()
+    wait_text(page, "teach-notice", "as episode")
+    seen["teach_notice"] = text_of(page, "teach-notice")
+    # a binary file and an oversize file are refused with a message in the page
+    blob, big = shots / "blob.txt", shots / "big.txt"
+    blob.write_bytes(b"\x00\x01 not text")
+    big.write_text("x" * 1_100_000)
+    page.locator("#teach-file input[type=file]").set_input_files(str(blob))
+    wait_text(page, "teach-file", "blob.txt")
+    page.locator("#teach").click()
+    wait_text(page, "teach-notice", "binary")
+    seen["binary_notice"] = text_of(page, "teach-notice")
+    page.locator("#teach-file input[type=file]").set_input_files(str(big))
+    page.wait_for_function("() => document.body.innerText.includes('exceed the maximum allowed size')",
+                           timeout=20_000)
+    seen["oversize_text"] = page.evaluate("() => document.body.innerText")
+    page.screenshot(path=str(shots / "wake.png"), full_page=True)
+
+    # Sleep: an out-of-range setting is refused with the engine's message, nothing starts
+    page.get_by_role("tab", name="Sleep").click()
+    set_number(page, "set-gamma", 5)
+    page.locator("#sleep-now").click()
+    wait_text(page, "sleep-notice", "gamma must be between")
+    seen["bad_setting_notice"] = text_of(page, "sleep-notice")
+    set_number(page, "set-gamma", 0.5)
+    set_number(page, "set-distill_steps", steps)
+    if more:
+        page.get_by_text("More settings").click()
+        page.locator("#more-settings textarea").fill(more)
+    page.locator("#sleep-now").click()
+    wait_text(page, "sleep-notice", "started")
+    wait_text(page, "progress-text", "phase:")
+    seen["progress_during"] = text_of(page, "progress-text")
+    wait_text(page, "progress-text", "finished", timeout=sleep_timeout)
+    page.wait_for_function("() => document.querySelectorAll('#panel-forgetting .js-plotly-plot').length > 0")
+    page.wait_for_timeout(1500)   # one more timer tick so every panel has drawn
+    seen["panels"] = {"consolidation": plot_traces(page, "panel-consolidation"),
+                      "dreams": plot_traces(page, "panel-dreams"),
+                      "forgetting": plot_traces(page, "panel-forgetting"),
+                      "growth": plot_traces(page, "panel-growth"),
+                      "samples": table_rows(page, "panel-samples"),
+                      "dream table": table_rows(page, "panel-dream-table")}
+    page.screenshot(path=str(shots / "sleep.png"), full_page=True)
+
+    # a second sleep: progress moves, a reload re-attaches, Stop rolls back
+    page.get_by_role("tab", name="Wake").click()
+    page.locator("#teach-text textarea").fill("Brenmoor Island exports saffron; its ferry, the Gull Maren, sails at noon.")
+    page.locator("#teach").click()
+    wait_text(page, "teach-notice", "as episode")
+    page.get_by_role("tab", name="Sleep").click()
+    set_number(page, "set-distill_steps", long_steps)
+    page.locator("#sleep-now").click()
+    wait_text(page, "progress-text", "Sleep 2")
+    wait_text(page, "progress-text", "step ", timeout=sleep_timeout)
+    first = text_of(page, "progress-text")
+    page.wait_for_function("(t) => document.getElementById('progress-text').innerText !== t", arg=first,
+                           timeout=sleep_timeout)
+    seen["progress_moved"] = (first, text_of(page, "progress-text"))
+    page.reload()
+    wait_text(page, "header", "Sleeping")
+    page.get_by_role("tab", name="Sleep").click()
+    wait_text(page, "progress-text", "Sleep 2")
+    seen["reattached"] = text_of(page, "progress-text")
+    page.locator("#stop-sleep").click()
+    wait_text(page, "sleep-notice", "rolled back", timeout=sleep_timeout)
+    wait_text(page, "progress-text", "was stopped")
+    seen["after_stop"] = text_of(page, "header")
+
+    # Inspect: the completed sleep with its dreams, experts and probes
+    page.get_by_role("tab", name="Inspect").click()
+    wait_text(page, "inspect-notice", "events")
+    seen["inspect_notice"] = text_of(page, "inspect-notice")
+    page.screenshot(path=str(shots / "inspect.png"), full_page=True)
+    return seen
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (CI installs Debian's "
+                                                         "chromium; locally: apt-get install chromium)")
+def test_walk_through_in_a_real_browser(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+    engine, url = lab
+    shots = Path(os.environ.get("SLEEP_LAB_SCREENSHOTS", tmp_path / "shots"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            seen = walk_through(page, url, shots, PASSAGE, more=MORE)
+        finally:
+            browser.close()
+    assert seen["empty_message_turns"] == 0
+    assert "Hello! Who are you?" in seen["chat_text"] and seen["heatmap_traces"] == 1
+    assert "episode 2" in seen["teach_notice"]            # the chat turn was episode 1
+    assert "binary" in seen["binary_notice"]
+    assert "exceed the maximum allowed size" in seen["oversize_text"]
+    assert "gamma must be between 0.0 and 1.0" in seen["bad_setting_notice"]
+    assert "Sleep 1" in seen["progress_during"]
+    panels_with_data = [k for k, v in seen["panels"].items() if v > 0]
+    assert len(panels_with_data) >= 5, seen["panels"]
+    assert seen["progress_moved"][0] != seen["progress_moved"][1]
+    assert "Sleep 2" in seen["reattached"]
+    assert "Awake" in seen["after_stop"] and "sleeps1" in seen["after_stop"].replace("\n", "").replace(" ", "")
+    assert engine.state.sleep_count() == 1 and engine.status()["cancelled"] == 2
+    assert "0001" in seen["inspect_notice"]
+    assert all((shots / f"{tab}.png").stat().st_size > 10_000 for tab in ("wake", "sleep", "inspect"))
+
+
+if __name__ == "__main__":   # screenshots of a running lab: python tests/test_browser.py URL OUT_DIR
+    from playwright.sync_api import sync_playwright
+    url, out = sys.argv[1], Path(sys.argv[2])
+    passage = ("The town of Velmora Ridge was founded in 1847 by the cartographer Idris Kallowen. It sits beside "
+               "Lake Tessarine and is known for its copper-roofed clock tower.")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        print(walk_through(page, url, out, passage, steps=int(os.environ.get("STEPS", "6")), long_steps=200,
+                           sleep_timeout=900_000, question="What is the capital of France?"))
+        browser.close()
