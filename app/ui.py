@@ -376,12 +376,12 @@ def build_app(engine) -> gr.Blocks:
             trigger(chat, [msg, chatbot], wake_out, api_name="chat" if trigger == msg.submit else False,
                     concurrency_id="wake", show_progress="hidden")
         stop.click(stop_reply, None, None, queue=False, api_name="stop_reply")
-        retry_btn.click(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
+        retry_btn.click(retry, [chatbot], wake_out, api_name="retry", concurrency_id="wake", show_progress="hidden")
         chatbot.retry(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
         clear_btn.click(clear, None, [chatbot, wake_notice, tiers], api_name="clear")
         chatbot.clear(clear, None, [chatbot, wake_notice, tiers], api_name=False)
         teach_btn.click(teach, [teach_text, teach_file], [teach_text, teach_file, teach_notice, tiers, header],
-                        api_name="teach")
+                        api_name="teach", show_progress_on=[teach_notice])
 
         preset.change(preset_values, preset, fields, api_name=False)
         sleep_btn.click(start_sleep, [preset] + fields + [more], sleep_notice, api_name="sleep")

@@ -26,6 +26,13 @@ def test_chat_streams_a_reply_and_bad_input_changes_nothing(lab):
     assert "message is empty" in notice and box == "   " and len(history) == 2
     assert len(engine.state.episodes) == 1
 
+    # retry replaces the last turn (the first stays logged as an episode); clear empties the context
+    history, _, notice, *_ = client.predict(history, api_name="/retry")
+    assert [m["role"] for m in history] == ["user", "assistant"] and "tokens/s" in notice
+    assert len(engine.wake.history) == 2 and len(engine.state.episodes) == 2
+    history, notice, _ = client.predict(api_name="/clear")
+    assert history == [] and engine.wake.history == [] and "cleared" in notice
+
 
 def test_teach_adds_an_episode_and_refuses_bad_files(lab, tmp_path):
     engine, url = lab

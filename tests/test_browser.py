@@ -69,6 +69,7 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     page.locator("#teach").click()
     wait_text(page, "teach-notice", "as episode")
     seen["teach_notice"] = text_of(page, "teach-notice")
+    page.screenshot(path=str(shots / "wake.png"), full_page=True)
     # a binary file and an oversize file are refused with a message in the page
     blob, big = shots / "blob.txt", shots / "big.txt"
     blob.write_bytes(b"\x00\x01 not text")
@@ -82,7 +83,6 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     page.wait_for_function("() => document.body.innerText.includes('exceed the maximum allowed size')",
                            timeout=20_000)
     seen["oversize_text"] = page.evaluate("() => document.body.innerText")
-    page.screenshot(path=str(shots / "wake.png"), full_page=True)
 
     # Sleep: an out-of-range setting is refused with the engine's message, nothing starts
     page.get_by_role("tab", name="Sleep").click()
@@ -124,6 +124,12 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     page.wait_for_function("(t) => document.getElementById('progress-text').innerText !== t", arg=first,
                            timeout=sleep_timeout)
     seen["progress_moved"] = (first, text_of(page, "progress-text"))
+    # zoom into the consolidation panel: the next redraw (more steps) keeps the zoom (uirevision)
+    gd = "document.querySelector('#panel-consolidation .js-plotly-plot')"
+    page.wait_for_function(f"() => {gd} && {gd}.data.length > 0 && {gd}.data[0].x.length > 0")
+    n = page.evaluate(f"() => Plotly.relayout({gd}, {{'xaxis.range': [0.5, 1.5]}}).then(() => {gd}.data[0].x.length)")
+    page.wait_for_function(f"(n) => {gd}.data[0].x.length > n", arg=n, timeout=sleep_timeout)
+    seen["zoom_after_redraw"] = page.evaluate(f"() => {gd}.layout.xaxis.range")
     page.reload()
     wait_text(page, "header", "Sleeping")
     page.get_by_role("tab", name="Sleep").click()
@@ -139,6 +145,16 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     wait_text(page, "inspect-notice", "events")
     seen["inspect_notice"] = text_of(page, "inspect-notice")
     page.screenshot(path=str(shots / "inspect.png"), full_page=True)
+
+    # Wake again: the new expert now shows in the routing of a reply
+    page.get_by_role("tab", name="Wake").click()
+    page.locator("#message textarea").fill(question)
+    page.locator("#message textarea").press("Enter")
+    page.wait_for_function("() => document.getElementById('wake-notice').innerText.includes('episode 4')",
+                           timeout=120_000)
+    page.wait_for_timeout(500)
+    seen["heatmap_after_sleep"] = plot_traces(page, "routing-heatmap")
+    page.screenshot(path=str(shots / "wake-after-sleep.png"), full_page=True)
     return seen
 
 
@@ -167,10 +183,12 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     panels_with_data = [k for k, v in seen["panels"].items() if v > 0]
     assert len(panels_with_data) >= 5, seen["panels"]
     assert seen["progress_moved"][0] != seen["progress_moved"][1]
+    assert seen["zoom_after_redraw"] == [0.5, 1.5]
     assert "Sleep 2" in seen["reattached"]
     assert "Awake" in seen["after_stop"] and "sleeps1" in seen["after_stop"].replace("\n", "").replace(" ", "")
     assert engine.state.sleep_count() == 1 and engine.status()["cancelled"] == 2
     assert "0001" in seen["inspect_notice"]
+    assert seen["heatmap_after_sleep"] == 1
     assert all((shots / f"{tab}.png").stat().st_size > 10_000 for tab in ("wake", "sleep", "inspect"))
 
 
