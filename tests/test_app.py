@@ -82,3 +82,13 @@ def test_sleep_reports_events_through_status_and_stop_rolls_back(lab):
     after = memory_tensors(engine)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert "no sleep is running" in client.predict(api_name="/stop_sleep")
+
+
+def test_launch_refuses_a_bad_login_spec_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--state-dir", str(tmp_path), "--auth", "alice"],
+                         check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and "expects USER:PASSWORD" in out.stderr and "Traceback" not in out.stderr
