@@ -23,7 +23,7 @@ def expert_color(expert_id: str, experts: list[str]) -> str:
 def _base(fig: go.Figure, title: str, revision: str, height: int = 320) -> go.Figure:
     fig.update_layout(title={"text": title, "font": {"size": 14}}, uirevision=revision, height=height,
                       margin={"l": 50, "r": 20, "t": 45, "b": 40}, template="plotly_white",
-                      legend={"orientation": "h", "y": -0.2})
+                      legend={"orientation": "h", "y": -0.3, "yanchor": "top"})
     return fig
 
 
@@ -185,6 +185,6 @@ def growth_fig(data: dict) -> go.Figure:
                              hovertemplate="%{x}<br>layer %{y}: %{z} experts<extra></extra>"), row=1, col=2)
     fig.update_layout(barmode="stack")
     fig.update_yaxes(title_text="experts", row=1, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="parameters", row=1, col=1, secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text="parameters", row=1, col=1, secondary_y=True, showgrid=False, rangemode="tozero")
     fig.update_yaxes(title_text="layer", type="category", row=1, col=2)
     return fig

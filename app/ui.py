@@ -250,6 +250,9 @@ def build_app(engine) -> gr.Blocks:
     # -- live panels (timer) --------------------------------------------------------------------
     def panels():
         events = engine.events.since(0)
+        dirs = engine.state.sleep_dirs()
+        if not events and dirs:   # a fresh server: show the last completed sleep from its log on disk
+            events = views.read_events(dirs[-1] / "events.jsonl")
         status = engine.status()
         manifests = engine.state.sleep_manifests()
         running = ({"sleep": status.get("sleep"), "experts": views.live_experts(events)}
@@ -315,6 +318,8 @@ def build_app(engine) -> gr.Blocks:
                             retry_btn = gr.Button("Retry", elem_id="retry")
                             clear_btn = gr.Button("Clear", elem_id="clear")
                         wake_notice = gr.HTML(elem_id="wake-notice")
+                        tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
+                                             label="Memory tiers", interactive=False, elem_id="tiers")
                     with gr.Column(scale=2):
                         teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
                                                 lines=5, elem_id="teach-text")
@@ -322,8 +327,6 @@ def build_app(engine) -> gr.Blocks:
                                              type="filepath", elem_id="teach-file")
                         teach_btn = gr.Button("Teach", elem_id="teach")
                         teach_notice = gr.HTML(elem_id="teach-notice")
-                        tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
-                                             label="Memory tiers", interactive=False, elem_id="tiers")
                 strip = gr.HighlightedText(label="Tokens of the last reply, coloured by dominant routed expert",
                                            elem_id="token-strip", show_legend=True)
                 with gr.Row():

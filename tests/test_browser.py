@@ -121,8 +121,9 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     wait_text(page, "progress-text", "Sleep 2")
     wait_text(page, "progress-text", "step ", timeout=sleep_timeout)
     first = text_of(page, "progress-text")
-    page.wait_for_function("(t) => document.getElementById('progress-text').innerText !== t", arg=first,
-                           timeout=sleep_timeout)
+    step = "(t) => (t.match(/step (\\d+)\\//) || [])[1]"   # the i of "step i/N"
+    page.wait_for_function(f"(t) => ({step})(document.getElementById('progress-text').innerText) !== ({step})(t)",
+                           arg=first, timeout=sleep_timeout)
     seen["progress_moved"] = (first, text_of(page, "progress-text"))
     # zoom into the consolidation panel: the next redraw (more steps) keeps the zoom (uirevision)
     gd = "document.querySelector('#panel-consolidation .js-plotly-plot')"

@@ -188,3 +188,13 @@ def test_header_tiers_progress_and_inspect_views():
     assert row[6] == pytest.approx(((0.1 + 0.3) / 2 + (0.4 + 0.8) / 2 + (0.5 + 0.1) / 2) / 3, abs=1e-4)
     assert views.matrix_csv({"episodes": [1, 2], "R": [[1.0], [0.5, 0.75]]}).splitlines() == [
         "sleep,episode_1,episode_2", "1,1.0000,", "2,0.5000,0.7500"]
+
+
+def test_event_log_on_disk_feeds_the_same_views(tmp_path):
+    import json
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps({**e, "seq": i, "t": 0.0}) + "\n" for i, e in enumerate(EVENTS)) + '{"kind": "lo')
+    events = views.read_events(log)                      # the torn last line is skipped
+    assert len(events) == len(EVENTS)
+    assert views.loss_series(events)["divergence"] == [0.5, 0.3, 0.2]
+    assert views.read_events(tmp_path / "missing.jsonl") == []
