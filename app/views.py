@@ -135,7 +135,9 @@ def progress_text(status: dict) -> str:
             return f"Awake. Sleep {status['cancelled']} was stopped; the model was rolled back to its pre-sleep state."
         if status.get("last_sleep"):
             return f"Awake. Sleep {status['last_sleep']} finished."
-        return "Awake."
+        if status.get("sleeps"):
+            return f"Awake. The panels show sleep {status['sleeps']}, the last completed one (from its log)."
+        return "Awake. No sleep yet: teach or chat, then Sleep now."
     parts = [f"Sleep {status.get('sleep')}", f"phase: {status.get('phase')}"]
     if status.get("step"):
         parts.append(f"step {status['step']}")
