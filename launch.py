@@ -8,6 +8,8 @@
     python launch.py teach FILE [FILE…]   add texts to read as episodes
     python launch.py sleep [--teach FILE…] [--preset quick|full] [--json]   sleep once
     python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
+    python launch.py lab knowledge|continual|speed [--quick] [--json] [--out DIR] [--methods M…] [--resume]
+                                          experiments against baselines; JSON + HTML report
 
 Every verb takes --state-dir and --model and works on the memory saved there.
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input.
@@ -82,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default="",
                        help="also measure these quantize modes with a quality check, e.g. none,bf16,int8,int4")
     bench.add_argument("--no-cold", action="store_true", help="skip the cold/warm start measurement")
+    lab = sub.add_parser("lab", help="experiments: knowledge incorporation, continual learning, speed")
+    _common(lab, sub=True)
+    lab.add_argument("experiment", choices=["knowledge", "continual", "speed"])
+    lab.add_argument("--quick", action="store_true", help="the small preset (knowledge ≤ 15 min on 2 cores)")
+    lab.add_argument("--json", action="store_true", help="end with one JSON summary on the last line")
+    lab.add_argument("--out", default="reports/lab", help="output directory (default: %(default)s)")
+    lab.add_argument("--methods", nargs="+", metavar="METHOD",
+                     help="run only these methods (default: the preset's list)")
+    lab.add_argument("--resume", action="store_true",
+                     help="reuse methods already finished in --out with the same settings")
     return parser
 
 
@@ -268,6 +280,27 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
     return 0
 
 
+def cmd_lab(cfg: LabConfig, args) -> int:
+    from sleep_engine.lab.report import table
+    from sleep_engine.lab.runner import Runner
+    from sleep_engine.lab.settings import METHODS, ExperimentConfig
+    bad = [m for m in args.methods or [] if m not in METHODS]
+    if bad:
+        raise ConfigError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
+    exp = ExperimentConfig.from_preset("quick" if args.quick else "full", seed=cfg.seed)
+    runner = Runner(cfg, exp, args.out, resume=args.resume)
+    try:
+        result = getattr(runner, args.experiment)(args.methods)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished methods are kept in {args.out}; rerun with --resume", file=sys.stderr)
+        return 130
+    print(table(result), file=sys.stderr)
+    print(f"report: {result['report']}\nresults: {result['json']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("lab",)}, default=str))
+    return 0
+
+
 def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not value:
         return None
@@ -313,6 +346,8 @@ def main(argv=None) -> int:
             return 0
         if args.verb == "sleep":
             return cmd_sleep(cfg, args)
+        if args.verb == "lab":
+            return cmd_lab(cfg, args)
         if args.verb == "teach":
             texts = [(_read_text_file(f), os.path.basename(f)) for f in args.files]
             engine = open_engine(cfg)

@@ -1,0 +1,219 @@
+"""The methods compared by the lab, behind one small interface:
+
+    learner.reset()              fresh state (base model, no knowledge)
+    learner.learn(passages)      learn these passage texts (nothing else); returns timings and info
+    learner.lm, learner.tokenizer, learner.contexts   what the evaluator uses
+
+Baselines run on a float32 copy of the backbone wrapped by PEFT (the int4 default cannot be wrapped;
+the embedded weights dequantize exactly, so it is the same function up to float rounding). Sleep
+runs through its public API only: `SleepEngine(cfg)`, `wake.teach(text)`, `sleep(settings)` and the
+sleep's summary, on the engine's default storage (int4 on CPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+import time
+from pathlib import Path
+
+from ..config import LabConfig, SleepConfig
+from .data import Passage
+from .settings import ExperimentConfig
+
+
+class Learner:
+    name = ""
+    contexts: dict[str, str] | None = None   # passage id → text placed in the prompt (in-context only)
+
+    def reset(self) -> None: ...
+
+    def learn(self, passages: list[Passage]) -> dict:
+        return {"seconds": 0.0}
+
+    def close(self) -> None: ...
+
+
+class Baselines:
+    """The shared float32 PEFT model behind every non-Sleep method (loaded once per run)."""
+
+    def __init__(self, lab: LabConfig, exp: ExperimentConfig, backbone=None):
+        from ..backbone import load_backbone
+        from .baselines import LoraTrainer
+        bb = backbone or load_backbone(dataclasses.replace(lab, quantize="none"))
+        self.trainer = LoraTrainer(bb.model, bb.tokenizer, exp, seed=lab.seed)
+        self.tokenizer = bb.tokenizer
+        self.quantize = bb.quantize
+
+
+class BaseModel(Learner):
+    """Closed-book base model: learns nothing."""
+    name = "base"
+
+    def __init__(self, shared: Baselines, exp: ExperimentConfig):
+        self.t, self.tokenizer = shared.trainer, shared.tokenizer
+
+    @property
+    def lm(self):
+        return self.t.lm
+
+    def reset(self) -> None:
+        self.t.reset()
+        self.t.ewc_lambda = 0.0
+
+
+class InContext(BaseModel):
+    """The question's own passage in the prompt: the reference ceiling."""
+    name = "in_context"
+
+    def reset(self) -> None:
+        super().reset()
+        self.contexts = {}
+
+    def learn(self, passages):
+        self.contexts.update({p.id: p.text for p in passages})
+        return {"seconds": 0.0}
+
+
+class PassageSFT(BaseModel):
+    """LoRA SFT on the raw passages (all learned passages pooled, shuffled each epoch)."""
+    name = "passage_sft"
+
+    def __init__(self, shared, exp):
+        super().__init__(shared, exp)
+        self.exp = exp
+
+    def sequences(self, passages) -> tuple[list[str], dict]:
+        return [p.text for p in passages], {}
+
+    def learn(self, passages, on_epoch=None, epochs=None):
+        t0 = time.perf_counter()
+        texts, info = self.sequences(passages)
+        gen_s = time.perf_counter() - t0
+        res = self.t.train(texts, epochs or self.exp.sft_epochs, on_epoch=on_epoch)
+        after = self.after_episode(texts)
+        return {"seconds": round(gen_s + res["train_s"] + after, 2), "sequences": len(texts), **info, **res}
+
+    def after_episode(self, texts) -> float:
+        return 0.0
+
+
+class SealSFT(PassageSFT):
+    """SEAL-style: LoRA SFT on the model's own implications of each passage plus the passage."""
+    name = "seal_sft"
+
+    def sequences(self, passages):
+        e = self.exp
+        lines = self.t.implications(passages, e.seal_edits, e.seal_edit_tokens, e.seal_temperature, seed=e.seed)
+        texts = [ln for p in passages for ln in lines[p.id]] + [p.text for p in passages]
+        example = next((v[:3] for v in lines.values() if v), [])
+        return texts, {"implication_lines": sum(len(v) for v in lines.values()), "implications_example": example}
+
+
+class SequentialSFT(PassageSFT):
+    """Continual baseline: the same adapter keeps training, episode after episode."""
+    name = "seq_sft"
+
+
+class EWC(PassageSFT):
+    """Sequential LoRA SFT with elastic weight consolidation on the adapter's weights."""
+    name = "ewc"
+
+    def reset(self):
+        super().reset()
+        self.t.ewc_lambda = self.exp.ewc_lambda
+
+    def after_episode(self, texts) -> float:
+        return self.t.consolidate_fisher(texts)
+
+    def close(self):
+        self.t.ewc_lambda = 0.0
+
+
+class SleepMethod(Learner):
+    """Sleep through the engine's public API, in a fresh state directory per reset."""
+
+    def __init__(self, name: str, lab: LabConfig, exp: ExperimentConfig, state_root: Path, tiers: int,
+                 dreaming: bool, consolidate_every: int | None = None, progress=None, backbone_factory=None):
+        self.name, self.lab, self.exp, self.root = name, lab, exp, Path(state_root)
+        self.backbone_factory = backbone_factory   # tests: a tiny model instead of loading one
+        self.tiers, self.dreaming, self.consolidate_every = tiers, dreaming, consolidate_every
+        self.progress = progress or (lambda text: None)
+        self.engine = None
+        self.resets = 0
+
+    def settings(self) -> SleepConfig:
+        over = {**self.exp.sleep_overrides, "dreaming": self.dreaming}
+        if self.consolidate_every is not None:
+            over["consolidate_every"] = self.consolidate_every
+        return SleepConfig.from_preset(self.exp.sleep_preset, **over)
+
+    def reset(self) -> None:
+        from ..engine import SleepEngine
+        self.close()
+        self.resets += 1
+        state = self.root / f"{self.name}-{self.resets}"
+        shutil.rmtree(state, ignore_errors=True)
+        cfg = dataclasses.replace(self.lab, state_dir=state, memory=dataclasses.replace(self.lab.memory, tiers=self.tiers))
+        self.engine = SleepEngine(cfg.validate(), backbone=self.backbone_factory() if self.backbone_factory else None)
+        self.tokenizer = self.engine.tokenizer
+
+    @property
+    def lm(self):
+        return self.engine.memory.lm
+
+    def learn(self, passages):
+        e = self.engine
+        t0 = time.perf_counter()
+        for p in passages:
+            e.wake.teach(p.text, source=p.id)   # the passage only: no QA (the engine builds cloze probes)
+        number = e.sleep(self.settings())
+        summary = None
+        try:
+            summary = self._follow(e, number)
+        except KeyboardInterrupt:
+            e.cancel()   # the engine rolls the model back; the runner keeps finished methods
+            raise
+        seconds = time.perf_counter() - t0
+        keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after")
+        return {"seconds": round(seconds, 2), "sleep": number, "quantize": e.backbone.quantize,
+                "tiers": self.tiers, "settings": summary.get("settings"),
+                **{k: summary[k] for k in keep if k in summary}}
+
+    def _follow(self, e, number) -> dict:
+        summary = None
+        for ev in e.subscribe():
+            d = ev.data
+            if ev.kind == "phase":
+                self.progress(f"sleep {number}: {d['name']}")
+            elif ev.kind == "loss":
+                self.progress(f"sleep {number}: {d['phase']} {d['step']}/{d['total']}")
+            elif ev.kind == "error":
+                raise RuntimeError(f"sleep failed: {d['message']}")
+            elif ev.kind == "done":
+                summary = d["summary"]
+        if e._worker is not None:
+            e._worker.join()
+        if summary is None:
+            raise RuntimeError(f"sleep {number} ended without a summary ({e.status()})")
+        return summary
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine = None
+            gc.collect()
+
+
+def make_learner(name: str, lab: LabConfig, exp: ExperimentConfig, shared_factory, state_root: Path,
+                 experiment: str, progress=None, backbone_factory=None) -> Learner:
+    """`shared_factory()` returns the (lazily loaded) Baselines; Sleep methods never load it."""
+    simple = {"base": BaseModel, "in_context": InContext, "passage_sft": PassageSFT, "seal_sft": SealSFT,
+              "seq_sft": SequentialSFT, "ewc": EWC}
+    if name in simple:
+        return simple[name](shared_factory(), exp)
+    tier3_every = exp.tier3_consolidate_every if experiment == "knowledge" else None
+    spec = {"sleep_nodream": (2, False, None), "sleep_2tier": (2, True, None), "sleep_3tier": (3, True, tier3_every)}
+    if name not in spec:
+        raise ValueError(f"unknown method {name!r}")
+    tiers, dreaming, every = spec[name]
+    return SleepMethod(name, lab, exp, state_root, tiers, dreaming, every, progress, backbone_factory)

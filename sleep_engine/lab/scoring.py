@@ -1,0 +1,119 @@
+"""How every method is scored, with one evaluator for all of them.
+
+Closed-book: the fixed prompt `probes.ANSWER_PROMPT` ("Answer directly and concisely. {q}") as the
+only user message, greedy, `answer_tokens` new tokens. In-context adds the question's own passage
+above it (IN_CONTEXT_PROMPT). A reply is correct when the normalised gold answer appears in the
+normalised reply on word boundaries (`probes.is_correct`). The semantic score is the cosine, under
+the frozen MiniLM judge, between the reply and the passage sentence that holds the gold answer (the
+fact as the passage states it; a bare answer like "1863" embeds too poorly to compare): its mean,
+and the share of replies at or above `semantic_threshold`. It is lenient (a wrong number in the
+right sentence still scores high), so the exact score is the headline and this a second view.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..probes import (
+    ANSWER_PROMPT,
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    is_correct,
+    perplexity,
+)
+from ..sampling import chat_ids, generate_batch
+from .data import Passage
+
+IN_CONTEXT_PROMPT = "{passage}\n\n" + ANSWER_PROMPT
+
+
+@dataclass(frozen=True)
+class Item:
+    passage_id: str
+    q: str
+    a: str
+    ref: str = ""      # the passage sentence holding the answer (semantic reference); the answer if none
+
+
+def answer_sentence(text: str, gold: str) -> str:
+    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+        if is_correct(sentence, gold):
+            return sentence
+    return gold
+
+
+def items_of(passages: list[Passage]) -> list[Item]:
+    return [Item(p.id, q, a, answer_sentence(p.text, a)) for p in passages for q, a in p.qa]
+
+
+@torch.no_grad()
+def answer(lm, tokenizer, questions: list[str], contexts: list[str] | None = None, max_new_tokens: int = 32) -> list[str]:
+    if contexts is None:
+        texts = [ANSWER_PROMPT.format(q=q) for q in questions]
+    else:
+        texts = [IN_CONTEXT_PROMPT.format(passage=c, q=q) for q, c in zip(questions, contexts)]
+    prompts = [chat_ids(tokenizer, t) for t in texts]
+    out = generate_batch(lm, tokenizer, prompts, max_new_tokens, temperature=0.0)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
+
+
+def semantic_scores(replies: list[str], golds: list[str]) -> list[float]:
+    from ..rewards import SemanticJudge
+    return [round(s, 4) for s in SemanticJudge.similarities(replies, golds)]
+
+
+def score(items: list[Item], replies: list[str], semantic: bool = True, threshold: float = 0.6) -> dict:
+    """Accuracy (containment), semantic scores, and every reply, per item and per passage."""
+    correct = [is_correct(r, it.a) for it, r in zip(items, replies)]
+    sims = semantic_scores(replies, [it.ref or it.a for it in items]) if semantic else [None] * len(items)
+    per_passage: dict[str, list[bool]] = {}
+    for it, c in zip(items, correct):
+        per_passage.setdefault(it.passage_id, []).append(c)
+    n = max(len(items), 1)
+    out = {"accuracy": sum(correct) / n, "correct": sum(correct), "n": len(items),
+           "per_passage": {k: sum(v) / len(v) for k, v in per_passage.items()},
+           "answers": [{"passage": it.passage_id, "q": it.q, "gold": it.a, "reply": r, "correct": c, "semantic": s}
+                       for it, r, c, s in zip(items, replies, correct, sims)]}
+    if semantic:
+        out["semantic"] = sum(sims) / n
+        out["semantic_accuracy"] = sum(s >= threshold for s in sims) / n
+    return out
+
+
+def evaluate(lm, tokenizer, items: list[Item], contexts: dict[str, str] | None = None, max_new_tokens: int = 32,
+             semantic: bool = True, threshold: float = 0.6) -> dict:
+    ctx = [contexts[it.passage_id] for it in items] if contexts is not None else None
+    replies = answer(lm, tokenizer, [it.q for it in items], ctx, max_new_tokens)
+    return score(items, replies, semantic, threshold)
+
+
+def general_ability(lm, tokenizer, text: str, questions: list[tuple[str, str]] | None, max_new_tokens: int = 32) -> dict:
+    """Perplexity on the generic text and accuracy on the general questions (closed-book)."""
+    out = {"ppl": perplexity(lm, tokenizer, text)}
+    if questions:
+        replies = answer(lm, tokenizer, [q for q, _ in questions], None, max_new_tokens)
+        ok = [is_correct(r, a) for (_, a), r in zip(questions, replies)]
+        out.update(general_accuracy=sum(ok) / len(ok), general_correct=sum(ok), general_n=len(ok))
+    return out
+
+
+def drift(before: dict, after: dict) -> dict:
+    """General-ability drift: relative perplexity change (fraction) and accuracy change."""
+    out = {"ppl_before": before["ppl"], "ppl_after": after["ppl"], "ppl_change": after["ppl"] / before["ppl"] - 1}
+    if "general_accuracy" in before and "general_accuracy" in after:
+        out.update(general_accuracy_before=before["general_accuracy"], general_accuracy_after=after["general_accuracy"])
+    return out
+
+
+def matrix_metrics(R: list[list[float]], initial: list[float] | None = None) -> dict:
+    """R is the full K×K matrix (row i = after learning episode i, column j = episode j, future
+    episodes included). Average accuracy, BWT and forgetting use the lower triangle (probes.py);
+    forward transfer compares R[j−1][j] with the untrained model's accuracy b_j on episode j."""
+    tri = [row[:i + 1] for i, row in enumerate(R)]
+    out = {"average_accuracy": average_accuracy(tri), "bwt": backward_transfer(tri), "forgetting": forgetting(tri)}
+    if initial is not None and len(R) > 1:
+        out["fwt"] = sum(R[j - 1][j] - initial[j] for j in range(1, len(R))) / (len(R) - 1)
+    return out
