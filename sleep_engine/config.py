@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A setting is out of range or of the wrong kind."""
 
 
+# One system prompt for chat, Sleep's student and the probes: what Sleep teaches is learned under
+# the prompt the user chats with (the tokenizer's own default, e.g. SmolLM's, is never used).
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("sleep-lab"))
 
@@ -59,7 +64,7 @@ class WakeConfig:
     fast_update_every: int = 2        # fast-weight update every N turns/teaches; 0 = never
     fast_update_steps: int = 4
     fast_lr: float = 1e-3
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str = SYSTEM_PROMPT
 
     def validate(self) -> None:
         _check_range("wake.max_new_tokens", self.max_new_tokens, 1, 8192)
@@ -77,7 +82,8 @@ class SleepConfig:
     """One Sleep: consolidation (DESIGN §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
     # knowledge seeding: on-policy distillation
-    prompts_per_episode: int = 8      # teacher-written prompts per episode (probes, subjects, summary)
+    prompts_per_episode: int = 8      # teacher prompts per episode (recitation, questions about its subjects)
+    min_faithfulness: float = 0.75    # drop teacher answers naming things the episode does not contain
     answer_tokens: int = 32           # length of each teacher answer
     replay_per_episode: int = 2       # self-replay: older episodes' probes answered by the pre-sleep model
     anchor_prompts: int = 6           # generic requests answered without context (keeps the rest unchanged)
@@ -145,7 +151,7 @@ class SleepConfig:
         return self
 
     def validate(self) -> "SleepConfig":
-        for name, lo, hi in [("prompts_per_episode", 1, 256), ("answer_tokens", 4, 512),
+        for name, lo, hi in [("prompts_per_episode", 1, 256), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
                              ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
                              ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
                              ("lti_steps", 0, 1000), ("lti_prefixes", 1, 256), ("lti_group", 2, 64),

@@ -49,18 +49,38 @@ def subjects(text: str, limit: int = 4) -> list[str]:
     return sorted(counts, key=lambda n: (-counts[n], -len(n)))[:limit]
 
 
-SUBJECT_TEMPLATES = ["Tell me about {s}.", "What do you know about {s}?", "Give me three facts about {s}.",
-                     "Describe {s} in two sentences.", "What is {s} known for?", "Where and when is {s} from?"]
+# Recitation first: with the episode in context the teacher mostly copies it faithfully, while
+# open questions about a side subject invite invention (measured: "Lake Tessarine is in Madagascar").
+SUBJECT_TEMPLATES = ["What do your notes say about {s}?", "Tell me about {s}.", "What is {s} known for?",
+                     "Who is connected with {s}?", "When did things happen at or with {s}?",
+                     "Give me three facts about {s}.", "Where is {s}, or where did it happen?",
+                     "Describe {s} in two sentences.", "What do you know about {s}?"]
 
 
 def seed_prompts(text: str, n: int) -> list[str]:
-    """What the teacher is asked about a new episode: generic questions about each subject it
-    names, round-robin over subjects (coverage decides what is learned, DESIGN §11), and a
-    summary. The episode's probe questions are deliberately not used: they are the test."""
+    """What the teacher is asked about a new episode: a recitation of the whole note, then generic
+    questions about each subject it names, round-robin over subjects (coverage decides what is
+    learned, DESIGN §11). The episode's probe questions are deliberately not used: they are the test."""
     names = subjects(text)
-    prompts = [t.format(s=s) for t in SUBJECT_TEMPLATES for s in names]
-    prompts.insert(min(len(names), len(prompts)), "Summarise what you know from your notes.")
+    prompts = [f"Repeat your notes about {names[0]} word for word."] if names else []
+    prompts += [t.format(s=s) for t in SUBJECT_TEMPLATES for s in names]
     return prompts[:n]
+
+
+def faithfulness(answer: str, source: str) -> float:
+    """Share of the names (capitalised words not starting a sentence) and numbers in `answer` that
+    also occur in `source`; 0 if it names nothing. A cheap check that the teacher copied rather
+    than invented."""
+    facts = []
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer):
+        for i, word in enumerate(sentence.split()):
+            word = word.strip(".,;:!?()\"'’")
+            if re.fullmatch(r"\d[\d,]*\d", word) or (i > 0 and re.fullmatch(r"[A-Z][a-z]{2,}", word)):
+                facts.append(word.lower())
+    if not facts:
+        return 0.0
+    lowered = source.lower()
+    return sum(f in lowered for f in facts) / len(facts)
 
 
 @dataclass
@@ -103,28 +123,41 @@ class Consolidator:
     # -- data written by the teacher ---------------------------------------------------------
     def teacher_data(self, new_episodes, new_probes: list[Probe], old_probes: list[Probe],
                      new_id: str) -> list[Example]:
-        notes = "\n\n".join(e.text for e in new_episodes)
-        system = CONTEXT_SYSTEM.format(notes=notes)
-        prompts = []
+        """Each prompt about an episode goes to the teacher with that episode alone in context
+        (with all of them, a 135M teacher mixes their facts up); answers that name things the
+        episode does not contain are dropped (`min_faithfulness`)."""
+        prompts = []   # (question, teacher's system prompt or None, source text to check against)
         for ep in new_episodes:
-            prompts += [(q, True) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
+            system = CONTEXT_SYSTEM.format(notes=ep.text)
+            prompts += [(q, system, ep.text) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
         # self-replay: the pre-sleep model answers probes of older episodes from its experts
         by_ep: dict[int, list[Probe]] = {}
         for p in old_probes:
             by_ep.setdefault(p.episode_id, []).append(p)
         for probes in by_ep.values():
-            prompts += [(ANSWER_PROMPT.format(q=p.q), False) for p in probes[:self.cfg.replay_per_episode]]
-        prompts += [(q, False) for q in self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))]
-        teacher_prompts = [chat_ids(self.tok, q, system if ctx else None) for q, ctx in prompts]
+            prompts += [(ANSWER_PROMPT.format(q=p.q), None, None) for p in probes[:self.cfg.replay_per_episode]]
+        anchors = self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))
+        prompts += [(q, None, None) for q in anchors]
+        teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
         with self.memory.configured(muted=[new_id], fast_weights=True):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
                                              return_logits=True)
-        out = []
-        for (q, _), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
+        out, best = [], {}   # best: per episode, its most faithful answer, kept if none passes
+        for (q, _, source), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
                 continue
-            out.append(Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, self.tok.decode(ans), lg))
-        return out
+            text = self.tok.decode(ans, skip_special_tokens=True)
+            example = Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, text, lg)
+            if source is None:
+                out.append(example)
+                continue
+            score = faithfulness(text, source)
+            if score >= self.cfg.min_faithfulness:
+                out.append(example)
+                best[source] = None
+            elif source not in best or (best[source] is not None and score > best[source][0]):
+                best[source] = (score, example)
+        return out + [b[1] for b in best.values() if b is not None]
 
     # -- the objective -------------------------------------------------------------------------
     def divergence(self, batch: list[Example], new_id: str) -> torch.Tensor:
@@ -194,6 +227,9 @@ class Consolidator:
     def seed(self, examples: list[Example], new_id: str, phase: str = "consolidation") -> dict:
         """Train the new expert (only) on the teacher's data; returns summary numbers."""
         cfg = self.cfg
+        if not examples:   # the teacher wrote nothing usable: nothing to seed, the expert stays zero
+            return {"steps": 0, "examples": 0, "final_divergence": None, "first_divergence": None,
+                    "mean_reward": None}
         params = self.memory.train_only([new_id])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         total = cfg.distill_steps + (cfg.lti_steps if cfg.lti else 0)

@@ -89,25 +89,27 @@ class Dreamer:
         self.memory, self.tok, self.cfg, self.emit, self.check = memory, tokenizer, cfg, emit, check
         self.rng = random.Random(seed)
 
-    def metric(self, probes: list[Probe]) -> float:
+    def metric(self, facts: list[Probe]) -> float:
+        """τ: mean closed-book log-likelihood of the episodes' facts."""
         with self.memory.configured(fast_weights=False):
-            return answer_logprob(self.memory.lm, self.tok, probes)
+            return answer_logprob(self.memory.lm, self.tok, facts)
 
-    def run(self, episodes, probes: list[Probe], new_id: str) -> dict:
+    def run(self, episodes, facts: list[Probe], new_id: str) -> dict:
         cfg = self.cfg
-        notes = "\n\n".join(e.text for e in episodes)
-        system = CONTEXT_SYSTEM.format(notes=notes)
-        names = [s for e in episodes for s in subjects(e.text)] or ["what you read"]
+        # each dream sees the one episode its subject comes from (a small model mixes several up)
+        topics = [(s, e.text) for e in episodes for s in subjects(e.text) or ["what you read"]]
         stats = {"generated": 0, "kept": 0, "rewarded": 0, "rounds": cfg.rest_rounds}
         params = self.memory.train_only([new_id])
         try:
             for rnd in range(max(cfg.rest_rounds, 1)):
                 self.check()
                 # E-step: dreams conditioned on the episodes, one random expert per router
-                asks = [self.rng.choice(DREAM_PROMPTS).format(s=self.rng.choice(names)) for _ in range(cfg.dreams)]
+                picks = [self.rng.choice(topics) for _ in range(cfg.dreams)]
+                asks = [self.rng.choice(DREAM_PROMPTS).format(s=subject) for subject, _ in picks]
+                contexts = [chat_ids(self.tok, a, CONTEXT_SYSTEM.format(notes=text)) for a, (_, text) in zip(asks, picks)]
                 novelty = random_expert(self.memory, new_id, self.rng) if cfg.random_expert else nullcontext()
                 with torch.no_grad(), novelty:
-                    dreams = generate_batch(self.memory.lm, self.tok, [chat_ids(self.tok, a, system) for a in asks],
+                    dreams = generate_batch(self.memory.lm, self.tok, contexts,
                                             cfg.dream_tokens, temperature=1.0, top_p=0.95,
                                             seed=self.rng.randrange(1 << 30))
                 asks, dreams = zip(*[(a, d) for a, d in zip(asks, dreams) if d]) if any(dreams) else ((), ())
@@ -121,7 +123,7 @@ class Dreamer:
                 kept = order[:cfg.keep_top]
                 rest = order[cfg.keep_top:]
                 kept += self.rng.sample(rest, min(cfg.keep_random, len(rest)))
-                before = self.metric(probes)
+                before = self.metric(facts)
                 rewarded = []
                 for i, (p, d) in enumerate(pairs):
                     self.check()
@@ -129,7 +131,7 @@ class Dreamer:
                     if i in kept:
                         with isolated(params):
                             sft(self.memory, self.tok, [(p, d)], params, cfg.trial_steps, cfg.dream_lr)
-                            after = self.metric(probes)
+                            after = self.metric(facts)
                         reward = 1 if after > before else 0
                         if reward:
                             rewarded.append((p, d))

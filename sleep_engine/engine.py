@@ -20,7 +20,7 @@ from .dreaming import Dreamer
 from .events import EventBus
 from .memory import MemoryModel
 from .probes import (ANSWER_PROMPT, answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
-                     episode_probes, forgetting, perplexity)
+                     cloze_probes, episode_probes, forgetting, perplexity)
 from .sampling import chat_ids, generate_batch
 from .store import StateDir
 from .wake import WakeSession
@@ -236,8 +236,11 @@ class SleepEngine:
 
                 if cfg.dreaming:
                     t0 = phase("dreaming")
+                    # τ = closed-book likelihood of the episodes' own facts (cloze items from their
+                    # text), not the probe QA: those are the test and must not steer training.
+                    facts = [p for e in pending for p in cloze_probes(e.id, e.text, limit=6)]
                     summary["dreams"] = Dreamer(self.memory, tok, cfg, emit, check,
-                                                seed=self.cfg.seed + number).run(pending, new_probes, new_id)
+                                                seed=self.cfg.seed + number).run(pending, facts, new_id)
                     finish("dreaming", t0)
                 else:
                     summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from .config import SYSTEM_PROMPT
+
 
 def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: str = "") -> list[int]:
-    """Token ids of a one-turn chat prompt, ready for the assistant's reply (or its continuation)."""
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    """Token ids of a one-turn chat prompt, ready for the assistant's reply (or its continuation).
+    Without `system`, the lab's chat system prompt."""
+    msgs = [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": user}]
     ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     if assistant_prefix:

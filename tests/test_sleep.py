@@ -176,3 +176,46 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     assert summary["tier_consolidation"]["removed"] == ["e0", "e1"]
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e2", 3)]
     assert tiny_engine.state.sleep_count() == 2
+
+
+def test_faithfulness_counts_names_and_numbers_found_in_the_source():
+    from sleep_engine.consolidation import faithfulness
+    src = "The town of Velmora Ridge was founded in 1847 by Idris Kallowen beside Lake Tessarine."
+    assert faithfulness("It was founded in 1847 by Idris Kallowen.", src) == 1.0
+    # Tessarine is in the source, Madagascar is invented; the sentence-initial word is not counted
+    assert faithfulness("Lake Tessarine lies on Madagascar.", src) == 0.5
+    assert faithfulness("It was founded in 1850 by Idris Kallowen.", src) == pytest.approx(2 / 3)
+    assert faithfulness("It is a nice place.", src) == 0.0     # names nothing: no evidence of copying
+
+
+def test_seed_prompts_recite_first_and_never_ask_the_probe_questions():
+    from sleep_engine.consolidation import seed_prompts
+    prompts = seed_prompts(TEXTS[0], 6)
+    assert len(prompts) == 6 and prompts[0].startswith("Repeat your notes about")
+    assert any("Senna Alvik" in p for p in prompts) and any("Quarrow Point" in p for p in prompts)
+    assert not any(qa["q"] in prompts for qa in QA[0])
+
+
+def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
+    from sleep_engine.consolidation import Consolidator
+    teach_two(tiny_engine)
+    episodes = tiny_engine.state.episodes.all()
+    new_id = tiny_engine.memory.add_expert(tier=2, born=1)
+    seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer,
+                          tiny_settings(min_faithfulness=0.0, anchor_prompts=2), lambda *a, **k: None, lambda: None)
+    examples = seeder.teacher_data(episodes, [], [], new_id)
+    tok = tiny_engine.tokenizer
+    about = {0: 0, 1: 0}
+    for e in examples:
+        teacher_prompt = tok.decode(e.teacher[:len(e.teacher) - e.n_answer])
+        student_prompt = tok.decode(e.student[:len(e.student) - e.n_answer])
+        assert not any(t in student_prompt for t in TEXTS)         # the student never sees an episode
+        for i, text in enumerate(TEXTS):
+            if text in teacher_prompt:
+                assert TEXTS[1 - i] not in teacher_prompt
+                about[i] += 1
+    assert about[0] > 0 and about[1] > 0
+    # the filter: an impossible threshold keeps one (the most faithful) answer per episode, plus anchors
+    seeder.cfg.min_faithfulness = 1.0
+    strict = seeder.teacher_data(episodes, [], [], new_id)
+    assert len(strict) <= 2 + 2 and len(strict) >= 2
