@@ -41,6 +41,35 @@ CSS = """
 .notice-error {color:#b3261e; font-weight:600}
 """
 
+# gr.Plot mounts a fresh plot div on every update, so `layout.uirevision` alone cannot keep a zoom
+# (measured: the range resets on the next redraw). This page script remembers each live panel's
+# axis ranges from the user's own zoom/pan and puts them back on every redrawn div; a double-click
+# (autorange) forgets them.
+KEEP_ZOOM_JS = """
+() => {
+  const saved = {};
+  const hook = (gd) => {
+    const host = gd.closest('[id^="panel-"]');
+    if (!host || gd.__keepZoom || !gd._fullLayout || !gd.on) return;
+    gd.__keepZoom = true;
+    const id = host.id, mine = saved[id] || (saved[id] = {});
+    if (Object.keys(mine).length) window.Plotly.relayout(gd, Object.assign({}, mine));
+    gd.on('plotly_relayout', (ev) => {
+      for (const [k, v] of Object.entries(ev)) {
+        const axis = k.split('.')[0];
+        if (k.endsWith('.autorange') && v === true) {
+          for (const key of Object.keys(mine)) if (key.startsWith(axis + '.')) delete mine[key];
+        } else if (/^[xy]axis[0-9]*[.]range/.test(k)) {
+          mine[k] = v;
+        }
+      }
+    });
+  };
+  const scan = () => document.querySelectorAll('.js-plotly-plot').forEach(hook);
+  new MutationObserver(() => requestAnimationFrame(scan)).observe(document.body, {childList: true, subtree: true});
+}
+"""
+
 
 def _error(message: str) -> str:
     return f'<p class="notice-error">⚠️ {html.escape(message)}</p>'
@@ -415,5 +444,5 @@ def launch(engine, host: str = "127.0.0.1", port: int | None = None, auth: tuple
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=UPLOAD_LIMIT,
                 enable_monitoring=False, run_history=False, ssr_mode=False, show_error=True,
-                prevent_thread_lock=not block, css=CSS, quiet=not block, footer_links=["api", "settings"])
+                prevent_thread_lock=not block, css=CSS, js=KEEP_ZOOM_JS, quiet=not block, footer_links=["api", "settings"])
     return demo
