@@ -34,6 +34,19 @@ def test_chat_streams_a_reply_and_bad_input_changes_nothing(lab):
     assert history == [] and engine.wake.history == [] and "cleared" in notice
 
 
+def test_stop_ends_a_long_reply_and_keeps_what_was_said(lab):
+    engine, url = lab
+    # a long reply within the decoder's preallocated cache (context + new tokens)
+    engine.cfg.wake.context_tokens, engine.cfg.wake.max_new_tokens = 256, 1700
+    client = Client(url, verbose=False)
+    job = client.submit("Tell me a long story", [], api_name="/chat")
+    wait_for(lambda: len(job.outputs()) >= 2, what="the reply to start streaming")
+    client.predict(api_name="/stop_reply")
+    _, _, notice, *_ = job.result(timeout=60)
+    assert "stopped" in notice and len(engine.state.episodes) == 1
+    assert 0 < int(notice.split("stopped · ")[1].split(" tokens")[0]) < 1700
+
+
 def test_teach_adds_an_episode_and_refuses_bad_files(lab, tmp_path):
     engine, url = lab
     client = Client(url, verbose=False)
