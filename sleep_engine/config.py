@@ -87,6 +87,7 @@ class SleepConfig:
     answer_tokens: int = 32           # length of each teacher answer
     replay_per_episode: int = 2       # self-replay: older episodes' probes answered by the pre-sleep model
     anchor_prompts: int = 6           # generic requests answered without context (keeps the rest unchanged)
+    anchor_texts: int = 4             # paragraphs of plain text the student must keep predicting as before
     distill_steps: int = 14
     batch_size: int = 8
     lr: float = 2e-2                  # measured: 1.5e-3 learned nothing in 12-20 steps, 1e-2..2e-2 did
@@ -121,7 +122,7 @@ class SleepConfig:
 
     PRESETS = {
         "quick": {},
-        "full": {"prompts_per_episode": 12, "answer_tokens": 48, "replay_per_episode": 3, "anchor_prompts": 8,
+        "full": {"prompts_per_episode": 16, "answer_tokens": 48, "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 6,
                  "distill_steps": 24, "lti_steps": 2, "lti_prefixes": 4, "dreams": 6, "keep_top": 2,
                  "keep_random": 1, "dream_tokens": 48, "trial_steps": 2, "rest_rounds": 2, "rest_steps": 2},
     }
@@ -152,7 +153,7 @@ class SleepConfig:
 
     def validate(self) -> "SleepConfig":
         for name, lo, hi in [("prompts_per_episode", 1, 256), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
-                             ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
+                             ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
                              ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
                              ("lti_steps", 0, 1000), ("lti_prefixes", 1, 256), ("lti_group", 2, 64),
                              ("lti_tokens", 4, 256), ("gamma", 0.0, 1.0), ("tau_sem", -1.0, 1.0), ("z0", 0.0, 1.0),

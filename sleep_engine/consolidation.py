@@ -10,6 +10,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,9 @@ ANCHOR_PROMPTS = [
     "Write a short greeting for a birthday card.", "What is the opposite of 'ancient'?",
     "Why is the sea salty?",
 ]
+# Plain text (not chat) the student must keep predicting as the pre-sleep model did: the chat
+# anchors above do not constrain raw-text behaviour. Disjoint from the drift test text.
+ANCHOR_TEXT = Path(__file__).resolve().parents[1] / "assets" / "anchor_text.txt"
 _STOP = {"The", "This", "That", "These", "Those", "There", "Their", "When", "Every", "Each", "After", "Before"}
 
 
@@ -91,6 +95,7 @@ class Example:
     prompt: str
     answer_text: str
     teacher_logits: torch.Tensor | None = None   # (n_answer, vocab), kept from the teacher's own generation
+    about_episode: bool = True                   # False for self-replay and anchor prompts
 
 
 def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
@@ -149,6 +154,7 @@ class Consolidator:
             text = self.tok.decode(ans, skip_special_tokens=True)
             example = Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, text, lg)
             if source is None:
+                example.about_episode = False
                 out.append(example)
                 continue
             score = faithfulness(text, source)
@@ -157,7 +163,21 @@ class Consolidator:
                 best[source] = None
             elif source not in best or (best[source] is not None and score > best[source][0]):
                 best[source] = (score, example)
-        return out + [b[1] for b in best.values() if b is not None]
+        return out + [b[1] for b in best.values() if b is not None] + self.text_anchors(new_id)
+
+    @torch.no_grad()
+    def text_anchors(self, new_id: str, max_tokens: int = 64) -> list[Example]:
+        """Paragraphs of everyday text with the pre-sleep model's next-token distributions."""
+        paragraphs = [p.strip() for p in ANCHOR_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        chosen = self.rng.sample(paragraphs, min(self.cfg.anchor_texts, len(paragraphs)))
+        if not chosen:
+            return []
+        seqs = [self.tok(p, add_special_tokens=False)["input_ids"][:max_tokens] for p in chosen]
+        lengths = [len(s) - 1 for s in seqs]
+        with self.memory.configured(muted=[new_id], fast_weights=False):
+            logits = _forward_answer_logits(self.lm, seqs, lengths, self.pad).to(torch.bfloat16)
+        return [Example(s, s, n, "", p, lg, about_episode=False)
+                for s, n, p, lg in zip(seqs, lengths, chosen, logits.split(lengths))]
 
     # -- the objective -------------------------------------------------------------------------
     def divergence(self, batch: list[Example], new_id: str) -> torch.Tensor:
@@ -173,10 +193,11 @@ class Consolidator:
 
     def on_policy(self, batch: list[Example], new_id: str) -> list[Example]:
         """Replace the teacher's answer by the student's own sample in a fraction λ of the batch."""
-        k = round(self.cfg.lmbda * len(batch))
+        chats = [i for i, e in enumerate(batch) if e.prompt]   # plain-text anchors have no prompt to answer
+        k = min(round(self.cfg.lmbda * len(batch)), len(chats))
         if k == 0:
             return batch
-        chosen = self.rng.sample(range(len(batch)), k)
+        chosen = self.rng.sample(chats, k)
         prompts = [batch[i].student[:len(batch[i].student) - batch[i].n_answer] for i in chosen]
         with self.memory.configured(fast_weights=False):
             samples = generate_batch(self.lm, self.tok, prompts, self.cfg.answer_tokens, temperature=0.7,
@@ -186,14 +207,17 @@ class Consolidator:
             if s:
                 e = batch[i]
                 t_prompt = e.teacher[:len(e.teacher) - e.n_answer]
-                batch[i] = Example(p + s, t_prompt + s, len(s), e.prompt, self.tok.decode(s))
+                batch[i] = Example(p + s, t_prompt + s, len(s), e.prompt, self.tok.decode(s),
+                                   about_episode=e.about_episode)
         return batch
 
     def imitation(self, examples: list[Example], step: int) -> tuple[torch.Tensor, float]:
         """Learning to Imitate: cut teacher texts at a random point, let the student complete them,
         reward the completions, policy gradient with the group mean as baseline."""
         cfg = self.cfg
-        long = [e for e in examples if e.n_answer >= 12] or examples
+        # imitate what the teacher wrote about the episodes, not the anchors or replayed answers
+        own = [e for e in examples if e.about_episode] or examples
+        long = [e for e in own if e.n_answer >= 12] or own
         picks = [self.rng.choice(long) for _ in range(cfg.lti_prefixes)]
         prompts, refs, meta = [], [], []
         for e in picks:

@@ -202,11 +202,20 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     episodes = tiny_engine.state.episodes.all()
     new_id = tiny_engine.memory.add_expert(tier=2, born=1)
     seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer,
-                          tiny_settings(min_faithfulness=0.0, anchor_prompts=2), lambda *a, **k: None, lambda: None)
+                          tiny_settings(min_faithfulness=0.0, anchor_prompts=2, anchor_texts=2),
+                          lambda *a, **k: None, lambda: None)
     examples = seeder.teacher_data(episodes, [], [], new_id)
     tok = tiny_engine.tokenizer
     about = {0: 0, 1: 0}
+    texts = [e for e in examples if not e.prompt]
+    assert len(texts) == 2 and not any(e.about_episode for e in texts)
+    with torch.no_grad():   # plain-text anchors carry the pre-sleep model's own next-token logits
+        ids = torch.tensor([texts[0].student])
+        expected = tiny_engine.memory.lm(input_ids=ids).logits[0, :-1]
+    assert torch.allclose(texts[0].teacher_logits.float(), expected, atol=0.05, rtol=0.02)
     for e in examples:
+        if not e.prompt:
+            continue
         teacher_prompt = tok.decode(e.teacher[:len(e.teacher) - e.n_answer])
         student_prompt = tok.decode(e.student[:len(e.student) - e.n_answer])
         assert not any(t in student_prompt for t in TEXTS)         # the student never sees an episode
@@ -218,4 +227,4 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     # the filter: an impossible threshold keeps one (the most faithful) answer per episode, plus anchors
     seeder.cfg.min_faithfulness = 1.0
     strict = seeder.teacher_data(episodes, [], [], new_id)
-    assert len(strict) <= 2 + 2 and len(strict) >= 2
+    assert 2 + 2 + 2 <= len(strict) <= 2 + 2 + 2 + 1   # anchors + one per episode (+1 if one passes)
