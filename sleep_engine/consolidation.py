@@ -146,7 +146,7 @@ class Consolidator:
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
         with self.memory.configured(muted=[new_id], fast_weights=True):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
-                                             return_logits=True)
+                                             return_logits=True, batch_size=32)
         out, best = [], {}   # best: per episode, its most faithful answer, kept if none passes
         for (q, _, source), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:

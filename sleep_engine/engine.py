@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .backbone import Backbone, load_backbone
+from .backbone import Backbone, float_weights, load_backbone
 from .config import LabConfig, SleepConfig
 from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
@@ -209,7 +209,7 @@ class SleepEngine:
         lm, tok = self.memory.lm, self.tokenizer
         summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy()}
         try:
-            with self.lock:
+            with self.lock, float_weights(lm):
                 older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]
                 new_probes = [p for e in pending for p in episode_probes(e)]
                 old_probes = [p for e in older for p in episode_probes(e)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from sleep_engine.backbone import QuantLinear
+from sleep_engine.backbone import QuantLinear, float_weights
 from sleep_engine.config import MemoryConfig
 from sleep_engine.decoding import FastLlamaDecoder, HFDecoder, generate_tokens, sample_next
 from sleep_engine.memory import MemoryModel
@@ -92,6 +92,15 @@ def test_quant_linear_close_to_float_and_fusable(mode, tol):
     yg = qa(xg)
     yg.sum().backward()
     assert xg.grad is not None and torch.allclose(yg.detach(), ya, atol=2e-2)
+    # a cached float32 copy (as during a Sleep) gives the same values and gradients, and goes away
+    model = torch.nn.Sequential(qa)
+    with float_weights(model):
+        assert qa.float_weight is not None
+        xc = x.clone().requires_grad_(True)
+        yc = qa(xc)
+        yc.sum().backward()
+    assert qa.float_weight is None
+    assert torch.equal(yc.detach(), yg.detach()) and torch.equal(xc.grad, xg.grad)
 
 
 def test_int4_is_exact_on_4bit_grid_weights():
