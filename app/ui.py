@@ -241,9 +241,11 @@ def build_app(engine) -> gr.Blocks:
                 raise WakeInputError("paste a text or choose a text file to teach")
             ep = engine.wake.teach(body, source=source)
         except (WakeInputError, WakeBusy, OSError) as e:
-            return gr.skip(), None, _error(str(e)), gr.skip(), gr.skip()
-        return ("" if not upload else gr.skip()), None, _ok(f"taught {source} ({len(ep.text):,} characters) "
-                                                            f"as episode {ep.id}"), tiers_table(), header_html()
+            return gr.skip(), None, _error(str(e)), gr.skip(), gr.skip()   # a refused file is unselected
+        note = f"taught {source} ({len(ep.text):,} characters) as episode {ep.id}"
+        if len(ep.text) < len(body.strip()):
+            note += f"; it had {len(body):,} characters and only the first {len(ep.text):,} were kept"
+        return ("" if not upload else gr.skip()), None, _ok(note), tiers_table(), header_html()
 
     # -- Sleep ----------------------------------------------------------------------------------
     def preset_values(name):

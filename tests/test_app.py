@@ -60,6 +60,12 @@ def test_teach_adds_an_episode_and_refuses_bad_files(lab, tmp_path):
     assert "paste a text" in client.predict("  ", None, api_name="/teach")[2]
     assert len(engine.state.episodes) == 1
 
+    long = tmp_path / "long.txt"          # within the upload limit, longer than one episode holds
+    long.write_text("word " * 5000)
+    out = client.predict("", handle_file(str(long)), api_name="/teach")
+    limit = engine.cfg.wake.max_message_chars
+    assert "characters and only the first" in out[2] and len(engine.state.episodes.all()[-1].text) <= limit
+
 
 def test_sleep_reports_events_through_status_and_stop_rolls_back(lab):
     engine, url = lab
