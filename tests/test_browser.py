@@ -167,6 +167,11 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     page.get_by_role("tab", name="Inspect").click()
     wait_text(page, "inspect-notice", "events")
     seen["inspect_notice"] = text_of(page, "inspect-notice")
+    seen["downloads"] = {}
+    for elem in ("dl-events", "dl-matrix"):
+        with page.expect_download(timeout=20_000) as info:
+            page.locator(f"#{elem}").click()
+        seen["downloads"][info.value.suggested_filename] = Path(info.value.path()).read_text()
     page.screenshot(path=str(shots / "inspect.png"), full_page=True)
 
     # Wake again: the new expert now shows in the routing of a reply
@@ -211,6 +216,9 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert "Awake" in seen["after_stop"] and "sleeps1" in seen["after_stop"].replace("\n", "").replace(" ", "")
     assert engine.state.sleep_count() == 1 and engine.status()["cancelled"] == 2
     assert "0001" in seen["inspect_notice"]
+    events = seen["downloads"]["sleep-0001-events.jsonl"].splitlines()
+    assert '"kind": "done"' in events[-1] and len(events) > 10
+    assert seen["downloads"]["accuracy-matrix.csv"].splitlines()[0].startswith("sleep,episode_")
     assert seen["heatmap_after_sleep"] == 1
     assert all((shots / f"{tab}.png").stat().st_size > 10_000 for tab in ("wake", "sleep", "inspect"))
 
