@@ -321,8 +321,8 @@ def cmd_ui(cfg: LabConfig, args) -> int:
     from app.ui import launch
     print(f"Sleep Lab: http://{args.host}:{args.port}  (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        launch(engine, host=args.host, port=args.port, auth=auth, share=args.share)
-    except KeyboardInterrupt:
+        launch(engine, host=args.host, port=args.port, auth=auth, share=args.share)  # returns on Ctrl-C
+    finally:
         engine.cancel()   # a running sleep rolls back; completed ones are on disk
     return 0
 
