@@ -259,17 +259,25 @@ class Consolidator:
         total = cfg.distill_steps + (cfg.lti_steps if cfg.lti else 0)
         lti_at = set(range(total - cfg.lti_steps, total)) if cfg.lti else set()
         divergences, rewards = [], []
+        # Every step: a batch of answers (episodes, replay, chat anchors) plus a few plain-text
+        # anchors, so the pull to keep everyday text unchanged never skips a step.
+        pool = [e for e in examples if e.prompt]
+        texts = [e for e in examples if not e.prompt]
+        if not pool:
+            pool, texts = texts, []
+        per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
         try:
             for step in range(total):
                 self.check()
                 t0 = time.perf_counter()
                 if len(order) < cfg.batch_size:
-                    order += self.rng.sample(range(len(examples)), len(examples))
-                batch = [examples[i] for i in order[:cfg.batch_size]]
+                    order += self.rng.sample(range(len(pool)), len(pool))
+                batch = [pool[i] for i in order[:cfg.batch_size]]
                 del order[:cfg.batch_size]
                 if cfg.lmbda > 0:
                     batch = self.on_policy(batch, new_id)
+                batch += [texts[(step * per_step + j) % len(texts)] for j in range(per_step)]
                 div = self.divergence(batch, new_id)
                 loss, reward = div, None
                 if step in lti_at:

@@ -306,7 +306,8 @@ class SleepEngine:
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
             answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens)
-        examples = [Example(p + a, p + a, len(a), "", "") for p, a in zip(prompts, answers) if a]
+        examples = [Example(p + a, p + a, len(a), q, "", about_episode=False)
+                    for q, p, a in zip(asks, prompts, answers) if a]
         result = seeder.seed(examples, new_id, phase="tier consolidation") if examples else {}
         self.memory.remove_experts(tier2)
         return {"expert": new_id, "removed": tier2, **result}

@@ -228,3 +228,21 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     seeder.cfg.min_faithfulness = 1.0
     strict = seeder.teacher_data(episodes, [], [], new_id)
     assert 2 + 2 + 2 <= len(strict) <= 2 + 2 + 2 + 1   # anchors + one per episode (+1 if one passes)
+
+
+def test_every_seeding_step_carries_plain_text_anchors(tiny_engine):
+    from sleep_engine.consolidation import Consolidator, Example
+    new_id = tiny_engine.memory.add_expert(tier=2, born=1)
+    cfg = tiny_settings(distill_steps=4, lti=False, batch_size=2, anchor_texts_per_step=1)
+    seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, cfg, lambda *a, **k: None, lambda: None)
+    logits = lambda n: torch.zeros(n, tiny_engine.memory.lm.config.vocab_size)   # noqa: E731
+    chats = [Example([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], 2, f"q{i}", "a", logits(2)) for i in range(3)]
+    texts = [Example([6, 7, 8, 9], [6, 7, 8, 9], 3, "", "t", logits(3), about_episode=False) for _ in range(2)]
+    seen = []
+    real = seeder.divergence
+    seeder.divergence = lambda batch, nid: (seen.append(batch), real(batch, nid))[1]
+    seeder.seed(chats + texts, new_id)
+    assert len(seen) == 4
+    for batch in seen:
+        assert sum(not e.prompt for e in batch) == 1 and sum(bool(e.prompt) for e in batch) == 2
+    assert {id(b[-1]) for b in seen} == {id(t) for t in texts}   # the anchors take turns
