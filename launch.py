@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run only these methods (default: the preset's list)")
     lab.add_argument("--resume", action="store_true",
                      help="reuse methods already finished in --out with the same settings")
+    lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a lab setting, e.g. --set n1_passages=0 --set sft_epochs=5")
     return parser
 
 
@@ -287,7 +289,18 @@ def cmd_lab(cfg: LabConfig, args) -> int:
     bad = [m for m in args.methods or [] if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
-    exp = ExperimentConfig.from_preset("quick" if args.quick else "full", seed=cfg.seed)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    exp = ExperimentConfig.from_preset("quick" if args.quick else "full", seed=cfg.seed, **overrides)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if not cfg.threads and load > cores:
+        # measured: under contention 2-thread torch kernels ran ~15x slower than 1 thread here
+        print(f"note: the CPU is busy (load {load:.1f} on {cores} cores); --threads 1 is much faster then",
+              file=sys.stderr)
     runner = Runner(cfg, exp, args.out, resume=args.resume)
     try:
         result = getattr(runner, args.experiment)(args.methods)

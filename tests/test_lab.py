@@ -181,7 +181,15 @@ def test_report_is_self_contained_and_listed(tmp_path):
     assert [r["experiment"] for r in found] == ["continual"] and found[0]["html"].endswith("continual.html")
 
 
-def test_cli_rejects_unknown_method_with_exit_2(capsys):
+def test_cli_rejects_unknown_method_or_setting_with_exit_2(capsys):
     import launch
     assert launch.main(["lab", "knowledge", "--methods", "nope"]) == 2
     assert "unknown method" in capsys.readouterr().err
+    assert launch.main(["lab", "knowledge", "--set", "n1_passages=many"]) == 2
+    assert "n1_passages must look like" in capsys.readouterr().err
+    assert launch.main(["lab", "knowledge", "--set", "nonsense=1"]) == 2
+
+
+def test_settings_from_the_command_line_keep_their_types():
+    e = ExperimentConfig.from_preset("quick", n1_passages="0", sft_lr="5e-4", tta_epochs="1,3")
+    assert (e.n1_passages, e.sft_lr, e.tta_epochs) == (0, 5e-4, (1, 3))

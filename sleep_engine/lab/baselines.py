@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 
 import torch
 
@@ -25,7 +26,9 @@ class LoraTrainer:
         torch.manual_seed(seed)
         lcfg = LoraConfig(r=exp.lora_rank, lora_alpha=exp.lora_alpha, lora_dropout=exp.lora_dropout,
                           target_modules=list(exp.lora_targets), bias="none", task_type="CAUSAL_LM")
-        self.lm = get_peft_model(model, lcfg)
+        with warnings.catch_warnings():   # peft calls a transformers API deprecated for v6
+            warnings.simplefilter("ignore", FutureWarning)
+            self.lm = get_peft_model(model, lcfg)
         self.lm.eval()
         self.params = [p for p in self.lm.parameters() if p.requires_grad]
         self.initial = [p.detach().clone() for p in self.params]

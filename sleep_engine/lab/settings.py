@@ -69,9 +69,9 @@ class ExperimentConfig:
             raise ConfigError(f"lab preset must be one of {', '.join(cls.PRESETS)}, got {name!r}")
         cfg = cls(preset=name, **cls.PRESETS[name])
         for k, v in overrides.items():
-            if not hasattr(cfg, k):
+            if not hasattr(cfg, k) or k == "preset":
                 raise ConfigError(f"unknown lab setting {k!r}")
-            setattr(cfg, k, v)
+            setattr(cfg, k, _cast(v, getattr(cfg, k), k) if isinstance(v, str) else v)
         return cfg.validate()
 
     def validate(self) -> ExperimentConfig:
@@ -93,3 +93,16 @@ def settings_hash(*parts) -> str:
     """Stable hash of the settings a result depends on (resume reuses a result only on a match)."""
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cast(value: str, like, name: str):
+    """A command-line string as the type of the setting's default (tuples: comma-separated)."""
+    try:
+        if isinstance(like, tuple):
+            kind = type(like[0]) if like else str
+            return tuple(kind(v.strip()) for v in value.split(",") if v.strip())
+        if isinstance(like, dict):
+            return json.loads(value)
+        return type(like)(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lab setting {name} must look like {like!r}, got {value!r}") from None
