@@ -41,6 +41,20 @@ def machine() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def code_version() -> str | None:
+    """The git commit the run used (+ "-dirty" with uncommitted changes), when run from a checkout."""
+    import subprocess
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (rev + ("-dirty" if dirty else "")) or None
+
+
 class Runner:
     def __init__(self, lab: LabConfig, exp: ExperimentConfig, out_dir: Path, resume: bool = False, log=None,
                  progress: bool = True, backbone_factory=None):
@@ -283,7 +297,7 @@ class Runner:
     # -- output ----------------------------------------------------------------------------
     def _finish(self, name: str, result: dict) -> dict:
         from .report import write_report
-        result.update(settings=self.exp.to_dict(), lab=self.lab.to_dict(), machine=machine(),
+        result.update(settings=self.exp.to_dict(), lab=self.lab.to_dict(), machine=machine(), code=code_version(),
                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       data={"passages": lab_data.fingerprint(self.test), "split": self.exp.split},
                       general_questions=getattr(self, "general_info", None),
