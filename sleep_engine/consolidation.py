@@ -236,7 +236,7 @@ class Consolidator:
         scores = imitation_rewards(texts, refs, cfg.gamma, cfg.tau_sem, cfg.z0, cfg.semantic_reward)
         for i, (prefix, ref) in enumerate(meta):
             j = i * cfg.lti_group   # report the first completion of each group
-            self.emit("sample", step=step, prefix=prefix, teacher=ref, student=texts[j], **scores[j])
+            self.emit("sample", step=step + 1, prefix=prefix, teacher=ref, student=texts[j], **scores[j])
         seqs = [p + (c or [self.tok.eos_token_id]) for p, c in zip(prompts, completions)]
         lens = [max(len(c), 1) for c in completions]
         with self.memory.configured(fast_weights=False):

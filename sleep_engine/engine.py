@@ -100,12 +100,12 @@ class SleepEngine:
 
     def memory_tiers(self) -> list[dict]:
         """One row per tier: 0 context, 1 fast weights, 2.. routed experts."""
-        last = self.wake.last_fast_update
+        last = self.memory.fast_weight_time   # survives a restart, unlike wake.last_fast_update
         rows = [{"tier": 0, "name": "context", "tokens": self.wake.context_tokens(),
                  "limit": self.cfg.wake.context_tokens},
                 {"tier": 1, "name": "fast weights", "norm": self.memory.fast_weight_norm(),
                  "steps": self.memory.fast_weight_steps,
-                 "age_s": None if last is None else time.time() - last["time"],
+                 "age_s": None if last is None else time.time() - last,
                  "params": self.memory.parameter_counts()["fast_weights"]}]
         for tier, experts in self.memory.experts_by_tier().items():
             rows.append({"tier": tier, "name": f"experts (tier {tier})", "experts": len(experts),

@@ -196,6 +196,7 @@ class MemoryModel:
             self.mlps[i] = mlp
         self._next_id = 0
         self.fast_weight_steps = 0     # gradient steps taken on the fast weights since the last reset
+        self.fast_weight_time: float | None = None   # wall-clock time of the last of those steps
 
     # -- experts ---------------------------------------------------------------------------
     def add_expert(self, tier: int, born: int, rank: int | None = None, expert_id: str | None = None) -> str:
@@ -274,6 +275,7 @@ class MemoryModel:
         for mlp in self.mlps.values():
             mlp.fast_B.zero_()
         self.fast_weight_steps = 0
+        self.fast_weight_time = None
 
     def fast_weight_norm(self) -> float:
         with torch.no_grad():
@@ -283,8 +285,12 @@ class MemoryModel:
     def parameter_counts(self) -> dict[str, int]:
         fast = sum(p.numel() for p in self.fast_weight_params())
         experts = sum(i.params for i in self.experts())
-        total = sum(p.numel() for p in self.lm.parameters()) + sum(
-            b.numel() for n, b in self.lm.named_buffers() if n.endswith(("qweight", "codes")))
+        total = sum(p.numel() for p in self.lm.parameters())
+        head = self.lm.get_output_embeddings()
+        tied = getattr(self.lm.config, "tie_word_embeddings", False)
+        for m in self.lm.modules():   # quantized base layers hold their weights as buffers
+            if hasattr(m, "qweight") and not (tied and m is head):
+                total += m.in_features * m.out_features
         return {"base": total - fast - experts, "experts": experts, "fast_weights": fast}
 
     @contextmanager
@@ -330,7 +336,8 @@ class MemoryModel:
                 for pname, p in e.named_parameters():
                     tensors[f"layers.{layer}.{e.expert_id}.{pname}"] = p.detach().cpu().contiguous()
         manifest = {"experts": [vars(i) for i in self.experts()], "layers": self.layer_ids,
-                    "next_id": self._next_id, "fast_weight_steps": self.fast_weight_steps}
+                    "next_id": self._next_id, "fast_weight_steps": self.fast_weight_steps,
+                    "fast_weight_time": self.fast_weight_time}
         return tensors, manifest
 
     @torch.no_grad()
@@ -341,6 +348,7 @@ class MemoryModel:
             self.add_expert(info["tier"], info["born"], info["rank"], info["expert_id"])
         self._next_id = manifest.get("next_id", self._next_id)
         self.fast_weight_steps = manifest.get("fast_weight_steps", 0)
+        self.fast_weight_time = manifest.get("fast_weight_time")
         for layer, mlp in self.mlps.items():
             for name in ("fast_A", "fast_B"):
                 key = f"layers.{layer}.{name}"

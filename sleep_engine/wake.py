@@ -213,6 +213,7 @@ class WakeSession:
             finally:
                 self.memory.freeze_all()
             self.memory.fast_weight_steps += steps
+            self.memory.fast_weight_time = time.time()
             self.last_fast_update = {"loss_before": losses[0], "loss_after": after, "steps": steps,
                                      "texts": len(texts), "seconds": time.perf_counter() - t0,
                                      "time": time.time()}

@@ -104,6 +104,15 @@ def test_tiers_listing_and_parameter_counts():
         mem.add_expert(4, 1)   # only tiers 2..3 exist
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_base_counts_as_many_parameters_as_the_dense_one(mode):
+    from sleep_engine.backbone import quantize_linears
+    dense = MemoryModel(tiny_llama(), MemoryConfig()).parameter_counts()["base"]
+    lab = tiny_llama()
+    assert quantize_linears(lab, mode) > 0
+    assert MemoryModel(lab, MemoryConfig()).parameter_counts()["base"] == dense
+
+
 def test_memory_state_round_trip():
     lab = tiny_llama()
     mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
@@ -113,13 +122,17 @@ def test_memory_state_round_trip():
             e.B.normal_(std=0.1)
         for m in mem.mlps.values():
             m.fast_B.normal_(std=0.1)
+    mem.fast_weight_steps, mem.fast_weight_time = 3, 1234.5
     want = logits(lab, IDS)
     tensors, manifest = mem.memory_state()
     other = tiny_llama()
     mem2 = MemoryModel(other, MemoryConfig(expert_rank=4))
     mem2.load_memory_state(tensors, manifest)
     assert torch.equal(logits(other, IDS), want)
+    assert (mem2.fast_weight_steps, mem2.fast_weight_time) == (3, 1234.5)   # the tiers panel's age survives
     assert mem2.add_expert(2, 2) == "e1"
+    mem2.reset_fast_weights()
+    assert (mem2.fast_weight_steps, mem2.fast_weight_time, mem2.fast_weight_norm()) == (0, None, 0)
 
 
 def test_routing_trace_one_entry_per_step_and_layer():
