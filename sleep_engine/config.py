@@ -82,10 +82,10 @@ class SleepConfig:
     """One Sleep: consolidation (DESIGN §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
     # knowledge seeding: on-policy distillation
-    prompts_per_episode: int = 8      # teacher prompts per episode (recitation, questions about its subjects)
+    prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)
     min_faithfulness: float = 0.75    # drop teacher answers naming things the episode does not contain
-    answer_tokens: int = 32           # length of each teacher answer
-    replay_per_episode: int = 2       # self-replay: older episodes' probes answered by the pre-sleep model
+    answer_tokens: int = 40           # length of each teacher answer (a recitation needs ~60)
+    replay_per_episode: int = 2       # self-replay: questions about each older episode, answered from memory
     anchor_prompts: int = 6           # generic requests answered without context (keeps the rest unchanged)
     anchor_texts: int = 4             # paragraphs of plain text the student must keep predicting as before
     anchor_texts_per_step: int = 2    # of those, added to every step's batch

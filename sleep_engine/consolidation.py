@@ -17,7 +17,6 @@ import torch
 from .config import SleepConfig
 from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
-from .probes import ANSWER_PROMPT, Probe
 from .rewards import imitation_rewards
 from .sampling import chat_ids, generate_batch
 
@@ -126,21 +125,18 @@ class Consolidator:
         self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
 
     # -- data written by the teacher ---------------------------------------------------------
-    def teacher_data(self, new_episodes, new_probes: list[Probe], old_probes: list[Probe],
-                     new_id: str) -> list[Example]:
+    def teacher_data(self, new_episodes, old_episodes, new_id: str) -> list[Example]:
         """Each prompt about an episode goes to the teacher with that episode alone in context
         (with all of them, a 135M teacher mixes their facts up); answers that name things the
-        episode does not contain are dropped (`min_faithfulness`)."""
+        episode does not contain are dropped (`min_faithfulness`). Self-replay asks the same kind
+        of questions about older episodes, answered from memory (no context): the new expert must
+        not overwrite what older experts hold. Probe questions are never asked: they are the test."""
         prompts = []   # (question, teacher's system prompt or None, source text to check against)
         for ep in new_episodes:
             system = CONTEXT_SYSTEM.format(notes=ep.text)
             prompts += [(q, system, ep.text) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
-        # self-replay: the pre-sleep model answers probes of older episodes from its experts
-        by_ep: dict[int, list[Probe]] = {}
-        for p in old_probes:
-            by_ep.setdefault(p.episode_id, []).append(p)
-        for probes in by_ep.values():
-            prompts += [(ANSWER_PROMPT.format(q=p.q), None, None) for p in probes[:self.cfg.replay_per_episode]]
+        for ep in old_episodes:
+            prompts += [(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)]
         anchors = self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))
         prompts += [(q, None, None) for q in anchors]
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]

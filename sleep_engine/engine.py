@@ -19,7 +19,7 @@ from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .memory import MemoryModel
-from .probes import (ANSWER_PROMPT, answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
+from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
                      cloze_probes, episode_probes, forgetting, perplexity)
 from .sampling import chat_ids, generate_batch
 from .store import StateDir
@@ -230,7 +230,7 @@ class SleepEngine:
                 info = next(e for e in self.memory.experts() if e.expert_id == new_id)
                 emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=number)
                 seeder = Consolidator(self.memory, tok, cfg, emit, check, seed=self.cfg.seed + number)
-                examples = seeder.teacher_data(pending, new_probes, old_probes, new_id)
+                examples = seeder.teacher_data(pending, older, new_id)
                 summary["consolidation"] = seeder.seed(examples, new_id)
                 finish("consolidation", t0)
 
@@ -298,8 +298,7 @@ class SleepEngine:
             return {}
         new_id = self.memory.add_expert(tier=3, born=number)
         emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
-        asks = [ANSWER_PROMPT.format(q=p.q) for e in episodes for p in episode_probes(e)]
-        asks += [q for e in episodes for q in seed_prompts(e.text, cfg.prompts_per_episode)]
+        asks = [q for e in episodes for q in seed_prompts(e.text, cfg.prompts_per_episode)]   # never the probes
         seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), emit, check,
                               seed=number)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts

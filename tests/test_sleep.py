@@ -204,7 +204,7 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer,
                           tiny_settings(min_faithfulness=0.0, anchor_prompts=2, anchor_texts=2),
                           lambda *a, **k: None, lambda: None)
-    examples = seeder.teacher_data(episodes, [], [], new_id)
+    examples = seeder.teacher_data(episodes, [], new_id)
     tok = tiny_engine.tokenizer
     about = {0: 0, 1: 0}
     texts = [e for e in examples if not e.prompt]
@@ -224,9 +224,14 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
                 assert TEXTS[1 - i] not in teacher_prompt
                 about[i] += 1
     assert about[0] > 0 and about[1] > 0
+    # self-replay of an older episode: its questions go to the teacher without any context, never its probes
+    replay = seeder.teacher_data(episodes[1:], episodes[:1], new_id)
+    old = [e for e in replay if any(name in e.prompt for name in ("Quarrow Point", "Senna Alvik"))]
+    assert old and all(not e.about_episode and TEXTS[0] not in tok.decode(e.teacher) for e in old)
+    assert not any(qa["q"] in e.prompt for e in replay for qa in QA[0] + QA[1])
     # the filter: an impossible threshold keeps one (the most faithful) answer per episode, plus anchors
     seeder.cfg.min_faithfulness = 1.0
-    strict = seeder.teacher_data(episodes, [], [], new_id)
+    strict = seeder.teacher_data(episodes, [], new_id)
     assert 2 + 2 + 2 <= len(strict) <= 2 + 2 + 2 + 1   # anchors + one per episode (+1 if one passes)
 
 
