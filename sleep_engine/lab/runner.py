@@ -95,7 +95,8 @@ class Runner:
         return learner.learn(passages)
 
     def key(self, experiment: str, method: str, passages) -> dict:
-        lab = {k: v for k, v in self.lab.to_dict().items() if k not in ("state_dir", "cache_dir", "threads")}
+        skip = ("state_dir", "cache_dir", "threads") + (() if method.startswith("sleep") else ("sleep", "memory", "wake"))
+        lab = {k: v for k, v in self.lab.to_dict().items() if k not in skip}   # baselines ignore Sleep's settings
         return {"experiment": experiment, "method": method, "data": lab_data.fingerprint(passages),
                 "exp": self.exp.to_dict(), "lab": lab}
 
