@@ -22,7 +22,13 @@ import os
 import sys
 import threading
 
-from sleep_engine.config import QUANTIZE_MODES, ConfigError, LabConfig, default_cache_dir, default_state_dir
+from sleep_engine.config import (
+    QUANTIZE_MODES,
+    ConfigError,
+    LabConfig,
+    default_cache_dir,
+    default_state_dir,
+)
 
 
 def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
@@ -226,16 +232,21 @@ def read_episodes(path: str) -> list[dict]:
     return [{"text": text, "qa": None, "source": os.path.basename(path)}]
 
 
-def cmd_sleep(cfg: LabConfig, args) -> int:
-    from sleep_engine.config import SleepConfig
-    from sleep_engine.engine import NothingToConsolidate
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE ...` → {KEY: VALUE}; the config object checks names and ranges."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = value.strip()
-    settings = SleepConfig.from_preset(args.preset, **overrides)
+    return overrides
+
+
+def cmd_sleep(cfg: LabConfig, args) -> int:
+    from sleep_engine.config import SleepConfig
+    from sleep_engine.engine import NothingToConsolidate
+    settings = SleepConfig.from_preset(args.preset, **parse_settings(args.set))
     episodes = [ep for f in args.teach for ep in read_episodes(f)]
     engine = open_engine(cfg)
     for ep in episodes:
@@ -283,25 +294,20 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
 
 
 def cmd_lab(cfg: LabConfig, args) -> int:
+    from app.lab_report import write_report
     from sleep_engine.lab.report import table
     from sleep_engine.lab.runner import Runner
     from sleep_engine.lab.settings import METHODS, ExperimentConfig
     bad = [m for m in args.methods or [] if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    exp = ExperimentConfig.from_preset("quick" if args.quick else "full", seed=cfg.seed, **overrides)
+    exp = ExperimentConfig.from_preset("quick" if args.quick else "full", seed=cfg.seed, **parse_settings(args.set))
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if not cfg.threads and load > cores:
         # measured: under contention 2-thread torch kernels ran ~15x slower than 1 thread here
         print(f"note: the CPU is busy (load {load:.1f} on {cores} cores); --threads 1 is much faster then",
               file=sys.stderr)
-    runner = Runner(cfg, exp, args.out, resume=args.resume)
+    runner = Runner(cfg, exp, args.out, resume=args.resume, write_report=write_report)
     try:
         result = getattr(runner, args.experiment)(args.methods)
     except KeyboardInterrupt:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from app.lab_report import render_html, write_report
 from sleep_engine.config import LabConfig
 from sleep_engine.lab import data as lab_data
-from sleep_engine.lab.report import list_reports, render_html, table, write_report
+from sleep_engine.lab.report import list_reports, table
 from sleep_engine.lab.runner import Runner
 from sleep_engine.lab.scoring import IN_CONTEXT_PROMPT, Item, matrix_metrics, score
 from sleep_engine.lab.settings import ExperimentConfig
@@ -97,7 +98,7 @@ def tiny_runner(tmp_path, tokenizer):
         settings.update(over)
         exp = ExperimentConfig.from_preset("quick", **settings)
         runner = Runner(lab, exp, tmp_path / "out", resume=resume, progress=False, log=lambda s: None,
-                        backbone_factory=backbone)
+                        backbone_factory=backbone, write_report=write_report)
         runner.generic = runner.generic[:300]         # the real sets, shortened: a 49k-word vocabulary
         runner.questions = runner.questions[:3]       # makes every token costly for the tiny model
         return runner

@@ -57,9 +57,11 @@ def code_version() -> str | None:
 
 class Runner:
     def __init__(self, lab: LabConfig, exp: ExperimentConfig, out_dir: Path, resume: bool = False, log=None,
-                 progress: bool = True, backbone_factory=None):
-        """`backbone_factory()` (tests) returns a fresh Backbone for every model the run needs."""
+                 progress: bool = True, backbone_factory=None, write_report=None):
+        """`backbone_factory()` (tests) returns a fresh Backbone for every model the run needs;
+        `write_report(result, path)` (e.g. `app.lab_report.write_report`) draws the HTML report."""
         self.lab, self.exp, self.out, self.resume = lab, exp, Path(out_dir), resume
+        self.write_report = write_report
         self.backbone_factory = backbone_factory
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.show_progress = progress
@@ -297,7 +299,6 @@ class Runner:
 
     # -- output ----------------------------------------------------------------------------
     def _finish(self, name: str, result: dict) -> dict:
-        from .report import write_report
         result.update(settings=self.exp.to_dict(), lab=self.lab.to_dict(), machine=machine(), code=code_version(),
                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       data={"passages": lab_data.fingerprint(self.test), "split": self.exp.split},
@@ -305,7 +306,8 @@ class Runner:
                       baseline_quantize="none (float32, PEFT LoRA)", peak_rss_mb=peak_rss_mb())
         path = self.out / f"{name}.json"
         atomic_write_json(path, result)
-        result["report"] = str(write_report(result, self.out / f"{name}.html"))
+        if self.write_report:
+            result["report"] = str(self.write_report(result, self.out / f"{name}.html"))
         result["json"] = str(path)
         return result
 

@@ -3,13 +3,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-LABELS = {"base": "base (closed-book)", "in_context": "in-context (ceiling)", "passage_sft": "passage LoRA SFT",
-          "seal_sft": "SEAL-style SFT", "seq_sft": "sequential LoRA SFT", "ewc": "EWC (LoRA)",
-          "sleep_nodream": "Sleep, no dreaming", "sleep_2tier": "Sleep, 2-tier", "sleep_3tier": "Sleep, 3-tier"}
-
-
-def label(method: str) -> str:
-    return LABELS.get(method, method)
+from sleep_engine.lab.report import label
 
 
 def accuracy_bars(rows: dict[str, dict], title: str) -> go.Figure:
