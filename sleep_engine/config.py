@@ -123,7 +123,8 @@ class SleepConfig:
 
     PRESETS = {
         "quick": {},
-        "full": {"prompts_per_episode": 16, "answer_tokens": 48, "batch_size": 8, "lti_group": 4, "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 8,
+        "full": {"prompts_per_episode": 16, "answer_tokens": 48, "batch_size": 8, "lti_group": 4,
+                 "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 8,
                  "distill_steps": 28, "lti_steps": 2, "lti_prefixes": 4, "dreams": 6, "keep_top": 2,
                  "keep_random": 1, "dream_tokens": 48, "trial_steps": 2, "rest_rounds": 2, "rest_steps": 2},
     }
@@ -154,7 +155,8 @@ class SleepConfig:
 
     def validate(self) -> "SleepConfig":
         for name, lo, hi in [("prompts_per_episode", 1, 256), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
-                             ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12), ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
+                             ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12),
+                             ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
                              ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
                              ("lti_steps", 0, 1000), ("lti_prefixes", 1, 256), ("lti_group", 2, 64),
                              ("lti_tokens", 4, 256), ("gamma", 0.0, 1.0), ("tau_sem", -1.0, 1.0), ("z0", 0.0, 1.0),

@@ -143,23 +143,21 @@ class Consolidator:
         with self.memory.configured(muted=[new_id], fast_weights=True):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
                                              return_logits=True, batch_size=32)
-        out, best = [], {}   # best: per episode, its most faithful answer, kept if none passes
+        out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
         for (q, _, source), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
                 continue
             text = self.tok.decode(ans, skip_special_tokens=True)
-            example = Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, text, lg)
-            if source is None:
-                example.about_episode = False
-                out.append(example)
-                continue
-            score = faithfulness(text, source)
+            example = Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, text, lg,
+                              about_episode=source is not None)
+            score = 1.0 if source is None else faithfulness(text, source)
             if score >= self.cfg.min_faithfulness:
                 out.append(example)
-                best[source] = None
-            elif source not in best or (best[source] is not None and score > best[source][0]):
+                passed.add(source)
+            elif score > best.get(source, (-1.0, None))[0]:
                 best[source] = (score, example)
-        return out + [b[1] for b in best.values() if b is not None] + self.text_anchors(new_id)
+        fallbacks = [example for source, (_, example) in best.items() if source not in passed]
+        return out + fallbacks + self.text_anchors(new_id)
 
     @torch.no_grad()
     def text_anchors(self, new_id: str, max_tokens: int = 64) -> list[Example]:
