@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--auth", metavar="USER:PASSWORD",
                      help="require this login (basic auth); default: the SLEEP_LAB_AUTH variable, else none")
     web.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    web.add_argument("--reports", default="reports/lab", metavar="DIR",
+                     help="where the Inspect tab looks for lab reports (default: %(default)s, as `lab --out`)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     chat = sub.add_parser("chat", help="terminal chat (streaming)")
     _common(chat, sub=True)
@@ -340,7 +342,8 @@ def cmd_ui(cfg: LabConfig, args) -> int:
     from app.ui import launch
     print(f"Sleep Lab: http://{args.host}:{args.port}  (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        launch(engine, host=args.host, port=args.port, auth=auth, share=args.share)  # returns on Ctrl-C
+        launch(engine, host=args.host, port=args.port, auth=auth, share=args.share,   # returns on Ctrl-C
+               reports_dir=args.reports)
     finally:
         engine.cancel()   # a running sleep rolls back; completed ones are on disk
     return 0

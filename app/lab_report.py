@@ -58,6 +58,22 @@ torch {html.escape(str(m.get('torch', '')))} · preset <b>{html.escape(str(resul
 <h2>Settings</h2><pre>{settings}</pre></body></html>"""
 
 
+def load_report(path) -> dict:
+    """A lab result JSON (as `launch.py lab` writes it) read for viewing: {"result", "table",
+    "figures", "html"}. Raises ValueError with a readable message for anything else."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(result, dict) or result.get("experiment") not in ("knowledge", "continual", "speed"):
+            raise ValueError("not a lab result (no knowledge/continual/speed experiment in it)")
+        view = {"result": result, "table": table(result), "figures": figures(result)}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"cannot open lab report {path.name}: {e}") from None
+    html_path = path.with_suffix(".html")
+    view["html"] = str(html_path) if html_path.is_file() else None
+    return view
+
+
 def write_report(result: dict, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_suffix(".html.tmp")

@@ -21,7 +21,10 @@ from sleep_engine.config import ConfigError, SleepConfig
 from sleep_engine.engine import NothingToConsolidate
 from sleep_engine.wake import WakeBusy, WakeInputError
 
+from sleep_engine.lab.report import list_reports
+
 from . import plots, views
+from .lab_report import load_report
 
 UPLOAD_LIMIT = 1 << 20       # bytes per uploaded text file (the server refuses larger uploads too)
 SETTINGS = [("distill_steps", "steps (consolidation)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
@@ -150,7 +153,7 @@ class StopFlags:
             ev.set()
 
 
-def build_app(engine) -> gr.Blocks:
+def build_app(engine, reports_dir: str | Path = "reports/lab") -> gr.Blocks:
     stops = StopFlags()
     usage = views.UsageMeter()
     export_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-export-"))
@@ -330,6 +333,40 @@ def build_app(engine) -> gr.Blocks:
                 str(ev_copy) if ev_copy.exists() else None, str(csv_copy),
                 _ok(f"sleep {name}: {len(events)} events"))
 
+    # -- lab reports (written by `launch.py lab`) ------------------------------------------------
+    def report_choices():
+        return [(f"{r['experiment']} · {r['preset']} · {r['date']}", r["json"]) for r in list_reports(reports_dir)]
+
+    def open_report(path):
+        if not path:
+            found = bool(report_choices())
+            return ("", gr.update(choices=[], value=None), None, None,
+                    _ok("No lab report selected." if found else f"No lab reports in {reports_dir} yet: "
+                        "run `python launch.py lab knowledge --quick`."))
+        if path not in {value for _, value in report_choices()}:   # only files of the reports folder
+            return "", gr.update(choices=[], value=None), None, None, _error(f"no lab report {path!r} in {reports_dir}")
+        try:
+            view = load_report(path)
+        except ValueError as e:
+            return "", gr.update(choices=[], value=None), None, None, _error(str(e))
+        titles = [f.layout.title.text for f in view["figures"]]
+        html_copy = None
+        if view["html"]:   # served from the export folder: the reports folder may be anywhere
+            html_copy = export_dir / f"lab-{Path(path).stem}.html"
+            shutil.copyfile(view["html"], html_copy)
+        return (view["table"], gr.update(choices=titles, value=titles[0] if titles else None),
+                view["figures"][0] if titles else None, str(html_copy) if html_copy else None,
+                _ok(f"{view['result']['experiment']} experiment of {view['result'].get('date', '?')}"))
+
+    def report_figure(path, title):
+        if path not in {value for _, value in report_choices()}:
+            return None
+        try:
+            figs = load_report(path)["figures"]
+        except ValueError:
+            return None
+        return next((f for f in figs if f.layout.title.text == title), None)
+
     # -- layout ---------------------------------------------------------------------------------
     with gr.Blocks(title="Sleep Lab", analytics_enabled=False) as demo:
         gr.Markdown("## Sleep Lab")
@@ -403,6 +440,17 @@ def build_app(engine) -> gr.Blocks:
                                            interactive=False)
                 ins_probes = gr.Dataframe(headers=["episode", "", "accuracy before", "accuracy after"],
                                           label="Probe results (closed-book)", interactive=False)
+                with gr.Accordion("Lab reports (python launch.py lab …)", open=False, elem_id="lab-reports"):
+                    with gr.Row():
+                        report_pick = gr.Dropdown(choices=[], label="report", elem_id="report-pick", scale=3,
+                                                  allow_custom_value=True)   # choices arrive on page load
+                        report_refresh = gr.Button("Refresh", scale=0)
+                        report_dl = gr.DownloadButton("Full report (HTML)", elem_id="dl-report", scale=1)
+                    report_notice = gr.HTML(elem_id="report-notice")
+                    report_table = gr.Markdown(elem_id="report-table")
+                    report_fig_pick = gr.Dropdown(choices=[], label="figure", elem_id="report-figure-pick",
+                                                  allow_custom_value=True)
+                    report_fig = gr.Plot(label="Figure", elem_id="report-figure")
 
         # -- wiring -------------------------------------------------------------------------------
         wake_out = [chatbot, msg, wake_notice, heat, strip, load, tiers, header]
@@ -430,19 +478,25 @@ def build_app(engine) -> gr.Blocks:
         refresh.click(lambda: gr.update(choices=sleep_choices()), None, pick, api_name=False)
         refresh.click(inspect, pick, inspect_out, api_name=False)
 
+        report_out = [report_table, report_fig_pick, report_fig, report_dl, report_notice]
+        report_pick.change(open_report, report_pick, report_out, api_name="lab_report")
+        report_refresh.click(lambda: gr.update(choices=report_choices()), None, report_pick, api_name=False)
+        report_fig_pick.change(report_figure, [report_pick, report_fig_pick], report_fig, api_name=False)
+
         # a reload or a second tab re-attaches: conversation, routing, panels, running sleep
         def on_load():
             history = [dict(m) for m in engine.wake.history]
-            return (history,) + routing_outputs(None) + tick(None)
-        demo.load(on_load, None, [chatbot, heat, strip, load] + live, api_name=False, show_progress="hidden")
+            return (history,) + routing_outputs(None) + tick(None) + (gr.update(choices=report_choices()),)
+        demo.load(on_load, None, [chatbot, heat, strip, load] + live + [report_pick], api_name=False,
+                  show_progress="hidden")
     return demo
 
 
 def launch(engine, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
-           share: bool = False, block: bool = True) -> gr.Blocks:
+           share: bool = False, block: bool = True, reports_dir: str | Path = "reports/lab") -> gr.Blocks:
     """Start the page. Safe defaults: loopback only, no share link, no run history or monitoring."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = build_app(engine)
+    demo = build_app(engine, reports_dir)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=UPLOAD_LIMIT,
                 enable_monitoring=False, run_history=False, ssr_mode=False, show_error=True,

@@ -22,12 +22,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(name="lab")
-def lab_fixture(tiny_engine):
-    """(engine, url): the page on a tiny engine with one routed expert (so routing has data)."""
+def lab_fixture(tiny_engine, tmp_path):
+    """(engine, url): the page on a tiny engine with one routed expert (so routing has data);
+    lab reports are looked for in tmp_path/reports."""
     from app.ui import launch
     tiny_engine.memory.add_expert(tier=2, born=0)
     tiny_engine.cfg.wake.max_new_tokens = 12
-    demo = launch(tiny_engine, port=free_port(), block=False)
+    demo = launch(tiny_engine, port=free_port(), block=False, reports_dir=tmp_path / "reports")
     try:
         yield tiny_engine, demo.local_url
     finally:

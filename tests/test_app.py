@@ -1,5 +1,9 @@
 """The lab page through its HTTP API (gradio_client), on a tiny random-weight engine."""
+import json
+from pathlib import Path
+
 import torch
+from conftest import ROOT
 from gradio_client import Client, handle_file
 from lab_app import FAST, MORE, PASSAGE, QA, lab_fixture, wait_for  # noqa: F401 - the `lab` fixture
 
@@ -111,3 +115,31 @@ def test_launch_refuses_a_bad_login_spec_before_loading_anything(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--state-dir", str(tmp_path), "--auth", "alice"],
                          check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2 and "expects USER:PASSWORD" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_inspect_opens_lab_reports_and_only_those(lab, tmp_path):
+    from app.lab_report import write_report
+    engine, url = lab
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    result = {"experiment": "continual", "episodes": [["p1"], ["p2"]], "date": "2026-01-01 00:00 UTC",
+              "settings": {"preset": "quick"}, "machine": {"cpu": "test"},
+              "methods": {"seq_sft": {"R": [[0.75, 0.0], [0.25, 1.0]], "average_accuracy": 0.625, "forgetting": 0.5,
+                                      "bwt": -0.5, "fwt": 0.0, "seconds": 3.0, "ppl_curve": [10.0, 11.0],
+                                      "drift": {"ppl_before": 10.0, "ppl_after": 11.0, "ppl_change": 0.1}}}}
+    (reports / "continual.json").write_text(json.dumps(result))
+    write_report(result, reports / "continual.html")
+    (reports / "broken.json").write_text('{"experiment": "continual", "methods": {"x": {}}}')
+    (reports / "broken.html").write_text("<html></html>")
+    client = Client(url, verbose=False)
+
+    table, figure_pick, figure, html, notice = client.predict(str(reports / "continual.json"), api_name="/lab_report")
+    assert "continual experiment" in notice and "62.5" in table and "-50.0" in table   # average accuracy, BWT
+    titles = [c[0] for c in figure_pick["choices"]]
+    assert figure_pick["value"] == titles[0] and any("R[i][j]" in t for t in titles) and figure is not None
+    assert Path(html).read_text().startswith("<!doctype html>")
+
+    *_, notice = client.predict(str(reports / "broken.json"), api_name="/lab_report")
+    assert "cannot open lab report broken.json" in notice
+    *_, notice = client.predict(str(ROOT / "README.md"), api_name="/lab_report")   # not a report of the folder
+    assert "no lab report" in notice and "notice-error" in notice
