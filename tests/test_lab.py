@@ -113,19 +113,25 @@ def no_semantic_model(monkeypatch):
 
 
 def test_every_method_sees_identical_data_and_resume_skips_finished_methods(tiny_runner, tmp_path, monkeypatch):
-    res = tiny_runner().knowledge()
+    res = tiny_runner(passages_per_sleep=1).knowledge()
     n1 = {name: r["inputs"] for name, r in res["n1"].items()}
     assert len(set(map(tuple, n1.values()))) == 1 and len(next(iter(n1.values()))) == 2   # one call per passage
     many = {name: r["inputs"] for name, r in res["many"].items()}
     assert len(set(map(tuple, many.values()))) == 1
     assert all(r["n"] == 8 for r in res["many"].values())   # 2 passages × 4 questions, for every method
+    # Sleep slept once per passage; its learning time leaves out its own probe phases
+    sleep = res["many"]["sleep_nodream"]["learn"]
+    assert [s["passages"] for s in sleep["sleeps"]] == [[p] for p in res["passages_many"]]
+    assert sleep["probe_seconds"] > 0 and sleep["seconds"] == pytest.approx(sleep["wall_seconds"] - sleep["probe_seconds"])
+    # the untrained model's general numbers are measured once per kind of base and shared
+    assert res["many"]["base"]["drift"]["ppl_before"] == res["many"]["passage_sft"]["drift"]["ppl_before"]
     assert (tmp_path / "out" / "knowledge.html").is_file() and json.loads((tmp_path / "out" / "knowledge.json").read_text())
 
     # a second run with --resume recomputes nothing; the results are the same
     calls = []
     monkeypatch.setattr(Runner, "_knowledge_many", lambda self, *a: calls.append(a) or {})
     monkeypatch.setattr(Runner, "_knowledge_n1", lambda self, *a: calls.append(a) or {})
-    again = tiny_runner(resume=True).knowledge()
+    again = tiny_runner(resume=True, passages_per_sleep=1).knowledge()
     assert calls == []
     assert again["many"]["passage_sft"]["accuracy"] == res["many"]["passage_sft"]["accuracy"]
 

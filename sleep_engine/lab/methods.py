@@ -24,6 +24,7 @@ from .settings import ExperimentConfig
 
 class Learner:
     name = ""
+    base = ""   # which untrained model it starts from: methods sharing one share its "before" numbers
     contexts: dict[str, str] | None = None   # passage id → text placed in the prompt (in-context only)
 
     def reset(self) -> None: ...
@@ -49,6 +50,7 @@ class Baselines:
 class BaseModel(Learner):
     """Closed-book base model: learns nothing."""
     name = "base"
+    base = "float32 PEFT base"
 
     def __init__(self, shared: Baselines, exp: ExperimentConfig):
         self.t, self.tokenizer = shared.trainer, shared.tokenizer
@@ -132,6 +134,7 @@ class EWC(PassageSFT):
 
 class SleepMethod(Learner):
     """Sleep through the engine's public API, in a fresh state directory per reset."""
+    base = "Sleep engine, no experts"
 
     def __init__(self, name: str, lab: LabConfig, exp: ExperimentConfig, state_root: Path, tiers: int,
                  dreaming: bool, consolidate_every: int | None = None, progress=None, backbone_factory=None):
@@ -163,22 +166,32 @@ class SleepMethod(Learner):
         return self.engine.memory.lm
 
     def learn(self, passages):
-        e = self.engine
+        """Teach the passages and sleep after every `passages_per_sleep` of them. `seconds` is the
+        learning time (teach + consolidation + dreaming + reset + checkpoint); the engine's own
+        closed-book probes before and after each sleep are evaluation, like the lab's, and are
+        reported apart (`probe_seconds`)."""
+        e, every = self.engine, self.exp.passages_per_sleep
         t0 = time.perf_counter()
-        for p in passages:
-            e.wake.teach(p.text, source=p.id)   # the passage only: no QA (the engine builds cloze probes)
-        number = e.sleep(self.settings())
-        summary = None
-        try:
-            summary = self._follow(e, number)
-        except KeyboardInterrupt:
-            e.cancel()   # the engine rolls the model back; the runner keeps finished methods
-            raise
-        seconds = time.perf_counter() - t0
-        keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after")
-        return {"seconds": round(seconds, 2), "sleep": number, "quantize": e.backbone.quantize,
-                "tiers": self.tiers, "settings": summary.get("settings"),
-                **{k: summary[k] for k in keep if k in summary}}
+        sleeps, phases = [], {}
+        for i in range(0, len(passages), every):
+            for p in passages[i:i + every]:
+                e.wake.teach(p.text, source=p.id)   # the passage only: no QA (the engine builds cloze probes)
+            number = e.sleep(self.settings())
+            try:
+                summary = self._follow(e, number)
+            except KeyboardInterrupt:
+                e.cancel()   # the engine rolls the model back; the runner keeps finished methods
+                raise
+            keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after")
+            sleeps.append({"sleep": number, "passages": [p.id for p in passages[i:i + every]],
+                           **{k: summary[k] for k in keep if k in summary}})
+            for k, v in summary.get("phases", {}).items():
+                phases[k] = round(phases.get(k, 0.0) + v, 2)
+        wall = time.perf_counter() - t0
+        probes = phases.get("probe_before", 0.0) + phases.get("probe_after", 0.0)
+        return {"seconds": round(wall - probes, 2), "wall_seconds": round(wall, 2), "probe_seconds": round(probes, 2),
+                "phases": phases, "sleeps": sleeps, "quantize": e.backbone.quantize, "tiers": self.tiers,
+                "settings": vars(self.settings())}
 
     def _follow(self, e, number) -> dict:
         summary = None

@@ -41,13 +41,14 @@ def knowledge_table(result: dict) -> str:
 
 
 def continual_table(result: dict) -> str:
-    lines = ["| method | avg acc | forgetting | BWT | FWT | ppl drift | general Q | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | acc before | avg acc | forgetting | BWT | FWT | ppl drift | general Q | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, r in result.get("methods", {}).items():
         d = r["drift"]
+        before = sum(r["initial"]) / len(r["initial"]) if r.get("initial") else None
         gq = f"{_pct(d.get('general_accuracy_before'))} → {_pct(d.get('general_accuracy_after'))}"
         fwt = f"{100 * r['fwt']:+.1f} pts" if "fwt" in r else "–"
-        lines.append(f"| {label(n)} | {_pct(r['average_accuracy'])} | {100 * r['forgetting']:.1f} pts | "
+        lines.append(f"| {label(n)} | {_pct(before)} | {_pct(r['average_accuracy'])} | {100 * r['forgetting']:.1f} pts | "
                      f"{100 * r['bwt']:+.1f} pts | {fwt} | "
                      f"{100 * d['ppl_change']:+.1f}% | {gq} | {_s(r['seconds'])} |")
     return "\n".join(lines)

@@ -66,6 +66,7 @@ class Runner:
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.show_progress = progress
         self._shared: Baselines | None = None
+        self._untrained: dict = {}
         self.test = lab_data.load_passages(exp.split)
         self.generic = lab_data.generic_text()
         self.questions = lab_data.general_questions()
@@ -146,6 +147,15 @@ class Runner:
             self.general_info = {"kept": len(r["kept"]), "total": len(self.questions), "dropped": r["dropped"]}
         return self._kept
 
+    def untrained(self, learner: Learner, what: str, compute) -> dict:
+        """Numbers of the untrained model, measured once per kind of base model and reused by every
+        method that starts from it (they are the same function: a zero LoRA update, or an engine
+        with no experts). In-context methods are measured apart (their prompts differ)."""
+        key = (learner.base, learner.contexts is not None, what)
+        if key not in self._untrained:
+            self._untrained[key] = compute()
+        return self._untrained[key]
+
     # -- knowledge incorporation -----------------------------------------------------------
     def knowledge(self, methods: list[str] | None = None) -> dict:
         e = self.exp
@@ -194,7 +204,8 @@ class Runner:
         learner = self.learner(name, "knowledge", bar)
         try:
             learner.reset()
-            before = general_ability(learner.lm, learner.tokenizer, self.generic, self.kept_questions(), self.exp.answer_tokens)
+            before = self.untrained(learner, "general", lambda: general_ability(
+                learner.lm, learner.tokenizer, self.generic, self.kept_questions(), self.exp.answer_tokens))
             inputs = []
             info = self.learn(learner, passages, inputs)
             res = self._eval(learner, passages)
@@ -229,7 +240,7 @@ class Runner:
         learner = self.learner(name, "continual", bar)
         try:
             learner.reset()
-            first = self._eval(learner, flat)
+            first = self.untrained(learner, "continual", lambda: self._eval(learner, flat))
             initial = [_episode_acc(first, ep) for ep in eps]
             R, ppl, infos, seconds, inputs = [], [], [], [], []
             last = first
