@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--auth", metavar="USER:PASSWORD",
                      help="require this login (basic auth); default: the SLEEP_LAB_AUTH variable, else none")
     web.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    web.add_argument("--reports", default="reports/lab", metavar="DIR",
-                     help="where the Inspect tab looks for lab reports (default: %(default)s, as `lab --out`)")
+    web.add_argument("--reports", default="reports", metavar="DIR",
+                     help="where the Inspect tab looks for lab reports, subfolders included (default: %(default)s)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     chat = sub.add_parser("chat", help="terminal chat (streaming)")
     _common(chat, sub=True)

@@ -153,7 +153,7 @@ class StopFlags:
             ev.set()
 
 
-def build_app(engine, reports_dir: str | Path = "reports/lab") -> gr.Blocks:
+def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     stops = StopFlags()
     usage = views.UsageMeter()
     export_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-export-"))
@@ -335,7 +335,8 @@ def build_app(engine, reports_dir: str | Path = "reports/lab") -> gr.Blocks:
 
     # -- lab reports (written by `launch.py lab`) ------------------------------------------------
     def report_choices():
-        return [(f"{r['experiment']} · {r['preset']} · {r['date']}", r["json"]) for r in list_reports(reports_dir)]
+        return [(f"{Path(r['json']).parent.name}/{r['experiment']} · {r['preset']} · {r['date']}", r["json"])
+                for r in list_reports(reports_dir)]
 
     def open_report(path):
         if not path:
@@ -493,7 +494,7 @@ def build_app(engine, reports_dir: str | Path = "reports/lab") -> gr.Blocks:
 
 
 def launch(engine, host: str = "127.0.0.1", port: int | None = None, auth: tuple[str, str] | None = None,
-           share: bool = False, block: bool = True, reports_dir: str | Path = "reports/lab") -> gr.Blocks:
+           share: bool = False, block: bool = True, reports_dir: str | Path = "reports") -> gr.Blocks:
     """Start the page. Safe defaults: loopback only, no share link, no run history or monitoring."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     demo = build_app(engine, reports_dir)

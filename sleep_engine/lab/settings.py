@@ -44,7 +44,7 @@ class ExperimentConfig:
     seal_edits: int = 2               # SEAL: 5 self-edits per passage; 2 here (CPU)
     seal_edit_tokens: int = 96
     seal_temperature: float = 1.0
-    ewc_lambda: float = 50.0          # weight of the EWC penalty on mean-normalised Fisher
+    ewc_lambda: float = 1e4           # weight of the EWC penalty on mean-normalised Fisher (dev sweep: 50, 1e4, 1e6)
     # Sleep
     sleep_preset: str = "quick"
     passages_per_sleep: int = 4       # Sleep sleeps after every this many passages (a sleep's design point)
