@@ -19,9 +19,8 @@ import gradio as gr
 
 from sleep_engine.config import ConfigError, SleepConfig
 from sleep_engine.engine import NothingToConsolidate
-from sleep_engine.wake import WakeBusy, WakeInputError
-
 from sleep_engine.lab.report import list_reports
+from sleep_engine.wake import WakeBusy, WakeInputError
 
 from . import plots, views
 from .lab_report import load_report
@@ -338,16 +337,26 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         return [(f"{Path(r['json']).parent.name}/{r['experiment']} · {r['preset']} · {r['date']}", r["json"])
                 for r in list_reports(reports_dir)]
 
+    loaded: dict = {}   # path → (mtime, load_report's view): picking a figure re-reads nothing
+
+    def report_view(path: str) -> dict:
+        """The report at `path`, which must be a JSON file inside the reports folder (ValueError)."""
+        file = Path(path).resolve()
+        if file.suffix != ".json" or not file.is_file() or not file.is_relative_to(Path(reports_dir).resolve()):
+            raise ValueError(f"no lab report {path!r} in {reports_dir}")
+        mtime = file.stat().st_mtime
+        if loaded.get(file, (None,))[0] != mtime:
+            loaded[file] = (mtime, load_report(file))
+        return loaded[file][1]
+
     def open_report(path):
         if not path:
             found = bool(report_choices())
             return ("", gr.update(choices=[], value=None), None, None,
                     _ok("No lab report selected." if found else f"No lab reports in {reports_dir} yet: "
                         "run `python launch.py lab knowledge --quick`."))
-        if path not in {value for _, value in report_choices()}:   # only files of the reports folder
-            return "", gr.update(choices=[], value=None), None, None, _error(f"no lab report {path!r} in {reports_dir}")
         try:
-            view = load_report(path)
+            view = report_view(path)
         except ValueError as e:
             return "", gr.update(choices=[], value=None), None, None, _error(str(e))
         titles = [f.layout.title.text for f in view["figures"]]
@@ -360,10 +369,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 _ok(f"{view['result']['experiment']} experiment of {view['result'].get('date', '?')}"))
 
     def report_figure(path, title):
-        if path not in {value for _, value in report_choices()}:
-            return None
         try:
-            figs = load_report(path)["figures"]
+            figs = report_view(path)["figures"] if path else []
         except ValueError:
             return None
         return next((f for f in figs if f.layout.title.text == title), None)

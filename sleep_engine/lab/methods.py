@@ -170,20 +170,21 @@ class SleepMethod(Learner):
         learning time (teach + consolidation + dreaming + reset + checkpoint); the engine's own
         closed-book probes before and after each sleep are evaluation, like the lab's, and are
         reported apart (`probe_seconds`)."""
-        e, every = self.engine, self.exp.passages_per_sleep
+        e, every, settings = self.engine, self.exp.passages_per_sleep, self.settings()
+        keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after")
         t0 = time.perf_counter()
         sleeps, phases = [], {}
         for i in range(0, len(passages), every):
-            for p in passages[i:i + every]:
+            group = passages[i:i + every]
+            for p in group:
                 e.wake.teach(p.text, source=p.id)   # the passage only: no QA (the engine builds cloze probes)
-            number = e.sleep(self.settings())
+            number = e.sleep(settings)
             try:
                 summary = self._follow(e, number)
             except KeyboardInterrupt:
                 e.cancel()   # the engine rolls the model back; the runner keeps finished methods
                 raise
-            keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after")
-            sleeps.append({"sleep": number, "passages": [p.id for p in passages[i:i + every]],
+            sleeps.append({"sleep": number, "passages": [p.id for p in group],
                            **{k: summary[k] for k in keep if k in summary}})
             for k, v in summary.get("phases", {}).items():
                 phases[k] = round(phases.get(k, 0.0) + v, 2)
@@ -191,7 +192,7 @@ class SleepMethod(Learner):
         probes = phases.get("probe_before", 0.0) + phases.get("probe_after", 0.0)
         return {"seconds": round(wall - probes, 2), "wall_seconds": round(wall, 2), "probe_seconds": round(probes, 2),
                 "phases": phases, "sleeps": sleeps, "quantize": e.backbone.quantize, "tiers": self.tiers,
-                "settings": vars(self.settings())}
+                "settings": vars(settings)}
 
     def _follow(self, e, number) -> dict:
         summary = None
