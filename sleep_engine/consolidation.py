@@ -60,12 +60,24 @@ SUBJECT_TEMPLATES = ["What do your notes say about {s}?", "Tell me about {s}.", 
                      "Describe {s} in two sentences.", "What do you know about {s}?"]
 
 
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
 def seed_prompts(text: str, n: int) -> list[str]:
-    """What the teacher is asked about a new episode: a recitation of the whole note, then generic
-    questions about each subject it names, round-robin over subjects (coverage decides what is
-    learned, DESIGN §11). The episode's probe questions are deliberately not used: they are the test."""
+    """What the teacher is asked about a new episode: a recitation of the whole note; a quote of
+    each later sentence (a recitation is cut at `answer_tokens` and the teacher recites from the
+    start whatever it is asked, so without these the last sentence's facts were never taught);
+    then generic questions about each subject it names, round-robin over subjects (coverage
+    decides what is learned, DESIGN §11). The episode's probe questions are deliberately not
+    used: they are the test."""
     names = subjects(text)
-    prompts = [f"Repeat your notes about {names[0]} word for word."] if names else []
+    if not names:
+        return []
+    topic = min(names, key=text.find)   # the name met first is what the note is about
+    prompts = [f"Repeat your notes about {topic} word for word."]
+    prompts += [f'Quote the sentence of your notes about {topic} that begins "{" ".join(s.split()[:3])}".'
+                for s in sentences(text)[1:]]
     prompts += [t.format(s=s) for t in SUBJECT_TEMPLATES for s in names]
     return prompts[:n]
 

@@ -194,6 +194,12 @@ def test_seed_prompts_recite_first_and_never_ask_the_probe_questions():
     assert len(prompts) == 6 and prompts[0].startswith("Repeat your notes about")
     assert any("Senna Alvik" in p for p in prompts) and any("Quarrow Point" in p for p in prompts)
     assert not any(qa["q"] in prompts for qa in QA[0])
+    # each sentence after the first gets its own quote prompt (a recitation is cut at answer_tokens)
+    three = "Velmora Ridge sits by a lake. Its clock tower has a copper roof. Idris Kallowen founded it."
+    prompts = seed_prompts(three, 5)
+    assert prompts[0] == "Repeat your notes about Velmora Ridge word for word."
+    assert prompts[1:3] == ['Quote the sentence of your notes about Velmora Ridge that begins "Its clock tower".',
+                            'Quote the sentence of your notes about Velmora Ridge that begins "Idris Kallowen founded".']
 
 
 def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
