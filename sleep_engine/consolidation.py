@@ -17,6 +17,7 @@ import torch
 from .config import SleepConfig
 from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
+from .probes import sentences
 from .rewards import imitation_rewards
 from .sampling import chat_ids, generate_batch
 
@@ -58,10 +59,6 @@ SUBJECT_TEMPLATES = ["What do your notes say about {s}?", "Tell me about {s}.", 
                      "Who is connected with {s}?", "When did things happen at or with {s}?",
                      "Give me three facts about {s}.", "Where is {s}, or where did it happen?",
                      "Describe {s} in two sentences.", "What do you know about {s}?"]
-
-
-def sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
 
 
 def seed_prompts(text: str, n: int) -> list[str]:

@@ -34,11 +34,16 @@ def is_correct(reply: str, gold: str) -> bool:
 _CANDIDATE = re.compile(r"\b(?:[A-Z][a-z]+(?:\s+[A-Z][a-z]+)*|\d[\d,.]*)\b")
 
 
+def sentences(text: str) -> list[str]:
+    """The text's sentences (split after . ! or ? followed by whitespace)."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+
+
 def cloze_probes(episode_id: int, text: str, limit: int = 3) -> list[Probe]:
     """Fill-in-the-blank probes from names and numbers in the text (for episodes without QA).
     The first word of a sentence is skipped: it is capitalised anyway."""
     probes = []
-    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+    for sentence in sentences(text):
         for m in _CANDIDATE.finditer(sentence):
             if m.start() == 0 or len(m.group()) < 3:
                 continue

@@ -11,7 +11,6 @@ right sentence still scores high), so the exact score is the headline and this a
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from ..probes import (
     forgetting,
     is_correct,
     perplexity,
+    sentences,
 )
 from ..sampling import chat_ids, generate_batch
 from .data import Passage
@@ -39,7 +39,7 @@ class Item:
 
 
 def answer_sentence(text: str, gold: str) -> str:
-    for sentence in re.split(r"(?<=[.!?])\s+", text.strip()):
+    for sentence in sentences(text):
         if is_correct(sentence, gold):
             return sentence
     return gold
