@@ -26,7 +26,7 @@ from . import plots, views
 from .lab_report import load_report
 
 UPLOAD_LIMIT = 1 << 20       # bytes per uploaded text file (the server refuses larger uploads too)
-SETTINGS = [("distill_steps", "steps (consolidation)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
+SETTINGS = [("distill_steps", "consolidation steps (0 = auto)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
             ("keep_random", "b random kept"), ("gamma", "γ (semantic vs edit reward)"),
             ("alpha", "α (divergence vs reward)"), ("lmbda", "λ (student-sampled fraction)")]
 DREAM_WIDTHS = ["5%", "4%", "7%", "7%", "6%", "7%", "7%", "20%", "37%"]

@@ -86,10 +86,11 @@ class SleepConfig:
     min_faithfulness: float = 0.75    # drop teacher answers naming things the episode does not contain
     answer_tokens: int = 36           # length of each teacher answer (a recitation needs ~60)
     replay_per_episode: int = 2       # self-replay: questions about each older episode, answered from memory
-    anchor_prompts: int = 6           # generic requests answered without context (keeps the rest unchanged)
-    anchor_texts: int = 4             # paragraphs of plain text the student must keep predicting as before
+    anchor_prompts: int = 12          # generic requests answered without context (keeps the rest unchanged)
+    anchor_texts: int = 12            # paragraphs of plain text the student must keep predicting as before
     anchor_texts_per_step: int = 2    # of those, added to every step's batch
-    distill_steps: int = 9            # quick: ≤ 90 s for 2 episodes on a 2-core CPU (measured 76 s)
+    distill_steps: int = 0            # 0 = follow the data: distill_epochs passes over the sleep's examples
+    distill_epochs: float = 2.8       # quick: 9 steps for 1 episode, ≤ 90 s for 2; a fixed 9 starved 4-episode sleeps
     batch_size: int = 6
     lr: float = 2e-2                  # measured: 1.5e-3 learned nothing in 12-20 steps, 1e-2..2e-2 did
     beta: float = 0.0                 # generalized JSD: 0 = forward KL(teacher‖student), 1 = reverse
@@ -125,7 +126,7 @@ class SleepConfig:
         "quick": {},
         "full": {"prompts_per_episode": 16, "answer_tokens": 48, "batch_size": 8, "lti_group": 4,
                  "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 8,
-                 "distill_steps": 28, "lti_steps": 2, "lti_prefixes": 4, "dreams": 6, "keep_top": 2,
+                 "distill_epochs": 5.0, "lti_steps": 2, "lti_prefixes": 4, "dreams": 6, "keep_top": 2,
                  "keep_random": 1, "dream_tokens": 48, "trial_steps": 2, "rest_rounds": 2, "rest_steps": 2},
     }
 
@@ -156,7 +157,8 @@ class SleepConfig:
     def validate(self) -> "SleepConfig":
         for name, lo, hi in [("prompts_per_episode", 1, 256), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
                              ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12),
-                             ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("batch_size", 1, 256),
+                             ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("distill_epochs", 0.1, 100.0),
+                             ("batch_size", 1, 256),
                              ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
                              ("lti_steps", 0, 1000), ("lti_prefixes", 1, 256), ("lti_group", 2, 64),
                              ("lti_tokens", 4, 256), ("gamma", 0.0, 1.0), ("tau_sem", -1.0, 1.0), ("z0", 0.0, 1.0),

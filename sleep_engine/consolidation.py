@@ -6,6 +6,7 @@ Seeding maximises (1−α)·E[imitation reward] − α·E[generalized JSD(teache
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
@@ -93,6 +94,13 @@ def faithfulness(answer: str, source: str) -> float:
         return 0.0
     lowered = source.lower()
     return sum(f in lowered for f in facts) / len(facts)
+
+
+def distill_steps(cfg: SleepConfig, pool_size: int) -> int:
+    """Distillation steps of one sleep: `cfg.distill_steps` if set, else `distill_epochs` passes
+    over the `pool_size` prompts, so a sleep after four episodes trains four times as long as one
+    after one episode."""
+    return cfg.distill_steps or max(1, math.ceil(cfg.distill_epochs * pool_size / cfg.batch_size))
 
 
 @dataclass
@@ -247,8 +255,8 @@ class Consolidator:
         targets = _answer_targets(seqs, lens, logits.device)
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
         per_seq = torch.stack([chunk.sum() for chunk in logp.split(lens)])
-        rewards = torch.tensor([s["reward"] for s in scores])
-        loss = group_policy_gradient_loss(per_seq, rewards, torch.tensor(lens), cfg.lti_group)
+        rewards = torch.tensor([s["reward"] for s in scores], device=per_seq.device)
+        loss = group_policy_gradient_loss(per_seq, rewards, torch.tensor(lens, device=per_seq.device), cfg.lti_group)
         return loss, float(rewards.mean())
 
     def seed(self, examples: list[Example], new_id: str, phase: str = "consolidation") -> dict:
@@ -259,15 +267,15 @@ class Consolidator:
                     "mean_reward": None}
         params = self.memory.train_only([new_id])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        total = cfg.distill_steps + (cfg.lti_steps if cfg.lti else 0)
-        lti_at = set(range(total - cfg.lti_steps, total)) if cfg.lti else set()
-        divergences, rewards = [], []
         # Every step: a batch of answers (episodes, replay, chat anchors) plus a few plain-text
         # anchors, so the pull to keep everyday text unchanged never skips a step.
         pool = [e for e in examples if e.prompt]
         texts = [e for e in examples if not e.prompt]
         if not pool:
             pool, texts = texts, []
+        total = distill_steps(cfg, len(pool)) + (cfg.lti_steps if cfg.lti else 0)
+        lti_at = set(range(total - cfg.lti_steps, total)) if cfg.lti else set()
+        divergences, rewards = [], []
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
         try:

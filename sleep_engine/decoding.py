@@ -202,7 +202,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))   # the generator is a CPU one
 
 
 @torch.inference_mode()

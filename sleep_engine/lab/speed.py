@@ -44,7 +44,7 @@ def dense_rate(model, prompts_ids, tokens: int) -> float:
     """Plain transformers `generate`, greedy, exactly `tokens` new tokens."""
     def run(ids):
         with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens,
+            out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=tokens, min_new_tokens=tokens,
                                  do_sample=False, pad_token_id=0)
         return out.shape[1] - len(ids)
     run(prompts_ids[0][:8])  # warm-up
@@ -89,7 +89,7 @@ def quality(model, tokenizer) -> dict:
     decoder = make_decoder(lm, len(ids) + 40)
     reply = tokenizer.decode(list(generate_tokens(decoder, ids, 32, stop_ids={tokenizer.eos_token_id})))
     text = (ASSETS / "generic_text.txt").read_text()
-    enc = tokenizer(text, return_tensors="pt")["input_ids"][:, :1024]
+    enc = tokenizer(text, return_tensors="pt")["input_ids"][:, :1024].to(lm.device)
     with torch.inference_mode():
         ppl = float(torch.exp(lm(input_ids=enc, labels=enc).loss))
     return {"paris": "paris" in reply.lower(), "reply": reply.strip()[:80], "general_ppl": round(ppl, 3)}
