@@ -98,8 +98,8 @@ def faithfulness(answer: str, source: str) -> float:
 
 def distill_steps(cfg: SleepConfig, pool_size: int) -> int:
     """Distillation steps of one sleep: `cfg.distill_steps` if set, else `distill_epochs` passes
-    over the `pool_size` prompts, so a sleep after four episodes trains four times as long as one
-    after one episode."""
+    over the `pool_size` prompts (episode, replay and chat-anchor answers), so a sleep after four
+    episodes trains about as long per episode as a sleep after one."""
     return cfg.distill_steps or max(1, math.ceil(cfg.distill_epochs * pool_size / cfg.batch_size))
 
 

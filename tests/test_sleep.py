@@ -174,6 +174,8 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     assert summary["tier_consolidation"]["removed"] == ["e0", "e1"]
+    # the anchors come along: 3 episodes × 3 prompts alone would give at most 9 examples
+    assert summary["tier_consolidation"]["examples"] >= summary["settings"]["anchor_texts"] == 12
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e2", 3)]
     assert tiny_engine.state.sleep_count() == 2
 
