@@ -268,7 +268,7 @@ def test_auto_step_count_follows_the_chat_prompts_not_the_text_anchors(tiny_engi
     assert distill_steps(tiny_settings(distill_steps=5), 100) == 5                  # a fixed count wins
     new_id = tiny_engine.memory.add_expert(tier=2, born=1)
     seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, cfg, lambda *a, **k: None, lambda: None)
-    logits = lambda n: torch.zeros(n, tiny_engine.memory.lm.config.vocab_size)   # noqa: E731
+    logits = lambda n: torch.zeros(n, tiny_engine.memory.lm.config.vocab_size)
     chats = [Example([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], 2, f"q{i}", "a", logits(2)) for i in range(6)]
     texts = [Example([6, 7, 8, 9], [6, 7, 8, 9], 3, "", "t", logits(3), about_episode=False) for _ in range(5)]
     assert seeder.seed(chats + texts, new_id)["steps"] == 3                          # ⌈2·6/4⌉, texts not counted
