@@ -89,8 +89,8 @@ class SleepConfig:
     anchor_prompts: int = 12          # generic requests answered without context (keeps the rest unchanged)
     anchor_texts: int = 12            # paragraphs of plain text the student must keep predicting as before
     anchor_texts_per_step: int = 2    # of those, added to every step's batch
-    distill_steps: int = 0            # 0 = follow the data: distill_epochs passes over the sleep's examples
-    distill_epochs: float = 2.8       # quick: 9 steps for 1 episode, ≤ 90 s for 2; a fixed 9 starved 4-episode sleeps
+    distill_steps: int = 0            # 0 = follow the data: distill_epochs passes over the sleep's prompts
+    distill_epochs: float = 2.8       # quick: 9 steps for 1 episode, 12 for 2 (90–99 s); a fixed 9 starved 4-episode sleeps
     batch_size: int = 6
     lr: float = 2e-2                  # measured: 1.5e-3 learned nothing in 12-20 steps, 1e-2..2e-2 did
     beta: float = 0.0                 # generalized JSD: 0 = forward KL(teacher‖student), 1 = reverse
