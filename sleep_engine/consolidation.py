@@ -154,8 +154,7 @@ class Consolidator:
             prompts += [(q, system, ep.text) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
         for ep in old_episodes:
             prompts += [(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)]
-        anchors = self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))
-        prompts += [(q, None, None) for q in anchors]
+        prompts += [(q, None, None) for q in self.chat_anchors()]
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
         with self.memory.configured(muted=[new_id], fast_weights=True):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
@@ -175,6 +174,10 @@ class Consolidator:
                 best[source] = (score, example)
         fallbacks = [example for source, (_, example) in best.items() if source not in passed]
         return out + fallbacks + self.text_anchors(new_id)
+
+    def chat_anchors(self) -> list[str]:
+        """Generic requests, answered by the pre-sleep model without context."""
+        return self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))
 
     @torch.no_grad()
     def text_anchors(self, new_id: str, max_tokens: int = 64) -> list[Example]:

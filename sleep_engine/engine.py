@@ -15,7 +15,7 @@ import torch
 
 from .backbone import Backbone, float_weights, load_backbone
 from .config import LabConfig, SleepConfig
-from .consolidation import ANCHOR_PROMPTS, Consolidator, Example, seed_prompts
+from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .memory import MemoryModel
@@ -308,7 +308,7 @@ class SleepEngine:
                               seed=number)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
         asks = [q for e in episodes for q in seed_prompts(e.text, cfg.prompts_per_episode)]   # never the probes
-        asks += seeder.rng.sample(ANCHOR_PROMPTS, min(cfg.anchor_prompts, len(ANCHOR_PROMPTS)))
+        asks += seeder.chat_anchors()
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
             answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens)
