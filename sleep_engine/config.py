@@ -38,7 +38,7 @@ def _check_range(name: str, value, lo, hi) -> None:
 
 @dataclass
 class MemoryConfig:
-    """Shape of the memory hierarchy (DESIGN §2)."""
+    """Shape of the memory hierarchy (docs/DESIGN.md §2)."""
     tiers: int = 3             # memory tiers beyond context: 1 fast weights, 2.. routed experts
     expert_rank: int = 16      # rank r of each routed low-rank expert
     fast_rank: int = 16        # rank of the fast weights B_h A_h
@@ -55,7 +55,7 @@ class MemoryConfig:
 
 @dataclass
 class WakeConfig:
-    """Chatting and test-time (fast-weight) learning (DESIGN §3)."""
+    """Chatting and test-time (fast-weight) learning (docs/DESIGN.md §3)."""
     max_new_tokens: int = 256
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 0.9
@@ -79,7 +79,7 @@ class WakeConfig:
 
 @dataclass
 class SleepConfig:
-    """One Sleep: consolidation (DESIGN §4) then dreaming (§5). Ablation switches included."""
+    """One Sleep: consolidation (docs/DESIGN.md §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
     # knowledge seeding: on-policy distillation
     prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)

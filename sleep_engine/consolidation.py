@@ -1,4 +1,4 @@
-"""Sleep phase 1, memory consolidation (DESIGN §4): expansion, knowledge seeding, reset.
+"""Sleep phase 1, memory consolidation (docs/DESIGN.md §4): expansion, knowledge seeding, reset.
 
 Teacher = the model before expansion, with fast weights and the episodes in its context.
 Student = the expanded model, without fast weights or context; only the new expert trains.
@@ -67,7 +67,7 @@ def seed_prompts(text: str, n: int) -> list[str]:
     each later sentence (a recitation is cut at `answer_tokens` and the teacher recites from the
     start whatever it is asked, so without these the last sentence's facts were never taught);
     then generic questions about each subject it names, round-robin over subjects (coverage
-    decides what is learned, DESIGN §11). The episode's probe questions are deliberately not
+    decides what is learned, docs/DESIGN.md §11). The episode's probe questions are deliberately not
     used: they are the test."""
     names = subjects(text)
     if not names:

@@ -1,4 +1,4 @@
-"""Sleep phase 2, dreaming (DESIGN §5): sample dreams with one extra random expert per router,
+"""Sleep phase 2, dreaming (docs/DESIGN.md §5): sample dreams with one extra random expert per router,
 score them by gradient norm, try each kept dream on an isolated copy of the trainable parameters,
 and fine-tune the new expert on the dreams that helped (ReST-EM)."""
 from __future__ import annotations

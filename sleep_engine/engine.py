@@ -1,7 +1,7 @@
 """SleepEngine: owns the model, its memory tiers and the state directory.
 
 Everything the UI or the CLI does goes through here. (Sleep itself — consolidation and
-dreaming in a background worker — is built on this object; see DESIGN §4–6.)
+dreaming in a background worker — is built on this object; see docs/DESIGN.md §4–6.)
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class StateMismatchError(RuntimeError):
 def configure_torch(cfg: LabConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # tiny denormal floats made a CPU run ~9x slower in the pilot (DESIGN §11)
+    # tiny denormal floats made a CPU run ~9x slower in the pilot (docs/DESIGN.md §11)
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
 

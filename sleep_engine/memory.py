@@ -1,4 +1,4 @@
-"""The memory model: every chosen decoder MLP becomes a MemoryMLP (DESIGN §2).
+"""The memory model: every chosen decoder MLP becomes a MemoryMLP (docs/DESIGN.md §2).
 
     y = MLP_base(x) + Σ_{e ∈ TopK(g(x))} g_e(x) · B_e A_e x  +  B_h A_h x,   g_e(x) = σ(w_e·x + b_e)
 
@@ -52,7 +52,7 @@ class MemoryMLP(nn.Module):
         self.trace: list | None = None      # when a list, each forward appends the last position's gates
         self.muted: frozenset[str] = frozenset()  # experts left out (the teacher never sees the new one)
         self.fast_enabled = True                  # the student of consolidation runs without fast weights
-        self.forced_expert: str | None = None     # dreaming: one random expert added at full gate (DESIGN §5)
+        self.forced_expert: str | None = None     # dreaming: one random expert added at full gate (docs/DESIGN.md §5)
         self._fused: tuple | None = None
 
     # -- forward ---------------------------------------------------------------------------

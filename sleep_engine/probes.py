@@ -1,4 +1,4 @@
-"""Probes and forgetting (DESIGN §8): closed-book questions per episode, the accuracy matrix
+"""Probes and forgetting (docs/DESIGN.md §8): closed-book questions per episode, the accuracy matrix
 R[i][j] (accuracy on episode j after sleep i), forgetting, backward transfer, general drift."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""On-disk state (DESIGN §7): the episode log and the saved memory, written so a crash loses
+"""On-disk state (docs/DESIGN.md §7): the episode log and the saved memory, written so a crash loses
 nothing that was acknowledged. Only JSON and safetensors are ever read back."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 @dataclass
 class Episode:
-    """One unit of experience: a chat turn or a taught text (DESIGN §3)."""
+    """One unit of experience: a chat turn or a taught text (docs/DESIGN.md §3)."""
     id: int
     kind: str                   # "turn" | "taught"
     text: str                   # what the model should come to know (for a turn: user + reply)

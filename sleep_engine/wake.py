@@ -1,4 +1,4 @@
-"""Wake (DESIGN §3): streaming chat with routing traces, teaching, test-time fast-weight learning.
+"""Wake (docs/DESIGN.md §3): streaming chat with routing traces, teaching, test-time fast-weight learning.
 
 Every finished turn and every taught text is appended to the durable episode log: that log is the
 experience a later Sleep consolidates. Every `fast_update_every` episodes, a few gradient steps of

@@ -1,4 +1,4 @@
-"""Run the lab experiments (DESIGN §9): knowledge incorporation, continual learning, speed.
+"""Run the lab experiments (docs/DESIGN.md §9): knowledge incorporation, continual learning, speed.
 
 Results are cached one JSON file per (experiment, setting, method) under the output directory,
 tagged with a hash of everything they depend on (settings, data, model, code-level knobs); with
