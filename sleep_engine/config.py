@@ -121,6 +121,9 @@ class SleepConfig:
     rest_rounds: int = 1
     rest_steps: int = 1
     dream_lr: float = 5e-4
+    # safety (docs/reliability.md): a sleep that fails these is rolled back, not committed
+    max_ppl_ratio: float = 1.5        # sanity gate: general perplexity after / before at most this
+    max_grad_norm: float = 1e6        # a gradient norm above this (or NaN/inf) stops the sleep
 
     PRESETS = {
         "quick": {},
@@ -166,6 +169,8 @@ class SleepConfig:
                              ("keep_random", 0, 1024), ("dream_tokens", 4, 1024), ("trial_steps", 1, 100),
                              ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
+        _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
+        _check_range("sleep.max_grad_norm", self.max_grad_norm, 1e-3, 1e30)
         if self.keep_top + self.keep_random > self.dreams:
             raise ConfigError(f"sleep.keep_top + sleep.keep_random ({self.keep_top + self.keep_random}) "
                               f"must not exceed sleep.dreams ({self.dreams})")

@@ -6,6 +6,7 @@ dreaming in a background worker — is built on this object; see docs/DESIGN.md 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from .memory import MemoryModel
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
                      cloze_probes, episode_probes, forgetting, perplexity)
 from .sampling import chat_ids, generate_batch
-from .store import StateDir
+from .store import StateDir, StateError
 from .wake import WakeSession
 
 GENERIC_TEXT = Path(__file__).resolve().parents[1] / "assets" / "generic_text.txt"
@@ -42,6 +43,30 @@ class StateMismatchError(RuntimeError):
     """The state directory was written for another model or memory layout."""
 
 
+class NumericalFault(RuntimeError):
+    """A NaN/inf loss or weight, or an exploding gradient, during a sleep (it is rolled back)."""
+
+    def __init__(self, phase: str, step, what: str):
+        super().__init__(f"numerical fault in {phase}" + (f" at step {step}" if step is not None else "") + f": {what}; "
+                         "the sleep was stopped and the memory restored to its pre-sleep state")
+        self.phase, self.step = phase, step
+
+
+class SleepRefused(RuntimeError):
+    """The sleep finished but failed the sanity gate: it is not committed."""
+
+
+def same_model(saved, current: str) -> bool:
+    """Whether a state dir's recorded model is this one (a local path counts the same however named)."""
+    if saved in (None, current):
+        return True
+    try:
+        return Path(str(saved)).expanduser().resolve() == Path(current).expanduser().resolve() and (
+            Path(current).expanduser().is_dir())
+    except (OSError, RuntimeError):
+        return False
+
+
 def configure_torch(cfg: LabConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -58,23 +83,30 @@ class SleepEngine:
         self.backbone = backbone or load_backbone(cfg)
         self.tokenizer = self.backbone.tokenizer
         self.memory = MemoryModel(self.backbone.model, cfg.memory)
-        self.state = StateDir(cfg.state_dir)
+        self.state = StateDir(cfg.state_dir)   # takes the state dir's writer lock (StateLocked if taken)
         self.lock = threading.RLock()   # one generation or memory change at a time
         self.events = EventBus()
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
         self._status: dict = {"state": "awake"}
-        self._restore()
+        try:
+            self._restore()
+        except BaseException:
+            self.state.close()
+            raise
         self.wake = WakeSession(self.memory, self.tokenizer, self.state.episodes, cfg.wake,
                                 self.lock, on_memory_change=self.save_memory, asleep=self.asleep_notice)
         self.ready_s = time.perf_counter() - t0
 
     def _restore(self) -> None:
-        saved = self.state.load_memory() or self.state.load_last_sleep()
+        try:
+            saved = self.state.load_state()
+        except StateError as e:
+            raise StateMismatchError(str(e)) from None
         if saved is None:
             return
         tensors, manifest = saved
-        if manifest.get("model") not in (None, self.backbone.name):
+        if not same_model(manifest.get("model"), self.backbone.name):
             raise StateMismatchError(
                 f"state dir {self.cfg.state_dir} holds memory for model {manifest['model']!r}, not "
                 f"{self.backbone.name!r}; use another --state-dir")
@@ -83,6 +115,30 @@ class SleepEngine:
         except (KeyError, RuntimeError) as e:
             raise StateMismatchError(f"state dir {self.cfg.state_dir} does not fit this model's memory "
                                      f"layout ({str(e).splitlines()[0][:200]}); use another --state-dir") from None
+
+    def notices(self) -> list[str]:
+        """What was set aside when the state dir was opened (torn lines, bad sleeps), for the user."""
+        return list(self.state.notices)
+
+    def close(self) -> None:
+        """Stop a running sleep (rolled back) and release the state dir's writer lock."""
+        self.cancel()
+        self.state.close()
+
+    def undo_sleep(self) -> dict:
+        """Undo the last committed sleep: its experts go, the memory is the one it started from
+        (bit for bit), and its episodes are pending again. Refused while a sleep runs."""
+        with self.lock:
+            if self._worker is not None and self._worker.is_alive():
+                raise RuntimeError("a sleep is running; stop it first")
+            try:
+                number, (tensors, manifest) = self.state.undo_last_sleep()
+            except StateError as e:
+                raise RuntimeError(str(e)) from None
+            self.memory.load_memory_state(tensors, manifest)
+            self._status = {"state": "awake", "undone": number}
+            return {"undone": number, "sleeps": self.state.sleep_count(),
+                    "pending": [e.id for e in self.pending_episodes()], "experts": self.memory.expert_ids()}
 
     def save_memory(self) -> None:
         with self.lock:
@@ -188,11 +244,29 @@ class SleepEngine:
         weights = {k: v / sum(weights.values()) for k, v in weights.items()}
         done_frac = [0.0]
 
+        def memory_params():
+            return [p for mlp in self.memory.mlps.values() for n, p in mlp.named_parameters() if not n.startswith("base.")]
+
+        def guard(where, step=None):
+            """NaN/inf in any memory weight stops the sleep (after every phase, before the commit)."""
+            if not all(bool(torch.isfinite(p).all()) for p in memory_params()):
+                raise NumericalFault(where, step, "a memory weight is NaN or infinite")
+
         def emit(kind, **data):
             self.events.emit(kind, number, **data)
             if kind == "loss" and data.get("total"):
                 self._status["progress"] = done_frac[0] + weights["consolidation"] * data["step"] / data["total"]
                 self._status["step"] = f"{data['step']}/{data['total']}"
+            if kind in ("loss", "dream"):   # every training step reports here: the numerical guard
+                where, step = data.get("phase") or self._status.get("phase", "?"), data.get("step", data.get("index"))
+                bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:
+                    raise NumericalFault(where, step, f"{bad[0]} is {data[bad[0]]}")
+                grads = [p.grad.detach().float() for p in memory_params() if p.grad is not None]
+                if grads:
+                    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+                    if not math.isfinite(norm) or norm > cfg.max_grad_norm:
+                        raise NumericalFault(where, step, f"gradient norm {norm:.3g} (max_grad_norm {cfg.max_grad_norm:g})")
 
         def check():
             if self._cancel.is_set():
@@ -205,12 +279,14 @@ class SleepEngine:
             return time.perf_counter()
 
         def finish(name, t0):
+            guard(name)
             phases[name] = round(time.perf_counter() - t0, 2)
             done_frac[0] += weights.get(name, 0)
             self._status["progress"] = done_frac[0]
             emit("timing", phase=name, seconds=phases[name])
 
         lm, tok = self.memory.lm, self.tokenizer
+        committed = False
         summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy()}
         try:
             with self.lock, float_weights(lm):
@@ -265,15 +341,29 @@ class SleepEngine:
                 emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
                      before=summary["probe_accuracy_before"])
                 finish("probe_after", t0)
+                # the sanity gate: a sleep that wrecks everyday text is not committed
+                ppl_b, ppl_a = summary["general_ppl_before"], summary["general_ppl_after"]
+                if not math.isfinite(ppl_a):
+                    raise NumericalFault("probe_after", None, f"general perplexity after is {ppl_a}")
+                if ppl_a > cfg.max_ppl_ratio * ppl_b:
+                    raise SleepRefused(f"general perplexity rose from {ppl_b:.2f} to {ppl_a:.2f} (×{ppl_a / ppl_b:.2f}, "
+                                       f"more than max_ppl_ratio = {cfg.max_ppl_ratio:g}); the sleep was not "
+                                       "committed and the memory is as it was before it")
 
                 t0 = phase("checkpoint")
+                guard("checkpoint")
                 summary["experts_added"] = [new_id] if cfg.expansion or not tier2 else []
                 summary["consolidated_through"] = pending[-1].id
                 summary["phases"] = phases
                 tensors, manifest = self.memory.memory_state()
                 manifest["model"] = self.backbone.name
-                self.state.commit_sleep(number, tensors, manifest, summary)
-                self.state.save_memory(tensors, manifest)
+                before = (snapshot[0], dict(snapshot[1], model=self.backbone.name))
+                self.state.commit_sleep(number, tensors, manifest, summary, before=before)   # the commit point
+                committed = True
+                try:   # not needed for a restart (it loads the sleep's own memory then); keeps current fresh
+                    self.state.save_memory(tensors, manifest)
+                except OSError as e:
+                    log.warning("sleep %d is committed; saving memory/current failed: %s", number, e)
                 finish("checkpoint", t0)
                 self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
                 emit("done", summary=summary)
@@ -282,10 +372,22 @@ class SleepEngine:
             self._status = {"state": "awake", "cancelled": number}
             self.events.emit("cancelled", number)
         except Exception as e:  # noqa: BLE001 - reported to the UI, model rolled back
-            log.exception("sleep %d failed", number)
-            self._rollback(snapshot)
-            self._status = {"state": "awake", "error": f"{type(e).__name__}: {e}"}
-            self.events.emit("error", number, message=f"{type(e).__name__}: {e}", fatal=True)
+            message = f"{type(e).__name__}: {e}"
+            if committed:   # after the commit point nothing is rolled back: the sleep happened
+                log.exception("sleep %d committed; a step after the commit failed", number)
+                self._status = {"state": "awake", "last_sleep": number, "progress": 1.0,
+                                "warning": f"sleep {number} is committed, but {message}"}
+                self.events.emit("done", number, summary=dict(summary, warning=message))
+            else:
+                if not isinstance(e, (NumericalFault, SleepRefused)):
+                    log.exception("sleep %d failed", number)
+                self._rollback(snapshot)
+                where = {"phase": getattr(e, "phase", self._status.get("phase")),
+                         "step": getattr(e, "step", self._status.get("step"))}
+                self._status = {"state": "awake", "error": message, **where}
+                self.events.emit("error", number, message=message, fatal=True,
+                                 reason="sanity gate" if isinstance(e, SleepRefused) else
+                                 "numerical fault" if isinstance(e, NumericalFault) else "error", **where)
         finally:
             self.events.close()
             self.memory.freeze_all()

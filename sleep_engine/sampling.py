@@ -9,11 +9,11 @@ from .config import SYSTEM_PROMPT
 def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: str = "") -> list[int]:
     """Token ids of a one-turn chat prompt, ready for the assistant's reply (or its continuation).
     Without `system`, the lab's chat system prompt."""
+    from .chat_format import encode_chat, encode_text
     msgs = [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = encode_chat(tokenizer, msgs)   # an episode's text stays text, even if it spells a template token
     if assistant_prefix:
-        ids += tokenizer(assistant_prefix, add_special_tokens=False)["input_ids"]
+        ids += encode_text(tokenizer, assistant_prefix)
     return ids
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from .chat_format import encode_chat, encode_text
 from .config import WakeConfig
 from .decoding import generate_tokens, make_decoder, stop_token_ids
 from .memory import MemoryModel, RoutingTrace
@@ -60,8 +62,14 @@ def clean_text(text, what: str, max_chars: int) -> tuple[str, list[str]]:
     return text, notices
 
 
+DEFAULT_SESSION = "local"      # the terminal chat and any caller that names no session
+MAX_SESSIONS = 512             # conversations kept in memory (the least recently used go first)
+
+
 class WakeSession:
-    """One conversation with the memory model. Thread-safe: one reply or update at a time."""
+    """The conversations with the memory model, one per session key (a browser, an API client,
+    the terminal): each sees, retries and clears only its own turns. Thread-safe: one reply or
+    update at a time. `history` is the default session's conversation."""
 
     def __init__(self, memory: MemoryModel, tokenizer, episodes: EpisodeLog, cfg: WakeConfig,
                  lock: threading.RLock | None = None, on_memory_change=None, asleep=None):
@@ -72,23 +80,40 @@ class WakeSession:
         self.asleep = asleep or (lambda: None)      # returns a notice while a sleep runs
         self.decoder = make_decoder(self.lm, cfg.context_tokens + cfg.max_new_tokens)
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
-        self.history: list[dict] = []
+        self.conversations: OrderedDict[str, list[dict]] = OrderedDict()
         self.pending_for_fast_update: list[Episode] = []
         self.last_fast_update: dict | None = None
+
+    # -- conversations ---------------------------------------------------------------------
+    def conversation(self, session: str = DEFAULT_SESSION) -> list[dict]:
+        """A copy of one session's turns ([] for a session not seen yet)."""
+        with self.lock:
+            return [dict(m) for m in self.conversations.get(session, [])]
+
+    def _set_conversation(self, session: str, history: list[dict]) -> None:
+        self.conversations[session] = history
+        self.conversations.move_to_end(session)
+        while len(self.conversations) > MAX_SESSIONS:
+            self.conversations.popitem(last=False)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.conversations.get(DEFAULT_SESSION, [])
+
+    @history.setter
+    def history(self, value: list[dict]) -> None:
+        self._set_conversation(DEFAULT_SESSION, list(value))
 
     # -- prompt ----------------------------------------------------------------------------
     def _encode(self, messages: list[dict]) -> list[int]:
         msgs = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []) + messages
-        ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(self.tokenizer, msgs)   # what people typed stays text, never template structure
 
-    def build_prompt(self, message: str) -> tuple[list[int], list[str]]:
-        """Token ids for history + message within `context_tokens`; oldest turns go first, then
-        the message itself is cut (with a notice, never an error)."""
+    def build_prompt(self, message: str, session: str = DEFAULT_SESSION) -> tuple[list[int], list[str]]:
+        """Token ids for the session's history + message within `context_tokens`; oldest turns go
+        first, then the message itself is cut (with a notice, never an error)."""
         notices: list[str] = []
-        history = list(self.history)
+        history = list(self.conversations.get(session, []))
         ids = self._encode(history + [{"role": "user", "content": message}])
         dropped = 0
         while len(ids) > self.cfg.context_tokens and history:
@@ -100,16 +125,17 @@ class WakeSession:
         if len(ids) > self.cfg.context_tokens:
             overhead = len(self._encode([{"role": "user", "content": ""}]))
             keep = max(1, self.cfg.context_tokens - overhead - 8)
-            msg_ids = self.tokenizer(message, add_special_tokens=False)["input_ids"]
+            msg_ids = encode_text(self.tokenizer, message)
             message = self.tokenizer.decode(msg_ids[:keep])
             ids = self._encode([{"role": "user", "content": message}])[: self.cfg.context_tokens]
             notices.append(f"message truncated to its first {keep} tokens to fit the context window "
                            f"({self.cfg.context_tokens} tokens)")
-        self.history = history
+        self._set_conversation(session, history)
         return ids, notices
 
     # -- chat ------------------------------------------------------------------------------
-    def stream(self, message, stop_event: threading.Event | None = None, seed: int = 0) -> Iterator[Reply]:
+    def stream(self, message, stop_event: threading.Event | None = None, seed: int = 0,
+               session: str = DEFAULT_SESSION) -> Iterator[Reply]:
         """Yield the growing reply (cumulative text); the last one has done=True and the
         routing trace. The finished turn is logged as an episode."""
         message, notices = clean_text(message, "message", self.cfg.max_message_chars)
@@ -119,7 +145,7 @@ class WakeSession:
         if not self.lock.acquire(timeout=300):
             raise WakeBusy("the model is busy; try again in a moment")
         try:
-            prompt, more = self.build_prompt(message)
+            prompt, more = self.build_prompt(message, session)
             reply = Reply(notices=notices + more, prompt_tokens=len(prompt))
             t0 = time.perf_counter()
             with self.memory.tracing() as trace:
@@ -135,9 +161,9 @@ class WakeSession:
             reply.stopped = bool(stop_event is not None and stop_event.is_set())
             if len(reply.token_ids) > 1 and reply.ttft_s is not None and elapsed > reply.ttft_s:
                 reply.tokens_per_s = (len(reply.token_ids) - 1) / (elapsed - reply.ttft_s)
-            self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-            ep = self.episodes.append("turn", f"User: {message}\nAssistant: {reply.text}",
-                                      messages=self.history[-2:])
+            turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
+            self._set_conversation(session, self.conversations.get(session, []) + turn)
+            ep = self.episodes.append("turn", f"User: {message}\nAssistant: {reply.text}", messages=turn)
             reply.episode_id = ep.id
             reply.fast_update = self._after_episode(ep)
         finally:
@@ -145,28 +171,30 @@ class WakeSession:
         reply.done = True
         yield reply
 
-    def reply(self, message, stop_event: threading.Event | None = None) -> Reply:
+    def reply(self, message, stop_event: threading.Event | None = None, session: str = DEFAULT_SESSION) -> Reply:
         last = Reply()
-        for last in self.stream(message, stop_event):
+        for last in self.stream(message, stop_event, session=session):
             pass
         return last
 
-    def clear(self) -> None:
+    def clear(self, session: str = DEFAULT_SESSION) -> None:
         with self.lock:
-            self.history = []
+            self.conversations.pop(session, None)
 
-    def drop_last_turn(self) -> str | None:
-        """Take the last turn out of the conversation (to retry it); returns its user message.
-        The turn stays in the episode log: it was experience all the same."""
+    def drop_last_turn(self, session: str = DEFAULT_SESSION) -> str | None:
+        """Take the session's last turn out of its conversation (to retry it); returns its user
+        message. The turn stays in the episode log: it was experience all the same."""
         with self.lock:
-            if len(self.history) >= 2 and self.history[-1]["role"] == "assistant":
-                message = self.history[-2]["content"]
-                self.history = self.history[:-2]
+            history = self.conversations.get(session, [])
+            if len(history) >= 2 and history[-1]["role"] == "assistant":
+                message = history[-2]["content"]
+                self._set_conversation(session, history[:-2])
                 return message
         return None
 
-    def context_tokens(self) -> int:
-        return len(self._encode(self.history)) if self.history else 0
+    def context_tokens(self, session: str = DEFAULT_SESSION) -> int:
+        history = self.conversations.get(session, [])
+        return len(self._encode(history)) if history else 0
 
     # -- teaching and fast weights -----------------------------------------------------------
     def teach(self, text, source: str = "pasted", qa: list[dict] | None = None) -> Episode:

@@ -125,6 +125,7 @@ def test_corrupt_memory_file_is_moved_aside_and_episodes_survive(tiny_engine, to
     tiny_engine.state.memory_tensors.write_bytes(b"not a safetensors file")
     bb = tiny_engine.backbone
     fresh = Backbone(type(bb.model)(bb.model.config).eval(), tokenizer, bb.name, bb.device, bb.dtype, "none", 0, True)
+    tiny_engine.close()   # one writer per state dir: release the lock first
     again = SleepEngine(tiny_engine.cfg, backbone=fresh)
     assert again.memory.fast_weight_norm() == 0
     assert [e.text for e in again.state.episodes.all()] == [FACT]
