@@ -106,6 +106,12 @@ class SleepConfig:
     tau_sem: float = 0.7              # semantic judge threshold (cosine)
     semantic_reward: bool = True
     z0: float = 0.5                   # edit reward is 0 beyond z0·max_len Levenshtein distance
+    # locality of the new expert (issue 13): born closed, its gate trained on both sides
+    gate_bias_init: float = -6.0      # σ(−6) ≈ 0.0025: a new expert starts closed (0 = the old half-open birth)
+    gate_loss: float = 1.0            # weight of the gate's BCE: open on episode tokens, closed on anchors/replay; 0 = off
+    gate_negatives: int = 16          # extra everyday prompts per sleep that only teach the gate to stay closed
+    gate_fit_steps: int = 200         # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
+    gate_fit_lr: float = 0.05
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead
     consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps
@@ -167,7 +173,9 @@ class SleepConfig:
                              ("lti_tokens", 4, 256), ("gamma", 0.0, 1.0), ("tau_sem", -1.0, 1.0), ("z0", 0.0, 1.0),
                              ("consolidate_every", 1, 1000), ("dreams", 1, 1024), ("keep_top", 0, 1024),
                              ("keep_random", 0, 1024), ("dream_tokens", 4, 1024), ("trial_steps", 1, 100),
-                             ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0)]:
+                             ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0),
+                             ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
+                             ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
         _check_range("sleep.max_grad_norm", self.max_grad_norm, 1e-3, 1e30)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .config import SleepConfig
 from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
-from .probes import sentences
+from .probes import ANSWER_PROMPT, sentences
 from .rewards import imitation_rewards
 from .sampling import chat_ids, generate_batch
 
@@ -35,6 +36,22 @@ ANCHOR_PROMPTS = [
     "Suggest a name for a pet goldfish.", "What are clouds made of?", "How many legs does a spider have?",
     "Write a short greeting for a birthday card.", "What is the opposite of 'ancient'?",
     "Why is the sea salty?",
+]
+# Everyday requests that only teach a new expert's gate to stay closed (no teacher answer is needed,
+# so there can be many): varied subjects and shapes, written for this purpose and disjoint from
+# the general questions the lab scores (assets/general_questions.jsonl).
+GATE_NEGATIVE_PROMPTS = [
+    "What is the capital of Canada?", "Who wrote Romeo and Juliet?", "What colour is a tomato?",
+    "How many hours are in a day?", "What do plants need to grow?", "Which animal barks?",
+    "What is the boiling point of water?", "Name a famous painting.", "What is the tallest mountain in the world?",
+    "Who was the first person to walk on the Moon?", "What do you call a group of wolves?",
+    "How do birds fly?", "What is the main ingredient of bread?", "Which month comes after June?",
+    "What is ten times ten?", "What instrument has black and white keys?", "Where do penguins live?",
+    "What is the longest river in Africa?", "Why do leaves change colour?", "What does a doctor do?",
+    "Translate 'thank you' into Spanish.", "Give me a synonym for 'happy'.", "Write a haiku about rain.",
+    "How do I boil an egg?", "What is photosynthesis?", "Recommend a good book for a long trip.",
+    "What sport is played at Wimbledon?", "How many continents are there?", "What is the freezing point of water?",
+    "Which metal is liquid at room temperature?", "What does a compass show?", "Tell me a joke about cats.",
 ]
 # Plain text (not chat) the student must keep predicting as the pre-sleep model did: the chat
 # anchors above do not constrain raw-text behaviour. Disjoint from the drift test text.
@@ -140,6 +157,9 @@ class Consolidator:
         self.rng = random.Random(seed)
         self.pad = tokenizer.pad_token_id or 0
         self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
+        a, b = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "b")
+        # tokens every chat prompt shares (template + system prompt): never a positive for the gate
+        self.chat_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
     # -- data written by the teacher ---------------------------------------------------------
     def teacher_data(self, new_episodes, old_episodes, new_id: str) -> list[Example]:
@@ -192,6 +212,126 @@ class Consolidator:
             logits = _forward_answer_logits(self.lm, seqs, lengths, self.pad).to(torch.bfloat16)
         return [Example(s, s, n, "", p, lg, about_episode=False)
                 for s, n, p, lg in zip(seqs, lengths, chosen, logits.split(lengths))]
+
+    # -- the new expert's gate (locality, issue 13) ---------------------------------------------
+    def gate_targets(self, batch: list[Example], width: int) -> torch.Tensor:
+        """Per token of the padded student batch: 1 where the gate must open on an episode
+        example's question, 2 on its answer, 0 where it must stay closed (chat anchors, self-replay
+        of older episodes, plain-text anchors; their template and system prompt too), −1 = ignored
+        (the shared chat prefix of episode examples, padding)."""
+        t = torch.full((len(batch), width), -1.0)
+        for r, e in enumerate(batch):
+            if e.about_episode:
+                t[r, self.chat_prefix:len(e.student) - e.n_answer] = 1.0
+                t[r, len(e.student) - e.n_answer:len(e.student)] = 2.0
+            else:
+                t[r, :len(e.student)] = 0.0
+        return t
+
+    @torch.no_grad()
+    def gate_negative_states(self, new_id: str) -> dict[int, torch.Tensor]:
+        """Hidden states (MLP inputs, per layer) of everyday prompts the new expert must stay closed
+        on, captured once from the pre-sleep model (the new expert muted): a closed expert does not
+        move them, so they stay valid while it trains. Half bare, half in the probe's answer prompt."""
+        n = min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS))
+        if n == 0:
+            return {}
+        asks = self.rng.sample(GATE_NEGATIVE_PROMPTS, n)
+        seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q) for i, q in enumerate(asks)]
+        dev = next(self.lm.parameters()).device
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev, dtype=torch.bool)
+        with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
+            self.lm.model(input_ids=ids, attention_mask=mask)
+        return {layer: got[-1][mask].float() for layer, got in xs.items()}
+
+    @torch.no_grad()
+    def fit_gate(self, examples: list[Example], new_id: str, negatives: dict[int, torch.Tensor],
+                 cap: int = 768) -> dict:
+        """Before distillation, fit the new expert's gate in every layer as a logistic classifier
+        on the pre-sleep hidden states of the sleep's own data: open on the episode examples'
+        questions and answers, closed on the anchors, the self-replay and the everyday prompts
+        (balanced BCE + a little L2, `gate_fit_steps` full-batch Adam steps on at most `cap` tokens
+        per group). Born closed at σ(−6), the gate would otherwise need most of a short sleep to
+        open, and the expert could not learn at full strength on its own episodes meanwhile."""
+        cfg = self.cfg
+        modules = [m for mlp in self.memory.mlps.values() for m in mlp.experts if m.expert_id == new_id]
+        layers = [l for l, mlp in self.memory.mlps.items() if any(m.expert_id == new_id for m in mlp.experts)]
+        if not modules or cfg.gate_fit_steps == 0:
+            return {}
+        dev = next(self.lm.parameters()).device
+        groups: dict[int, list] = {1: [], 2: [], 0: []}   # per target: [(layer → x rows)] chunks
+        for i in range(0, len(examples), 16):
+            batch = examples[i:i + 16]
+            width = max(len(e.student) for e in batch)
+            ids = torch.tensor([e.student + [self.pad] * (width - len(e.student)) for e in batch], device=dev)
+            mask = torch.tensor([[1] * len(e.student) + [0] * (width - len(e.student)) for e in batch], device=dev)
+            t = self.gate_targets(batch, width).to(dev)
+            with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
+                self.lm.model(input_ids=ids, attention_mask=mask)
+            for y in groups:
+                groups[y].append(torch.stack([xs[l][-1][t == y].float() for l in layers]))
+        if negatives:
+            groups[0].append(torch.stack([negatives[l] for l in layers]))
+        data = {}
+        for y, chunks in groups.items():
+            x = torch.cat(chunks, 1) if chunks else torch.zeros(len(layers), 0, self.memory.d_model, device=dev)
+            if x.shape[1] > cap:
+                x = x[:, torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(self.rng.randrange(1 << 30)))[:cap]]
+            data[y] = x
+        if not data[1].shape[1] + data[2].shape[1] or not data[0].shape[1]:
+            return {}
+        w = torch.stack([m.gate.detach().float() for m in modules]).clone().requires_grad_(True)
+        b = torch.stack([m.gate_bias.detach().float() for m in modules]).clone().requires_grad_(True)
+        opt = torch.optim.Adam([w, b], lr=cfg.gate_fit_lr)
+
+        def loss_of():
+            pos = [F.binary_cross_entropy_with_logits(torch.einsum("lnd,ld->ln", x, w) + b[:, None], torch.ones(x.shape[:2], device=dev))
+                   for x in (data[1], data[2]) if x.shape[1]]
+            neg = F.binary_cross_entropy_with_logits(torch.einsum("lnd,ld->ln", data[0], w) + b[:, None],
+                                                     torch.zeros(data[0].shape[:2], device=dev))
+            return 0.5 * (sum(pos) / len(pos) + neg)
+
+        with torch.enable_grad():
+            first = float(loss_of().detach())
+            for _ in range(cfg.gate_fit_steps):
+                loss = loss_of() + 1e-3 * w.pow(2).sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            last = float(loss_of().detach())
+        for m, wi, bi in zip(modules, w.detach(), b.detach()):
+            m.gate.copy_(wi.to(m.gate.dtype))
+            m.gate_bias.copy_(bi.to(m.gate_bias.dtype))
+        return {"gate_fit_first_loss": first, "gate_fit_loss": last,
+                "gate_fit_tokens": {"question": data[1].shape[1], "answer": data[2].shape[1], "closed": data[0].shape[1]}}
+
+    def gate_loss(self, batch: list[Example], xs: dict[int, list], new_id: str,
+                  negatives: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Balanced binary cross-entropy of the new expert's gate σ(w·x + b) in every layer: open
+        on the episode tokens of the batch, closed on its other tokens and on the everyday prompts.
+        Open and closed weigh the same, and so do the episodes' questions and their answers (the
+        answers have more tokens; a gate that opened on answers only would miss the question that
+        should call the expert). x is detached: the loss trains the gate only, as a classifier."""
+        modules = {layer: m for layer, mlp in self.memory.mlps.items() for m in mlp.experts if m.expert_id == new_id}
+        losses = []
+        for layer, got in xs.items():
+            if not got or layer not in modules:
+                continue
+            x = got[-1]   # the student's pass (a teacher pass, if any, came first)
+            e = modules[layer]
+            t = self.gate_targets(batch, x.shape[1]).to(x.device)
+            z = x.float() @ e.gate.float() + e.gate_bias.float()
+            neg = z[t == 0]
+            if layer in negatives:
+                neg = torch.cat([neg, negatives[layer] @ e.gate.float() + e.gate_bias.float()])
+            pos = [F.binary_cross_entropy_with_logits(v, torch.ones_like(v)) for v in (z[t == 1], z[t == 2]) if v.numel()]
+            parts = ([sum(pos) / len(pos)] if pos else []) + \
+                ([F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))] if neg.numel() else [])
+            if parts:
+                losses.append(sum(parts) / len(parts))
+        return torch.stack(losses).mean() if losses else None
 
     # -- the objective -------------------------------------------------------------------------
     def divergence(self, batch: list[Example], new_id: str) -> torch.Tensor:
@@ -281,6 +421,10 @@ class Consolidator:
         divergences, rewards = [], []
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
+        gate_on = cfg.gate_loss > 0
+        negatives = self.gate_negative_states(new_id) if gate_on else {}
+        fitted = self.fit_gate(examples, new_id, negatives) if gate_on else {}
+        gate_losses: list[float] = []
         try:
             for step in range(total):
                 self.check()
@@ -292,12 +436,21 @@ class Consolidator:
                 if cfg.lmbda > 0:
                     batch = self.on_policy(batch, new_id)
                 batch += [texts[(step * per_step + j) % len(texts)] for j in range(per_step)]
-                div = self.divergence(batch, new_id)
+                if gate_on:
+                    with self.memory.capturing() as xs:
+                        div = self.divergence(batch, new_id)
+                    gl = self.gate_loss(batch, xs, new_id, negatives)
+                    del xs
+                else:
+                    div, gl = self.divergence(batch, new_id), None
                 loss, reward = div, None
                 if step in lti_at:
                     pg, reward = self.imitation(examples, step)
                     loss = cfg.alpha * div + (1 - cfg.alpha) * pg
                     rewards.append(reward)
+                if gl is not None:
+                    loss = loss + cfg.gate_loss * gl
+                    gate_losses.append(float(gl.detach()))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -308,4 +461,6 @@ class Consolidator:
             self.memory.freeze_all()
         return {"steps": total, "examples": len(examples), "final_divergence": divergences[-1] if divergences else None,
                 "first_divergence": divergences[0] if divergences else None,
-                "mean_reward": sum(rewards) / len(rewards) if rewards else None}
+                "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+                **fitted, "first_gate_loss": gate_losses[0] if gate_losses else None,
+                "final_gate_loss": gate_losses[-1] if gate_losses else None}

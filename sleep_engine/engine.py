@@ -5,6 +5,7 @@ dreaming in a background worker — is built on this object; see docs/DESIGN.md 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,12 +22,13 @@ from .dreaming import Dreamer
 from .events import EventBus
 from .memory import MemoryModel
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
-                     cloze_probes, episode_probes, forgetting, perplexity)
+                     cloze_probes, episode_probes, forgetting, gate_selectivity, perplexity, question_gates)
 from .sampling import chat_ids, generate_batch
 from .store import StateDir, StateError
 from .wake import WakeSession
 
 GENERIC_TEXT = Path(__file__).resolve().parents[1] / "assets" / "generic_text.txt"
+GENERAL_QUESTIONS = Path(__file__).resolve().parents[1] / "assets" / "general_questions.jsonl"
 
 
 class Cancelled(Exception):
@@ -233,6 +235,42 @@ class SleepEngine:
         return {"episodes": cols, "R": rows, "average_accuracy": average_accuracy(rows) if rows else None,
                 "forgetting": forgetting(rows) if rows else None, "bwt": backward_transfer(rows) if rows else None}
 
+    def expert_episodes(self) -> dict[str, list[int]]:
+        """The episodes each routed expert was trained on, from the completed sleeps' manifests:
+        a tier-2 expert its sleep's episodes, a slower expert every episode consolidated so far."""
+        out: dict[str, list[int]] = {}
+        seen: list[int] = []
+        for m in self.state.sleep_manifests():
+            seen += [e for e in m.get("episode_ids", []) if e not in seen]
+            for eid in m.get("experts_added", []):
+                out.setdefault(eid, []).extend(m.get("episode_ids", []))
+            slow = (m.get("tier_consolidation") or {}).get("expert")
+            if slow:
+                out[slow] = list(seen)
+        return out
+
+    def gate_selectivity(self, current: dict[str, list[int]] | None = None) -> dict[str, dict]:
+        """Locality of every routed expert (issue 13): its mean gate on its own episodes' probe
+        questions, on the fixed everyday questions (assets/general_questions.jsonl) and on the
+        other consolidated episodes' probes; `current` adds the running sleep's expert → episodes."""
+        owners = {**self.expert_episodes(), **(current or {})}
+        owners = {e: ids for e, ids in owners.items() if e in self.memory.expert_ids()}
+        if not owners:
+            return {}
+        episodes = {e.id: e for e in self.state.episodes.all()}
+        probes = {i: [p.q for p in episode_probes(episodes[i])] for ids in owners.values() for i in ids if i in episodes}
+        everyday = [json.loads(ln)["q"] for ln in GENERAL_QUESTIONS.read_text().splitlines() if ln.strip()]
+        asked = [(i, q) for i, qs in probes.items() for q in qs]
+        with self.lock:
+            gates = question_gates(self.memory, self.tokenizer, [q for _, q in asked] + everyday, list(owners))
+        out = {}
+        for eid, ids in owners.items():
+            g = gates[eid]
+            own = [v for (i, _), v in zip(asked, g) if i in ids]
+            other = [v for (i, _), v in zip(asked, g) if i not in ids]
+            out[eid] = {"episodes": ids, **gate_selectivity(own, g[len(asked):], other)}
+        return out
+
     def _sleep_worker(self, number: int, pending, cfg: SleepConfig) -> None:
         snapshot = self.memory.memory_state()
         snapshot = ({k: v.clone() for k, v in snapshot[0].items()}, snapshot[1])
@@ -304,7 +342,7 @@ class SleepEngine:
                 t0 = phase("consolidation")
                 tier2 = [e for e in self.memory.experts() if e.tier == 2]
                 if cfg.expansion or not tier2:
-                    new_id = self.memory.add_expert(tier=2, born=number)
+                    new_id = self.memory.add_expert(tier=2, born=number, gate_bias=cfg.gate_bias_init)
                 else:
                     new_id = tier2[-1].expert_id
                 info = next(e for e in self.memory.experts() if e.expert_id == new_id)
@@ -336,6 +374,7 @@ class SleepEngine:
                 summary["probe_accuracy_after"] = after
                 summary["general_ppl_after"] = perplexity(lm, tok, generic)
                 summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
+                summary["gate_selectivity"] = self.gate_selectivity({new_id: [e.id for e in pending]})
                 all_ids = [e.id for e in older] + [e.id for e in pending]
                 summary["probe_after"] = {str(i): after.get(i, 0.0) for i in all_ids}
                 emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
@@ -404,18 +443,19 @@ class SleepEngine:
         tier2 = [e.expert_id for e in self.memory.experts() if e.tier == 2]
         if not tier2:
             return {}
-        new_id = self.memory.add_expert(tier=3, born=number)
+        new_id = self.memory.add_expert(tier=3, born=number, gate_bias=cfg.gate_bias_init)
         emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
         seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), emit, check,
                               seed=number)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
         asks = [q for e in episodes for q in seed_prompts(e.text, cfg.prompts_per_episode)]   # never the probes
+        n_episode = len(asks)   # the slow expert's gate opens on these, stays closed on the anchors
         asks += seeder.chat_anchors()
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
             answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens)
-        examples = [Example(p + a, p + a, len(a), q, "", about_episode=False)
-                    for q, p, a in zip(asks, prompts, answers) if a]
+        examples = [Example(p + a, p + a, len(a), q, "", about_episode=i < n_episode)
+                    for i, (q, p, a) in enumerate(zip(asks, prompts, answers)) if a]
         examples += seeder.text_anchors(new_id)
         result = seeder.seed(examples, new_id, phase="tier consolidation") if examples else {}
         self.memory.remove_experts(tier2)

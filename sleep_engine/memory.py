@@ -27,12 +27,14 @@ MLP_ATTRS = ("mlp", "block_sparse_moe", "feed_forward")
 class LowRankExpert(nn.Module):
     """x ↦ B A x with its own gate; B = 0 at birth so the expert is silent until trained."""
 
-    def __init__(self, d_model: int, rank: int, tier: int, born: int, expert_id: str):
+    def __init__(self, d_model: int, rank: int, tier: int, born: int, expert_id: str, gate_bias: float = 0.0):
         super().__init__()
         self.A = nn.Parameter(torch.randn(rank, d_model) / math.sqrt(d_model))
         self.B = nn.Parameter(torch.zeros(d_model, rank))
         self.gate = nn.Parameter(torch.zeros(d_model))
-        self.gate_bias = nn.Parameter(torch.zeros(()))
+        # a Sleep passes a strongly negative bias (SleepConfig.gate_bias_init): the expert is born
+        # closed, σ(b) ≈ 0, and opens only where consolidation's gate loss teaches it to
+        self.gate_bias = nn.Parameter(torch.full((), float(gate_bias)))
         self.rank, self.tier, self.born, self.expert_id = rank, tier, born, expert_id
 
     def num_params(self) -> int:
@@ -53,6 +55,7 @@ class MemoryMLP(nn.Module):
         self.muted: frozenset[str] = frozenset()  # experts left out (the teacher never sees the new one)
         self.fast_enabled = True                  # the student of consolidation runs without fast weights
         self.forced_expert: str | None = None     # dreaming: one random expert added at full gate (docs/DESIGN.md §5)
+        self.capture: list | None = None          # when a list, each forward appends its input x (detached)
         self._fused: tuple | None = None
 
     # -- forward ---------------------------------------------------------------------------
@@ -110,6 +113,8 @@ class MemoryMLP(nn.Module):
         return torch.cat([expert_h, h[..., rank + E:]], -1) @ w_out.T
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.capture is not None:   # consolidation's gate loss and the gate-selectivity probe
+            self.capture.append(x.detach())
         out = self.base(x, *args, **kwargs)
         d = self.delta(x, self.fused_weights(x.dtype))
         if d is None:
@@ -119,9 +124,9 @@ class MemoryMLP(nn.Module):
         return out + d.to(out.dtype)
 
     # -- experts ---------------------------------------------------------------------------
-    def add_expert(self, rank: int, tier: int, born: int, expert_id: str) -> LowRankExpert:
+    def add_expert(self, rank: int, tier: int, born: int, expert_id: str, gate_bias: float = 0.0) -> LowRankExpert:
         ref = self.fast_A
-        expert = LowRankExpert(self.d_model, rank, tier, born, expert_id).to(ref.device)
+        expert = LowRankExpert(self.d_model, rank, tier, born, expert_id, gate_bias).to(ref.device)
         expert.requires_grad_(False)
         self.experts.append(expert)
         return expert
@@ -199,8 +204,10 @@ class MemoryModel:
         self.fast_weight_time: float | None = None   # wall-clock time of the last of those steps
 
     # -- experts ---------------------------------------------------------------------------
-    def add_expert(self, tier: int, born: int, rank: int | None = None, expert_id: str | None = None) -> str:
-        """One new low-rank expert in every receiving layer; returns its id. Function-preserving."""
+    def add_expert(self, tier: int, born: int, rank: int | None = None, expert_id: str | None = None,
+                   gate_bias: float = 0.0) -> str:
+        """One new low-rank expert in every receiving layer; returns its id. Function-preserving
+        (B = 0) whatever `gate_bias`: a Sleep gives a strongly negative one, so the gate starts closed."""
         if not 2 <= tier <= self.cfg.tiers:
             raise ValueError(f"tier must be between 2 and {self.cfg.tiers}, got {tier}")
         expert_id = expert_id or f"e{self._next_id}"
@@ -209,7 +216,7 @@ class MemoryModel:
         if expert_id[1:].isdigit():
             self._next_id = max(self._next_id, int(expert_id[1:]) + 1)
         for mlp in self.mlps.values():
-            mlp.add_expert(rank or self.cfg.expert_rank, tier, born, expert_id)
+            mlp.add_expert(rank or self.cfg.expert_rank, tier, born, expert_id, gate_bias)
         return expert_id
 
     def remove_experts(self, expert_ids) -> None:
@@ -307,6 +314,20 @@ class MemoryModel:
         finally:
             for m, (mu, fe, fx) in zip(self.mlps.values(), saved):
                 m.muted, m.fast_enabled, m.forced_expert = mu, fe, fx
+
+    @contextmanager
+    def capturing(self):
+        """Collect every MemoryMLP's input x (detached) of the forward passes inside: yields
+        {layer: [x of pass 1, x of pass 2, …]}. The gates of any expert follow from x exactly."""
+        got: dict[int, list] = {l: [] for l in self.mlps}
+        saved = {l: m.capture for l, m in self.mlps.items()}
+        for l, m in self.mlps.items():
+            m.capture = got[l]
+        try:
+            yield got
+        finally:
+            for l, m in self.mlps.items():
+                m.capture = saved[l]
 
     # -- routing traces --------------------------------------------------------------------
     @contextmanager

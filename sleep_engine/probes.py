@@ -132,3 +132,92 @@ def forgetting(R: list[list[float]]) -> float:
     T = len(R) - 1
     cols = [(j, t) for j, t in enumerate(_learned_at(R)) if t < T] if R else []
     return sum(max(R[l][j] for l in range(t, T)) - R[T][j] for j, t in cols) / len(cols) if cols else 0.0
+
+
+# -- locality of sleep-added experts (issue 13) -------------------------------------------------
+
+@torch.no_grad()
+def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str] | None = None,
+                   batch_size: int = 16) -> dict[str, list[float]]:
+    """Mean gate σ(w·x + b) of each routed expert on each question, closed-book in the probes'
+    answer prompt: averaged over the question's own tokens (from where the prompts stop sharing
+    the template and the fixed instruction, up to the start of the reply) and over layers.
+    Returns {expert_id: [one mean gate per question]}."""
+    ids_of = expert_ids or memory.expert_ids()
+    out: dict[str, list[float]] = {e: [] for e in ids_of}
+    if not questions or not ids_of:
+        return out
+    a = chat_ids(tokenizer, ANSWER_PROMPT.format(q="a"))
+    b = chat_ids(tokenizer, ANSWER_PROMPT.format(q="b"))
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    dev = next(memory.lm.parameters()).device
+    pad = tokenizer.pad_token_id or 0
+    for i in range(0, len(questions), batch_size):
+        seqs = [chat_ids(tokenizer, ANSWER_PROMPT.format(q=q)) for q in questions[i:i + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+        own = mask.clone()
+        own[:, :start] = 0
+        with memory.configured(fast_weights=False), memory.capturing() as xs:
+            memory.lm.model(input_ids=ids, attention_mask=mask)
+        sums = {e: torch.zeros(len(seqs), device=dev) for e in ids_of}
+        for layer, mlp in memory.mlps.items():
+            x = xs[layer][-1].float()
+            for e in mlp.experts:
+                if e.expert_id in sums:
+                    g = torch.sigmoid(x @ e.gate.float() + e.gate_bias.float())
+                    sums[e.expert_id] += (g * own).sum(-1) / own.sum(-1).clamp(min=1)
+        for e in ids_of:
+            out[e] += (sums[e] / len(memory.mlps)).tolist()
+    return out
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def gate_selectivity(own: list[float], everyday: list[float], other: list[float] | None = None,
+                     target: float = 0.1) -> dict:
+    """One expert's locality from its mean gates per question (`question_gates`): on questions
+    about its own episodes, on the fixed everyday questions, on other episodes' questions; the
+    ratios to `own`; and whether everyday ≤ target × own (the issue's target)."""
+    m_own, m_day, m_other = _mean(own), _mean(everyday), _mean(other or [])
+    ratio = lambda m: None if m is None or not m_own else m / m_own  # noqa: E731
+    return {"own": m_own, "everyday": m_day, "other": m_other, "n_own": len(own), "n_everyday": len(everyday),
+            "n_other": len(other or []), "everyday_over_own": ratio(m_day), "other_over_own": ratio(m_other),
+            "meets_target": None if ratio(m_day) is None else ratio(m_day) <= target + 1e-9}
+
+
+_REPLY_NAME = re.compile(r"\b[A-Z][a-zA-Z]{2,}\b|\b\d[\d,]*\d\b")
+# capitalised only because they open a sentence: never a name
+_OPENERS = {"the", "this", "that", "these", "those", "there", "their", "its", "and", "but", "when", "where", "which",
+            "who", "what", "how", "why", "every", "each", "after", "before", "since", "during", "for", "from", "with",
+            "his", "her", "they", "she", "you", "yes", "not", "one", "some", "many", "most", "all", "today"}
+
+
+def passage_names(text: str) -> set[str]:
+    """Names and numbers a text teaches: capitalised words (not sentence openers like "The") and
+    numbers of two or more digits; lower case."""
+    return {w.lower() for w in _REPLY_NAME.findall(text)} - _OPENERS
+
+
+def interference(answers: list[dict], passages: dict[str, str]) -> dict:
+    """How often a wrong answer is a name from another taught passage. `answers`: {"passage",
+    "q", "reply", "correct"} per question; `passages`: id → text of every passage taught. A wrong
+    reply interferes when it contains a name or number of another passage that is neither in
+    its own passage nor in its question."""
+    names = {pid: passage_names(text) for pid, text in passages.items()}
+    wrong, hits = 0, []
+    for a in answers:
+        if a["correct"] or a["passage"] not in names:
+            continue
+        wrong += 1
+        own = names[a["passage"]] | passage_names(a.get("q", ""))
+        said = passage_names(a["reply"]) - own
+        sources = {pid: sorted(said & n) for pid, n in names.items() if pid != a["passage"] and said & n}
+        if sources:
+            hits.append({"passage": a["passage"], "q": a.get("q", ""), "reply": a["reply"], "from": sources})
+    return {"wrong": wrong, "from_other_passage": len(hits), "rate": len(hits) / wrong if wrong else None,
+            "examples": hits}

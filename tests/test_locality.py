@@ -1,0 +1,106 @@
+"""Locality of sleep-added experts (issue 13): born closed, gate trained on both sides, selectivity
+and interference metrics. Tiny random model with the real tokenizer; hand-made data for the metrics."""
+import math
+
+import pytest
+import torch
+
+from sleep_engine.consolidation import Consolidator
+from sleep_engine.probes import gate_selectivity, interference, passage_names, question_gates
+from test_sleep import QA, TEXTS, teach_two, tiny_settings
+
+EVERYDAY = "What is the capital of France?"   # one of assets/general_questions.jsonl: never a training negative
+
+
+def _logits(engine, text):
+    ids = torch.tensor([engine.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        return engine.memory.lm(input_ids=ids).logits
+
+
+def test_a_sleep_added_expert_is_born_closed_and_changes_no_logit(tiny_engine):
+    before = _logits(tiny_engine, "The lighthouse of Quarrow Point was painted violet.")
+    cfg = tiny_settings()
+    eid = tiny_engine.memory.add_expert(tier=2, born=1, gate_bias=cfg.gate_bias_init)
+    assert torch.equal(_logits(tiny_engine, "The lighthouse of Quarrow Point was painted violet."), before)
+    gates = question_gates(tiny_engine.memory, tiny_engine.tokenizer, [EVERYDAY, QA[0][0]["q"]])[eid]
+    assert cfg.gate_bias_init <= -4 and all(abs(g - 1 / (1 + math.exp(-cfg.gate_bias_init))) < 1e-6 for g in gates)
+
+
+def test_after_a_sleep_the_gate_is_open_on_its_episode_and_closed_on_everyday_questions(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, distill_steps=6), wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    eid = summary["experts_added"][0]
+    own = [qa[0]["q"] for qa in QA]
+    g = question_gates(tiny_engine.memory, tiny_engine.tokenizer, own + [EVERYDAY])[eid]
+    assert min(g[:2]) > g[2], g                       # held-out everyday question below both own questions
+    c = summary["consolidation"]
+    assert c["gate_fit_loss"] < c["gate_fit_first_loss"] and c["gate_fit_tokens"]["question"] > 0
+    sel = summary["gate_selectivity"][eid]            # the sleep summary reports it (launch.py sleep --json)
+    assert sel["episodes"] == [1, 2] and sel["n_everyday"] == 30 and sel["n_own"] == 2
+    assert sel["everyday"] < sel["own"] and sel["everyday_over_own"] < 1
+
+
+def test_without_the_gate_loss_nothing_teaches_the_gate_to_tell_them_apart(tiny_engine):
+    """Control for the test above: the same sleep with the gate loss off and the old half-open
+    birth leaves the gate near 0.5 everywhere."""
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, distill_steps=6, gate_loss=0.0, gate_bias_init=0.0),
+                      wait=True)
+    eid = tiny_engine.memory.expert_ids()[0]
+    g = question_gates(tiny_engine.memory, tiny_engine.tokenizer, [QA[0][0]["q"], EVERYDAY])[eid]
+    assert all(0.2 < v < 0.8 for v in g), g
+
+
+def test_gate_targets_mark_episode_tokens_open_and_anchor_tokens_closed(tiny_engine):
+    from sleep_engine.consolidation import Example
+    c = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(), lambda *a, **k: None, lambda: None)
+    ep = Example(list(range(20)), [], 3, "q", "a", about_episode=True)   # the last 3 tokens: the answer
+    anchor = Example(list(range(12)), [], 3, "q", "a", about_episode=False)
+    t = c.gate_targets([ep, anchor], 20)
+    p = c.chat_prefix
+    assert 0 < p < 20
+    assert (t[0, :p] == -1).all()                                     # shared template/system prompt ignored
+    assert (t[0, p:17] == 1).all() and (t[0, 17:] == 2).all()         # question open, answer open (own group)
+    assert (t[1, :12] == 0).all() and (t[1, 12:] == -1).all()        # anchors closed everywhere; padding ignored
+
+
+def test_an_old_state_with_half_open_gates_keeps_them(tiny_engine):
+    """States saved before the closed birth hold gate_bias = 0: loading keeps it (no new default)."""
+    mem = tiny_engine.memory
+    mem.add_expert(tier=2, born=1)          # the old birth: bias 0
+    tensors, manifest = mem.memory_state()
+    mem.remove_experts(mem.expert_ids())
+    mem.load_memory_state(tensors, manifest)
+    assert all(float(e.gate_bias) == 0.0 for e in mem.expert_modules("e0"))
+
+
+def test_gate_selectivity_on_hand_made_gates():
+    s = gate_selectivity(own=[0.8, 0.6], everyday=[0.05, 0.09], other=[0.2, 0.4, 0.3])
+    assert s["own"] == pytest.approx(0.7) and s["everyday"] == pytest.approx(0.07) and s["other"] == pytest.approx(0.3)
+    assert s["everyday_over_own"] == pytest.approx(0.1) and s["other_over_own"] == pytest.approx(0.3 / 0.7)
+    assert s["meets_target"] is True and (s["n_own"], s["n_everyday"], s["n_other"]) == (2, 2, 3)
+    assert gate_selectivity([0.5], [0.2])["meets_target"] is False
+    empty = gate_selectivity([], [0.1], None)
+    assert empty["own"] is None and empty["everyday_over_own"] is None and empty["meets_target"] is None
+
+
+def test_interference_counts_wrong_answers_naming_another_passage():
+    passages = {"p1": "Velmora Ridge was mapped in 1847 by the cartographer Idris Kallowen.",
+                "p2": "The Cinderfox Orchestra is led by the conductor Mara Quillon since 1986."}
+    assert {"velmora", "ridge", "1847", "idris", "kallowen"} <= passage_names(passages["p1"])
+    assert "the" not in passage_names(passages["p2"])                 # sentence openers are not names
+    answers = [
+        {"passage": "p1", "q": "Who mapped Velmora Ridge?", "reply": "Idris Kallowen.", "correct": True},
+        {"passage": "p1", "q": "When was Velmora Ridge mapped?", "reply": "It was mapped in 1986.", "correct": False},
+        {"passage": "p2", "q": "Who leads the Cinderfox Orchestra?", "reply": "Idris Kallowen leads it.",
+         "correct": False},
+        {"passage": "p2", "q": "Since when?", "reply": "Since the spring of 1950.", "correct": False},
+        {"passage": "p2", "q": "Who leads the Cinderfox Orchestra?", "reply": "The Cinderfox conductor.",
+         "correct": False},   # its own passage's name: a wrong answer, not interference
+    ]
+    r = interference(answers, passages)
+    assert r["wrong"] == 4 and r["from_other_passage"] == 2 and r["rate"] == pytest.approx(0.5)
+    assert [h["from"] for h in r["examples"]] == [{"p2": ["1986"]}, {"p1": ["idris", "kallowen"]}]
+    assert interference([], passages)["rate"] is None
