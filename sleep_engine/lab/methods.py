@@ -171,7 +171,8 @@ class SleepMethod(Learner):
         closed-book probes before and after each sleep are evaluation, like the lab's, and are
         reported apart (`probe_seconds`)."""
         e, every, settings = self.engine, self.exp.passages_per_sleep, self.settings()
-        keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after")
+        keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after",
+                "gate_selectivity", "consolidation")
         t0 = time.perf_counter()
         sleeps, phases = [], {}
         for i in range(0, len(passages), every):
