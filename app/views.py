@@ -295,7 +295,23 @@ def sleep_summary(manifest: dict) -> list[tuple[str, str]]:
             ("dreams", f"{d.get('generated', 0)} generated, {d.get('kept', 0)} kept, {d.get('rewarded', 0)} rewarded"),
             ("probe accuracy (mean over episodes)", f"{mean(acc_b)} → {mean(acc_a)}"),
             ("general perplexity", (f"{num(manifest.get('general_ppl_before'), '.2f')} → "
-                                   f"{num(manifest.get('general_ppl_after'), '.2f')}"))]
+                                   f"{num(manifest.get('general_ppl_after'), '.2f')}"))] + selectivity_rows(manifest)
+
+
+def selectivity_rows(manifest: dict) -> list[tuple[str, str]]:
+    """One line per expert of the sleep's gate selectivity (issue 13): its mean gate on its own
+    episodes' probe questions, on the fixed everyday questions and on other episodes' probes."""
+    def num(x):
+        return "–" if x is None else f"{x:.3f}"
+    rows = []
+    for eid, s in (manifest.get("gate_selectivity") or {}).items():
+        ratio = s.get("everyday_over_own")
+        verdict = "" if s.get("meets_target") is None else (" ✓ ≤ 0.1×" if s["meets_target"] else " ✗ > 0.1×")
+        rows.append((f"gate of {eid} (episodes {', '.join(map(str, s.get('episodes', [])))})",
+                     f"own {num(s.get('own'))}, everyday {num(s.get('everyday'))}"
+                     + ("" if ratio is None else f" ({ratio:.2f}× own{verdict})")
+                     + f", other episodes {num(s.get('other'))}"))
+    return rows
 
 
 def probe_rows(manifest: dict) -> list[list]:

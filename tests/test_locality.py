@@ -104,3 +104,16 @@ def test_interference_counts_wrong_answers_naming_another_passage():
     assert r["wrong"] == 4 and r["from_other_passage"] == 2 and r["rate"] == pytest.approx(0.5)
     assert [h["from"] for h in r["examples"]] == [{"p2": ["1986"]}, {"p1": ["idris", "kallowen"]}]
     assert interference([], passages)["rate"] is None
+
+
+def test_inspect_summary_shows_each_experts_gate_selectivity():
+    from app.views import selectivity_rows, sleep_summary
+    manifest = {"gate_selectivity": {
+        "e0": {"episodes": [1, 2], "own": 0.6, "everyday": 0.03, "other": 0.2, "everyday_over_own": 0.05,
+               "meets_target": True},
+        "e1": {"episodes": [3], "own": 0.4, "everyday": 0.2, "other": None, "everyday_over_own": 0.5,
+               "meets_target": False}}}
+    rows = selectivity_rows(manifest)
+    assert rows == [("gate of e0 (episodes 1, 2)", "own 0.600, everyday 0.030 (0.05× own ✓ ≤ 0.1×), other episodes 0.200"),
+                    ("gate of e1 (episodes 3)", "own 0.400, everyday 0.200 (0.50× own ✗ > 0.1×), other episodes –")]
+    assert sleep_summary(manifest)[-2:] == rows and selectivity_rows({}) == []
