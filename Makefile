@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench stress clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# kill-stress of the state dir (docs/reliability.md): TRIALS killed runs of sleep/teach/chat on a tiny model
+TRIALS ?= 100
+stress: setup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python tests/stress_state.py --trials $(TRIALS)
 
 bench: setup
 	$(BIN)/python launch.py bench wake --json

@@ -7,6 +7,7 @@
     python launch.py chat --once "TEXT"   print one reply and exit
     python launch.py teach FILE [FILE…]   add texts to read as episodes
     python launch.py sleep [--teach FILE…] [--preset quick|full] [--json]   sleep once
+    python launch.py undo-sleep           undo the last completed sleep (its experts go, its episodes are pending again)
     python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
     python launch.py lab knowledge|continual|speed [--quick] [--json] [--out DIR] [--methods M…] [--resume]
                                           experiments against baselines; JSON + HTML report
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     web.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     web.add_argument("--auth", metavar="USER:PASSWORD",
-                     help="require this login (basic auth); default: the SLEEP_LAB_AUTH variable, else none")
+                     help="require this login (a login form, and the same credentials for every API route); "
+                          "default: the SLEEP_LAB_AUTH variable, else none")
     web.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     web.add_argument("--reports", default="reports", metavar="DIR",
                      help="where the Inspect tab looks for lab reports, subfolders included (default: %(default)s)")
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sleep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a sleep setting, e.g. --set distill_steps=20 --set dreaming=false")
     sleep.add_argument("--json", action="store_true", help="end with one JSON summary on the last line")
+    undo = sub.add_parser("undo-sleep", help="undo the last completed sleep (its experts go, its episodes "
+                                              "are pending again; the memory is the one it started from)")
+    _common(undo, sub=True)
+    undo.add_argument("--json", action="store_true", help="print the result as one JSON object")
     bench = sub.add_parser("bench", help="benchmarks")
     _common(bench, sub=True)
     bench.add_argument("what", choices=["wake"])
@@ -139,6 +145,8 @@ def open_engine(cfg: LabConfig, quiet: bool = False):
         i = engine.info()
         print(f"ready in {engine.ready_s:.1f}s: {i['model']} on {i['device']}, {i['quantize']}, "
               f"{i['episodes']} episodes, {len(engine.memory.experts())} experts", file=sys.stderr, flush=True)
+    for note in engine.notices():   # what was set aside on opening the state dir: never a silent loss
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     return engine
 
 
@@ -213,9 +221,12 @@ def _read_text_file(path: str) -> str:
     if b"\x00" in data:
         raise OSError(f"{path} looks like a binary file, not text")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise OSError(f"{path} is not UTF-8 text") from None
+    if not text.strip():
+        raise OSError(f"{path} is empty: nothing to teach")
+    return text
 
 
 def read_episodes(path: str) -> list[dict]:
@@ -230,6 +241,11 @@ def read_episodes(path: str) -> list[dict]:
                     out.append({"text": d["text"], "qa": d.get("qa"), "source": f"{os.path.basename(path)}:{n}"})
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise OSError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+                from sleep_engine.store import qa_problem
+                why = qa_problem(out[-1]["qa"]) or (None if isinstance(out[-1]["text"], str) and out[-1]["text"].strip()
+                                                    else "'text' must be a non-empty string")
+                if why:
+                    raise OSError(f"{path}:{n}: {why}")
         return out
     return [{"text": text, "qa": None, "source": os.path.basename(path)}]
 
@@ -292,6 +308,37 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
                                    "general_ppl_after", "answer_logprob_before", "answer_logprob_after")}
     out["total_s"] = round(sum(summary["phases"].values()), 2)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_lab_wake(cfg: LabConfig, args) -> int:
+    from pathlib import Path
+
+    from sleep_engine.lab import wake_memory
+    exp = wake_memory.WakeExperiment()
+    if args.quick:
+        exp.update({"passages": 4, "turns": 40, "checkpoints": "20"})
+    wake_memory.apply_wake_settings(cfg.wake, exp.update(parse_settings(args.set)))
+    result = wake_memory.run(cfg, exp, Path(args.out), log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"results: {result['json']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "long_chat"} |
+                         {"long_chat": {k: v for k, v in result.get("long_chat", {}).items() if k != "update_log"}}))
+    return 0
+
+
+def cmd_undo(cfg: LabConfig, args) -> int:
+    engine = open_engine(cfg, quiet=args.json)
+    try:
+        result = engine.undo_sleep()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"sleep {result['undone']} undone: {len(result['pending'])} episode(s) pending again, "
+              f"{len(result['experts'])} expert(s) left, {result['sleeps']} sleep(s) remain")
     return 0
 
 
@@ -359,6 +406,8 @@ def main(argv=None) -> int:
     quiet_libraries(cfg)
     from sleep_engine.backbone import ModelLoadError
     from sleep_engine.engine import StateMismatchError
+    from sleep_engine.store import StateError
+    from sleep_engine.wake import WakeInputError
     try:
         if args.verb == "bench":
             from sleep_engine.lab.speed import bench_wake
@@ -375,8 +424,12 @@ def main(argv=None) -> int:
             engine = open_engine(cfg)
             for text, name in texts:
                 ep = engine.wake.teach(text, source=name)
-                print(f"episode {ep.id}: {name} ({len(text)} chars)")
+                kept = f"{len(ep.text)} chars" + (f" of {len(text)}: the rest was cut (limit {cfg.wake.max_message_chars:,})"
+                                                  if len(ep.text) < len(text.strip()) else "")
+                print(f"episode {ep.id}: {name} ({kept})")
             return 0
+        if args.verb == "undo-sleep":
+            return cmd_undo(cfg, args)
         if args.verb is None:
             return cmd_ui(cfg, args)
         once = getattr(args, "once", None)
@@ -389,7 +442,7 @@ def main(argv=None) -> int:
                 return 2
         engine = open_engine(cfg, quiet=once is not None)
         return cmd_chat(engine, once)
-    except (ModelLoadError, StateMismatchError, ConfigError, OSError) as e:
+    except (ModelLoadError, StateMismatchError, StateError, ConfigError, WakeInputError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -6,13 +6,18 @@ polls `engine.status()` and the event bus and redraws only when something change
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import json
 import os
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -133,6 +138,77 @@ def parse_more(text: str | None) -> dict[str, str]:
     return out
 
 
+def sleep_settings(preset: str | None, values, more: str | None) -> SleepConfig:
+    """The Sleep tab's settings: the numeric fields, then the More settings lines, which win (a
+    line is the more explicit choice; `dreams=-1` there was silently ignored before). ConfigError
+    with one clear line for anything out of range."""
+    overrides: dict = {}
+    for (key, label), v in zip(SETTINGS, values):
+        if v is None or v == "":
+            raise ConfigError(f"{label} is empty")
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"sleep.{key} must be a number, got {v!r}") from None
+        if key in INT_SETTINGS and (not number.is_integer()):
+            raise ConfigError(f"sleep.{key} must be a whole number, got {v!r}")
+        overrides[key] = int(number) if key in INT_SETTINGS else number
+    overrides.update(parse_more(more))
+    return SleepConfig.from_preset(preset or "quick", **overrides)
+
+
+class Sessions:
+    """Conversation keys: one per browser (a random id kept in its localStorage, so a reload keeps
+    its own conversation) or per API client (its session hash), and per login user."""
+
+    def __init__(self, limit: int = 4096):
+        self._browser: OrderedDict[str, str] = OrderedDict()   # session hash → browser id
+        self._lock = threading.Lock()
+        self.limit = limit
+
+    def attach(self, request, browser_id) -> str:
+        if not (isinstance(browser_id, str) and 16 <= len(browser_id) <= 64 and browser_id.isalnum()):
+            browser_id = secrets.token_hex(16)
+        if request is not None:
+            with self._lock:
+                self._browser[request.session_hash] = browser_id
+                while len(self._browser) > self.limit:
+                    self._browser.popitem(last=False)
+        return browser_id
+
+    def key(self, request) -> str:
+        if request is None:
+            return "api"
+        with self._lock:
+            base = self._browser.get(request.session_hash, f"client-{request.session_hash}")
+        user = getattr(request, "username", None)
+        return f"{user}:{base}" if user else base
+
+
+def make_auth(auth: tuple[str, str] | None):
+    """The login check for Gradio: constant-time comparison, and every wrong password slows the
+    next tries down (100 wrong passwords took 3 s before: now each costs up to 2 s)."""
+    if auth is None:
+        return None
+    user, password = auth
+    digest = hashlib.sha256(password.encode()).digest()
+    failures: list[float] = []
+    lock = threading.Lock()
+
+    def check(u: str, p: str) -> bool:
+        ok = hmac.compare_digest(str(u).encode(), user.encode()) & hmac.compare_digest(
+            hashlib.sha256(str(p).encode()).digest(), digest)
+        if ok:
+            return True
+        with lock:
+            now = time.monotonic()
+            failures[:] = [t for t in failures if now - t < 60] + [now]
+            delay = min(2.0, 0.1 * len(failures))
+        time.sleep(delay)
+        return False
+    return check
+
+
 class StopFlags:
     """One stop event per browser session, so Stop ends only that session's reply."""
 
@@ -154,6 +230,7 @@ class StopFlags:
 
 def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     stops = StopFlags()
+    sessions = Sessions()
     usage = views.UsageMeter()
     export_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-export-"))
 
@@ -191,9 +268,10 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         history = list(history or [])
         keep = (gr.skip(),) * 5
         stop = stops.fresh(request.session_hash if request else "api")
+        key = sessions.key(request)
         reply = None
         try:
-            for reply in in_own_thread(lambda: engine.wake.stream(message, stop), stop):
+            for reply in in_own_thread(lambda: engine.wake.stream(message, stop, session=key), stop):
                 turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
                 if not reply.done:
                     yield (history + turn, "", gr.skip()) + keep
@@ -219,18 +297,17 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         if asleep():
             yield (history, gr.skip(), _error(engine.asleep_notice() or "the model is asleep")) + (gr.skip(),) * 5
             return
-        message = engine.wake.drop_last_turn()
-        history = list(history or [])
-        last_user = max((i for i, m in enumerate(history) if m["role"] == "user"), default=None)
-        if message is None or last_user is None:
-            yield (history, gr.skip(), _error("nothing to retry")) + (gr.skip(),) * 5
+        key = sessions.key(request)
+        message = engine.wake.drop_last_turn(key)
+        if message is None:   # only this session's own last turn can be retried
+            yield (list(history or []), gr.skip(), _error("nothing to retry")) + (gr.skip(),) * 5
             return
-        yield from chat(message, history[:last_user], request)
+        yield from chat(message, engine.wake.conversation(key), request)
 
-    def clear():
+    def clear(request: gr.Request):
         if asleep():
             return gr.skip(), _error("the model is asleep; the conversation is kept until the sleep ends"), gr.skip()
-        engine.wake.clear()
+        engine.wake.clear(sessions.key(request))
         return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table()
 
     def teach(text, upload):
@@ -257,14 +334,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     def start_sleep(preset, *values):
         *values, more = values
         try:
-            overrides = parse_more(more)
-            for (key, label), v in zip(SETTINGS, values):
-                if v is None or v == "":
-                    raise ConfigError(f"{label} is empty")
-                if key in INT_SETTINGS and float(v) != int(float(v)):
-                    raise ConfigError(f"sleep.{key} must be a whole number, got {v!r}")
-                overrides[key] = int(float(v)) if key in INT_SETTINGS else float(v)
-            settings = SleepConfig.from_preset(preset or "quick", **overrides)
+            settings = sleep_settings(preset, values, more)
             number = engine.sleep(settings)
         except (ConfigError, NothingToConsolidate, RuntimeError, ValueError) as e:
             return _error(str(e))
@@ -332,6 +402,17 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 str(ev_copy) if ev_copy.exists() else None, str(csv_copy),
                 _ok(f"sleep {name}: {len(events)} events"))
 
+    def undo_sleep():
+        try:
+            result = engine.undo_sleep()
+        except RuntimeError as e:
+            return gr.skip(), _error(str(e)), gr.skip(), gr.skip()
+        choices = sleep_choices()
+        return (gr.update(choices=choices, value=choices[-1] if choices else None),
+                _ok(f"Sleep {result['undone']} undone: its experts are gone and its {len(result['pending'])} "
+                    "episode(s) are pending again; the memory is the one it started from."),
+                tiers_table(), header_html())
+
     # -- lab reports (written by `launch.py lab`) ------------------------------------------------
     def report_choices():
         return [(f"{Path(r['json']).parent.name}/{r['experiment']} · {r['preset']} · {r['date']}", r["json"])
@@ -379,6 +460,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     with gr.Blocks(title="Sleep Lab", analytics_enabled=False) as demo:
         gr.Markdown("## Sleep Lab")
         header = gr.HTML(elem_id="header")
+        browser = gr.BrowserState(None, storage_key="sleep-lab-conversation")   # this browser's conversation id
         key = gr.State(None)
         timer = gr.Timer(1.0)
         with gr.Tabs():
@@ -436,6 +518,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 with gr.Row():
                     pick = gr.Dropdown(choices=[], label="past sleep", elem_id="inspect-pick", scale=2)
                     refresh = gr.Button("Refresh", scale=0)
+                    undo_btn = gr.Button("Undo last sleep", variant="stop", scale=0, elem_id="undo-sleep")
                     ev_dl = gr.DownloadButton("Event log (JSON lines)", elem_id="dl-events", scale=1)
                     csv_dl = gr.DownloadButton("Accuracy matrix (CSV)", elem_id="dl-matrix", scale=1)
                 inspect_notice = gr.HTML(elem_id="inspect-notice")
@@ -485,6 +568,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         pick.change(inspect, pick, inspect_out, api_name=False)
         refresh.click(lambda: gr.update(choices=sleep_choices()), None, pick, api_name=False)
         refresh.click(inspect, pick, inspect_out, api_name=False)
+        undo_btn.click(undo_sleep, None, [pick, inspect_notice, tiers, header], api_name="undo_sleep")
 
         report_out = [report_table, report_fig_pick, report_fig, report_dl, report_notice]
         report_pick.change(open_report, report_pick, report_out, api_name="lab_report")
@@ -492,11 +576,15 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         report_fig_pick.change(report_figure, [report_pick, report_fig_pick], report_fig, api_name=False)
 
         # a reload or a second tab re-attaches: conversation, routing, panels, running sleep
-        def on_load():
-            history = [dict(m) for m in engine.wake.history]
-            return (history,) + routing_outputs(None) + tick(None) + (gr.update(choices=report_choices()),)
-        demo.load(on_load, None, [chatbot, heat, strip, load] + live + [report_pick], api_name=False,
-                  show_progress="hidden")
+        # (your own conversation only: the browser's id, kept in its localStorage, names it)
+        def on_load(browser_id, request: gr.Request):
+            browser_id = sessions.attach(request, browser_id)
+            history = engine.wake.conversation(sessions.key(request))
+            notes = engine.notices()
+            return ((browser_id, history) + routing_outputs(None) + tick(None) + (gr.update(choices=report_choices()),)
+                    + (_error("; ".join(notes)) if notes else gr.skip(),))
+        demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice],
+                  api_name=False, show_progress="hidden")
     return demo
 
 
@@ -506,7 +594,7 @@ def launch(engine, host: str = "127.0.0.1", port: int | None = None, auth: tuple
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     demo = build_app(engine, reports_dir)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, auth=auth, share=share, max_file_size=UPLOAD_LIMIT,
+    demo.launch(server_name=host, server_port=port, auth=make_auth(auth), share=share, max_file_size=UPLOAD_LIMIT,
                 enable_monitoring=False, run_history=False, ssr_mode=False, show_error=True,
                 prevent_thread_lock=not block, css=CSS, js=KEEP_ZOOM_JS, quiet=not block, footer_links=["api", "settings"])
     return demo

@@ -20,19 +20,32 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
+def _special_strings(tokenizer) -> list[str]:
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            specials.add(str(tok))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` in the tokenizer's chat template, every content kept as text."""
+    """Token ids of `messages` in the tokenizer's chat template, every content kept as text.
+
+    The template is rendered with a placeholder per content; the special tokens of that rendering
+    are the template's own (structure). Between them, template text and contents are joined and
+    tokenized with `split_special_tokens=True`, so a content's special-token strings stay characters
+    and, as the native tokenizer also splits at special tokens, ordinary text gets the same ids."""
     contents = [str(m.get("content", "")) for m in messages]
     slotted = [dict(m, content=f"{_OPEN}{i}{_CLOSE}") for i, m in enumerate(messages)]
     rendered = tokenizer.apply_chat_template(slotted, add_generation_prompt=add_generation_prompt, tokenize=False)
+    specials = _special_strings(tokenizer)
+    parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", rendered) if specials else [rendered]
     ids: list[int] = []
-    pos = 0
-    for m in _SLOT.finditer(rendered):
-        if m.start() > pos:
-            ids += tokenizer(rendered[pos:m.start()], add_special_tokens=False)["input_ids"]
-        if contents[int(m.group(1))]:
-            ids += encode_text(tokenizer, contents[int(m.group(1))])
-        pos = m.end()
-    if pos < len(rendered):
-        ids += tokenizer(rendered[pos:], add_special_tokens=False)["input_ids"]
+    for i, part in enumerate(parts):
+        if not part:
+            continue
+        if i % 2:   # a special token the template wrote
+            ids.append(tokenizer.convert_tokens_to_ids(part))
+        else:
+            ids += encode_text(tokenizer, _SLOT.sub(lambda m: contents[int(m.group(1))], part))
     return ids

@@ -82,10 +82,14 @@ class SleepEngine:
         self.cfg = cfg.validate()
         configure_torch(cfg)
         t0 = time.perf_counter()
-        self.backbone = backbone or load_backbone(cfg)
+        self.state = StateDir(cfg.state_dir)   # takes the state dir's writer lock first (StateLocked if taken)
+        try:
+            self.backbone = backbone or load_backbone(cfg)
+        except BaseException:
+            self.state.close()
+            raise
         self.tokenizer = self.backbone.tokenizer
         self.memory = MemoryModel(self.backbone.model, cfg.memory)
-        self.state = StateDir(cfg.state_dir)   # takes the state dir's writer lock (StateLocked if taken)
         self.lock = threading.RLock()   # one generation or memory change at a time
         self.events = EventBus()
         self._worker: threading.Thread | None = None

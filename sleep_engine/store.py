@@ -117,6 +117,7 @@ class EpisodeLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.notices: list[str] = []
+        self._max_id = 0     # the largest id in the file, set-aside lines included: a new id never repeats one
         self._episodes = self._read()
 
     def _read(self) -> list[Episode]:
@@ -132,6 +133,8 @@ class EpisodeLog:
                     d = json.loads(line)
                 except json.JSONDecodeError:
                     d = None
+                if isinstance(d, dict) and isinstance(d.get("id"), int) and not isinstance(d["id"], bool):
+                    self._max_id = max(self._max_id, d["id"])
                 why = episode_problem(d)
                 if why is None and out and d["id"] <= out[-1].id:
                     why = f"id {d['id']} repeats or goes back (after {out[-1].id})"
@@ -157,7 +160,7 @@ class EpisodeLog:
         return [e for e in self._episodes if e.id > episode_id]
 
     def append(self, kind: str, text: str, **meta) -> Episode:
-        ep = Episode(id=(self._episodes[-1].id + 1) if self._episodes else 1, kind=kind, text=text, **meta)
+        ep = Episode(id=max(self._max_id, self._episodes[-1].id if self._episodes else 0) + 1, kind=kind, text=text, **meta)
         why = episode_problem(json.loads(ep.to_json()))
         if why:
             raise ValueError(f"episode not logged: {why}")
@@ -169,6 +172,7 @@ class EpisodeLog:
             f.flush()
             os.fsync(f.fileno())
         self._episodes.append(ep)
+        self._max_id = ep.id
         return ep
 
     def _ends_with_newline(self) -> bool:

@@ -24,7 +24,8 @@ def test_chat_streams_a_reply_and_bad_input_changes_nothing(lab):
     assert len(job.outputs()) >= 3          # partial replies streamed before the final one
     assert [m["role"] for m in history] == ["user", "assistant"] and box == ""
     assert "tokens/s" in notice and len(engine.state.episodes) == 1
-    assert engine.wake.history[-1]["content"].strip() == history[-1]["content"][0]["text"].strip()
+    (own,) = [c for c in engine.wake.conversations.values() if c]          # this client's conversation
+    assert own[-1]["content"].strip() == history[-1]["content"][0]["text"].strip()
 
     history, box, notice, *_ = client.predict("   ", history, api_name="/chat")
     assert "message is empty" in notice and box == "   " and len(history) == 2
@@ -33,9 +34,9 @@ def test_chat_streams_a_reply_and_bad_input_changes_nothing(lab):
     # retry replaces the last turn (the first stays logged as an episode); clear empties the context
     history, _, notice, *_ = client.predict(history, api_name="/retry")
     assert [m["role"] for m in history] == ["user", "assistant"] and "tokens/s" in notice
-    assert len(engine.wake.history) == 2 and len(engine.state.episodes) == 2
+    assert [len(c) for c in engine.wake.conversations.values() if c] == [2] and len(engine.state.episodes) == 2
     history, notice, _ = client.predict(api_name="/clear")
-    assert history == [] and engine.wake.history == [] and "cleared" in notice
+    assert history == [] and not any(engine.wake.conversations.values()) and "cleared" in notice
 
 
 def test_stop_ends_a_long_reply_and_keeps_what_was_said(lab):
