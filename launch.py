@@ -242,8 +242,9 @@ def read_episodes(path: str) -> list[dict]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise OSError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
                 from sleep_engine.store import qa_problem
-                why = qa_problem(out[-1]["qa"]) or (None if isinstance(out[-1]["text"], str) and out[-1]["text"].strip()
-                                                    else "'text' must be a non-empty string")
+                t = out[-1]["text"]
+                why = qa_problem(out[-1]["qa"]) or (None if isinstance(t, str) and t.strip() and "\x00" not in t
+                                                    else "'text' must be a non-empty string without NUL characters")
                 if why:
                     raise OSError(f"{path}:{n}: {why}")
         return out

@@ -137,6 +137,7 @@ def load_backbone(cfg: LabConfig) -> Backbone:
             if not (p / "config.json").is_file():
                 raise ModelLoadError(f"--model {cfg.model}: no config.json in that directory")
             source = str(p)
+            name = str(p.resolve())   # the same model however it is named (relative, absolute, ~): one state dir
         elif cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
             raise ModelLoadError(f"--model {cfg.model}: no such directory")
     kwargs: dict = {"dtype": torch.bfloat16 if mode in ("bf16", "nf4") else torch.float32,

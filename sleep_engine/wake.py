@@ -18,7 +18,7 @@ from .chat_format import encode_chat, encode_text
 from .config import WakeConfig
 from .decoding import generate_tokens, make_decoder, stop_token_ids
 from .memory import MemoryModel, RoutingTrace
-from .store import Episode, EpisodeLog
+from .store import Episode, EpisodeLog, qa_problem
 
 
 class WakeInputError(ValueError):
@@ -200,6 +200,8 @@ class WakeSession:
     def teach(self, text, source: str = "pasted", qa: list[dict] | None = None) -> Episode:
         """Add a text to read as an episode (it goes to the durable log before this returns)."""
         text, notices = clean_text(text, "taught text", self.cfg.max_message_chars)
+        if qa_problem(qa):
+            raise WakeInputError(f"probe items not taken: {qa_problem(qa)}")
         notice = self.asleep()
         if notice:
             raise WakeBusy(notice)
