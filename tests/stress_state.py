@@ -45,6 +45,8 @@ for line in sys.stdin:
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.environ.update(job.get("env", {}))
+        if job.get("cwd"):
+            os.chdir(job["cwd"])
         try:
             code = launch.main(job["argv"])
         except SystemExit as e:
@@ -77,13 +79,19 @@ class ForkServer:
                                      stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
         assert self.proc.stdout.readline().strip() == "ready", "fork server did not start"
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> int:
-        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": env or {}}) + "\n")
+    def start(self, argv: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> int:
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": env or {},
+                                          "cwd": str(cwd) if cwd else None}) + "\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
 
     def wait(self) -> dict:
         return json.loads(self.proc.stdout.readline())
+
+    def run(self, argv: list[str], log: Path, cwd: Path | None = None) -> tuple[int | None, str]:
+        """Run one command to its end: (exit code, its output)."""
+        self.start(argv, log, cwd=cwd)
+        return self.wait()["code"], log.read_text()
 
     def close(self) -> None:
         self.proc.stdin.close()

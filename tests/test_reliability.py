@@ -317,3 +317,24 @@ def test_ui_parse_more_lines_override_the_numeric_fields(tiny_engine):
         ui.sleep_settings("quick", [2, 3, 1, 0, 0.5, 0.7, 0.0], "dreams=-1")
     settings = ui.sleep_settings("quick", [2, 3, 1, 0, 0.5, 0.7, 0.0], "dreams=5")
     assert settings.dreams == 5 and settings.distill_steps == 2 and settings.keep_top == 1
+
+
+def test_cli_undo_sleep_and_one_model_however_its_path_is_written(tmp_path, embedded_source):
+    from stress_state import TINY_SLEEP, ForkServer, make_tiny_model
+    make_tiny_model(tmp_path / "m", embedded_source)
+    fact = tmp_path / "fact.txt"
+    fact.write_text(TEXTS[0])
+    common = ["--quantize", "none", "--threads", "1", "--state-dir", str(tmp_path / "s")]
+    server = ForkServer({"OMP_NUM_THREADS": "1"})    # launch.main(argv) in a forked child: the CLI, minus imports
+    try:
+        code, out = server.run(["undo-sleep", "--model", "m", *common], tmp_path / "1.log", cwd=tmp_path)  # relative
+        assert code == 2 and "no completed sleep to undo" in out and "Traceback" not in out
+        code, out = server.run(["sleep", "--model", "./m", *common, "--teach", str(fact),
+                                *[a for s in TINY_SLEEP for a in ("--set", s)]], tmp_path / "2.log", cwd=tmp_path)
+        assert code == 0, out[-2000:]
+        code, out = server.run(["undo-sleep", "--model", str(tmp_path / "m"), *common, "--json"],   # absolute
+                               tmp_path / "3.log", cwd=tmp_path)
+        assert code == 0, out[-2000:]
+        assert json.loads(out.strip().splitlines()[-1]) == {"undone": 1, "sleeps": 0, "pending": [1], "experts": []}
+    finally:
+        server.close()
