@@ -9,7 +9,7 @@
     python launch.py sleep [--teach FILE…] [--preset quick|full] [--json]   sleep once
     python launch.py undo-sleep           undo the last completed sleep (its experts go, its episodes are pending again)
     python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
-    python launch.py lab knowledge|continual|speed [--quick] [--json] [--out DIR] [--methods M…] [--resume]
+    python launch.py lab knowledge|continual|speed|wake [--quick] [--json] [--out DIR] [--methods M…] [--resume]
                                           experiments against baselines; JSON + HTML report
 
 Every verb takes --state-dir and --model and works on the memory saved there.
@@ -55,6 +55,9 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
     g.add_argument("--seed", type=int, default=d(0))
     g.add_argument("--max-new-tokens", type=int, default=d(256))
     g.add_argument("--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
+    g.add_argument("--fast-every", type=int, default=d(2), metavar="N",
+                   help="Wake's test-time learning: update the fast weights after every N chat turns "
+                        "(and every taught text); 0 = off (default: 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cold", action="store_true", help="skip the cold/warm start measurement")
     lab = sub.add_parser("lab", help="experiments: knowledge incorporation, continual learning, speed")
     _common(lab, sub=True)
-    lab.add_argument("experiment", choices=["knowledge", "continual", "speed"])
+    lab.add_argument("experiment", choices=["knowledge", "continual", "speed", "wake"],
+                     help="wake = what the fast weights gain in a session and cost over a long chat")
     lab.add_argument("--quick", action="store_true", help="the small preset (knowledge ≤ 15 min on 2 cores)")
     lab.add_argument("--json", action="store_true", help="end with one JSON summary on the last line")
     lab.add_argument("--out", default="reports/lab", help="output directory (default: %(default)s)")
@@ -120,6 +124,7 @@ def config_from_args(args) -> LabConfig:
     cfg.memory.tiers = args.tiers
     cfg.wake.max_new_tokens = args.max_new_tokens
     cfg.wake.temperature = args.temperature
+    cfg.wake.fast_update_every = args.fast_every
     return cfg.validate()
 
 
@@ -344,6 +349,8 @@ def cmd_undo(cfg: LabConfig, args) -> int:
 
 
 def cmd_lab(cfg: LabConfig, args) -> int:
+    if args.experiment == "wake":
+        return cmd_lab_wake(cfg, args)
     from app.lab_report import write_report
     from sleep_engine.lab.report import table
     from sleep_engine.lab.runner import Runner

@@ -119,8 +119,13 @@ def tier_rows(tiers: list[dict]) -> list[list]:
         if t["tier"] == 0:
             rows.append([0, t["name"], f"{t['tokens']} / {t['limit']} tokens", "–", "this conversation"])
         elif t["tier"] == 1:
-            age = "never trained" if t.get("age_s") is None else f"updated {t['age_s']:.0f}s ago"
-            rows.append([1, t["name"], f"norm {t['norm']:.4g}, {t['steps']} steps", human(t["params"]), age])
+            if not t["steps"]:
+                age = "empty (nothing learned since the last sleep)"
+            else:
+                age = "" if t.get("age_s") is None else f"updated {t['age_s']:.0f}s ago"
+            drift = "" if t.get("drift") is None else f", generic-text drift {100 * t['drift']:+.1f}%"
+            rows.append([1, t["name"], f"norm {t['norm']:.3g}, {t['steps']} steps{drift}; learning "
+                         f"{t.get('learning', 'on')}", human(t["params"]), age])
         else:
             ids = ", ".join(t.get("ids", [])) or "none yet"
             rows.append([t["tier"], t["name"], f"{t['experts']} experts", human(t["params"]), ids])

@@ -61,9 +61,16 @@ class WakeConfig:
     top_p: float = 0.9
     context_tokens: int = 2048        # prompt budget; longer input is truncated with a notice
     max_message_chars: int = 20_000   # longer messages are cut before tokenising
-    fast_update_every: int = 2        # fast-weight update every N turns/teaches; 0 = never
-    fast_update_steps: int = 4
-    fast_lr: float = 1e-3
+    # test-time learning of tier 1 (sleep_engine/fast_weights.py): what the user brings, bounded
+    fast_update_every: int = 2        # update after every N chat turns (a taught text: at once); 0 = off
+    fast_update_steps: int = 4        # AdamW steps per update
+    fast_lr: float = 1e-2              # measured (dev, 4 steps): 1e-3 moved a taught text's loss 4.4 → 4.0 only, 1e-2 → 1.4
+    fast_self_weight: float = 0.0     # loss weight of the model's own reply tokens (the user's: 1)
+    fast_teach_prompts: int = 2       # a taught text is also learned as the answer to "Tell me about X." (X: its subjects)
+    fast_decay: float = 0.1           # forgetting: B_h ← (1 − decay)·B_h before every update
+    fast_kl_weight: float = 1.0       # κ of KL(without tier 1 ‖ with) on plain anchor text, per step
+    fast_kl_anchors: int = 2          # anchor paragraphs in each step's batch
+    fast_max_drift: float = 0.01      # guard: anchor-text perplexity may rise at most this much (0.01 = 1%)
     system_prompt: str = SYSTEM_PROMPT
 
     def validate(self) -> None:
@@ -75,6 +82,12 @@ class WakeConfig:
         _check_range("wake.fast_update_every", self.fast_update_every, 0, 1000)
         _check_range("wake.fast_update_steps", self.fast_update_steps, 1, 1000)
         _check_range("wake.fast_lr", self.fast_lr, 1e-7, 1.0)
+        _check_range("wake.fast_self_weight", self.fast_self_weight, 0.0, 1.0)
+        _check_range("wake.fast_decay", self.fast_decay, 0.0, 1.0)
+        _check_range("wake.fast_teach_prompts", self.fast_teach_prompts, 0, 16)
+        _check_range("wake.fast_kl_weight", self.fast_kl_weight, 0.0, 100.0)
+        _check_range("wake.fast_kl_anchors", self.fast_kl_anchors, 0, 64)
+        _check_range("wake.fast_max_drift", self.fast_max_drift, 0.0, 10.0)
 
 
 @dataclass
@@ -96,6 +109,7 @@ class SleepConfig:
     beta: float = 0.0                 # generalized JSD: 0 = forward KL(teacher‖student), 1 = reverse
     lmbda: float = 0.0                # fraction of distillation sequences sampled by the student
     alpha: float = 0.7                # objective (1−α)·E[reward] − α·E[divergence]
+    teacher_max_drift: float = 0.02   # the teacher keeps the fast weights only within this generic-ppl rise
     # learning to imitate
     lti: bool = True
     lti_steps: int = 1
@@ -110,6 +124,7 @@ class SleepConfig:
     gate_bias_init: float = -6.0      # σ(−6) ≈ 0.0025: a new expert starts closed (0 = the old half-open birth)
     gate_loss: float = 1.0            # weight of the gate's BCE: open on episode tokens, closed on anchors/replay; 0 = off
     gate_negatives: int = 16          # extra everyday prompts per sleep that only teach the gate to stay closed
+    gate_distractors: int = 24        # and questions about invented names of no episode (the gate keys on *its* names)
     gate_fit_steps: int = 200         # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
     gate_fit_lr: float = 0.05
     # expansion and tiers
@@ -169,13 +184,14 @@ class SleepConfig:
                              ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("distill_epochs", 0.1, 100.0),
                              ("batch_size", 1, 256),
                              ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
+                             ("teacher_max_drift", 0.0, 10.0),
                              ("lti_steps", 0, 1000), ("lti_prefixes", 1, 256), ("lti_group", 2, 64),
                              ("lti_tokens", 4, 256), ("gamma", 0.0, 1.0), ("tau_sem", -1.0, 1.0), ("z0", 0.0, 1.0),
                              ("consolidate_every", 1, 1000), ("dreams", 1, 1024), ("keep_top", 0, 1024),
                              ("keep_random", 0, 1024), ("dream_tokens", 4, 1024), ("trial_steps", 1, 100),
                              ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0),
                              ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
-                             ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0)]:
+                             ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
         _check_range("sleep.max_grad_norm", self.max_grad_norm, 1e-3, 1e30)

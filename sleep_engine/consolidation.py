@@ -53,6 +53,20 @@ GATE_NEGATIVE_PROMPTS = [
     "What sport is played at Wimbledon?", "How many continents are there?", "What is the freezing point of water?",
     "Which metal is liquid at room temperature?", "What does a compass show?", "Tell me a joke about cats.",
 ]
+_SYLLABLES = ["bra", "cor", "dun", "el", "fen", "gar", "hol", "is", "kel", "lor", "mar", "nev", "or", "pell", "quin",
+              "ros", "sel", "tar", "ul", "vin", "wick", "yar", "zen", "ath", "mond", "ric", "stow", "ven", "brook", "thal"]
+_KINDS = ["", "", " Hollow", " Bridge", " Abbey", " Festival", " Orchestra", " Pass", " Rovers", " Mill", " Society"]
+
+
+def distractor_names(rng: random.Random, n: int) -> list[str]:
+    """Invented names, like the ones taught but from no episode: without them as negatives a new
+    expert's gate learned "an unfamiliar name → open" (measured: 0.97 on a passage it was never
+    taught), instead of "a name of my episodes → open"."""
+    def word():
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+    return [word() + (" " + word() if rng.random() < 0.3 else "") + rng.choice(_KINDS) for _ in range(n)]
+
+
 # Plain text (not chat) the student must keep predicting as the pre-sleep model did: the chat
 # anchors above do not constrain raw-text behaviour. Disjoint from the drift test text.
 ANCHOR_TEXT = Path(__file__).resolve().parents[1] / "assets" / "anchor_text.txt"
@@ -151,8 +165,10 @@ def _answer_targets(seqs, n_answers, device) -> torch.Tensor:
 class Consolidator:
     """Knowledge seeding of one new expert. `emit(kind, **data)` reports; `check()` raises on cancel."""
 
-    def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0):
+    def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0,
+                 teacher_fast_weights: bool = True):
         self.memory, self.lm, self.tok, self.cfg = memory, memory.lm, tokenizer, cfg
+        self.teacher_fast = teacher_fast_weights   # off when tier 1 fails the engine's teacher check
         self.emit, self.check = emit, check
         self.rng = random.Random(seed)
         self.pad = tokenizer.pad_token_id or 0
@@ -176,7 +192,7 @@ class Consolidator:
             prompts += [(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)]
         prompts += [(q, None, None) for q in self.chat_anchors()]
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
-        with self.memory.configured(muted=[new_id], fast_weights=True):
+        with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
                                              return_logits=True, batch_size=32)
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
@@ -230,13 +246,17 @@ class Consolidator:
 
     @torch.no_grad()
     def gate_negative_states(self, new_id: str) -> dict[int, torch.Tensor]:
-        """Hidden states (MLP inputs, per layer) of everyday prompts the new expert must stay closed
-        on, captured once from the pre-sleep model (the new expert muted): a closed expert does not
-        move them, so they stay valid while it trains. Half bare, half in the probe's answer prompt."""
+        """Hidden states (MLP inputs, per layer) of prompts the new expert must stay closed on,
+        captured once from the pre-sleep model (the new expert muted): a closed expert does not move
+        them, so they stay valid while it trains. Everyday requests, and the seeding questions about
+        invented names of no episode (`distractor_names`); half bare, half in the probes' answer
+        prompt (the gate also sees the episodes' questions in both forms, `fit_gate`)."""
         n = min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS))
-        if n == 0:
-            return {}
         asks = self.rng.sample(GATE_NEGATIVE_PROMPTS, n)
+        asks += [self.rng.choice(SUBJECT_TEMPLATES).format(s=name)
+                 for name in distractor_names(self.rng, self.cfg.gate_distractors)]
+        if not asks:
+            return {}
         seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q) for i, q in enumerate(asks)]
         dev = next(self.lm.parameters()).device
         width = max(len(s) for s in seqs)
@@ -274,11 +294,28 @@ class Consolidator:
                 groups[y].append(torch.stack([xs[l][-1][t == y].float() for l in layers]))
         if negatives:
             groups[0].append(torch.stack([negatives[l] for l in layers]))
+        # the episodes' questions also in the probes' answer prompt, as the negatives are: the
+        # wrapper must not be what tells the two apart (only the question's own tokens are positive)
+        wrapped = [e.prompt for e in examples if e.about_episode and e.prompt]
+        a, b = chat_ids(self.tok, ANSWER_PROMPT.format(q="a")), chat_ids(self.tok, ANSWER_PROMPT.format(q="b"))
+        q_start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for i in range(0, len(wrapped), 16):
+            seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q)) for q in wrapped[i:i + 16]]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
+            own = mask.bool().clone()
+            own[:, :q_start] = False
+            with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
+                self.lm.model(input_ids=ids, attention_mask=mask)
+            groups[1].append(torch.stack([xs[l][-1][own].float() for l in layers]))
         data = {}
+        caps = {1: cap, 2: cap, 0: 2 * cap}   # closed: anchors' text and chat, replay, everyday, distractors
         for y, chunks in groups.items():
             x = torch.cat(chunks, 1) if chunks else torch.zeros(len(layers), 0, self.memory.d_model, device=dev)
-            if x.shape[1] > cap:
-                x = x[:, torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(self.rng.randrange(1 << 30)))[:cap]]
+            if x.shape[1] > caps[y]:
+                g = torch.Generator().manual_seed(self.rng.randrange(1 << 30))
+                x = x[:, torch.randperm(x.shape[1], generator=g)[:caps[y]]]
             data[y] = x
         if not data[1].shape[1] + data[2].shape[1] or not data[0].shape[1]:
             return {}
@@ -338,7 +375,7 @@ class Consolidator:
         if all(e.teacher_logits is not None for e in batch):
             t_logits = torch.cat([e.teacher_logits for e in batch]).float()
         else:
-            with torch.no_grad(), self.memory.configured(muted=[new_id], fast_weights=True):
+            with torch.no_grad(), self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
                 t_logits = _forward_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch],
                                                   self.pad)
         with self.memory.configured(muted=self.student_muted, fast_weights=False):

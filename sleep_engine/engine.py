@@ -166,7 +166,9 @@ class SleepEngine:
         rows = [{"tier": 0, "name": "context", "tokens": self.wake.context_tokens(),
                  "limit": self.cfg.wake.context_tokens},
                 {"tier": 1, "name": "fast weights", "norm": self.memory.fast_weight_norm(),
-                 "steps": self.memory.fast_weight_steps,
+                 "steps": self.memory.fast_weight_steps, "drift": self.memory.fast_weight_drift,
+                 "learning": "off" if not self.cfg.wake.fast_update_every else
+                             f"every {self.cfg.wake.fast_update_every} turns and every taught text",
                  "age_s": None if last is None else time.time() - last,
                  "params": self.memory.parameter_counts()["fast_weights"]}]
         for tier, experts in self.memory.experts_by_tier().items():
@@ -341,6 +343,9 @@ class SleepEngine:
                     summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
                     summary["general_ppl_before"] = perplexity(lm, tok, generic)
                     summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
+                summary.update(self._teacher_check(summary["general_ppl_before"], generic, cfg))
+                if not summary["teacher_fast_weights"]:
+                    emit("notice", message=summary["teacher_note"])
                 finish("probe_before", t0)
 
                 t0 = phase("consolidation")
@@ -351,7 +356,8 @@ class SleepEngine:
                     new_id = tier2[-1].expert_id
                 info = next(e for e in self.memory.experts() if e.expert_id == new_id)
                 emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=number)
-                seeder = Consolidator(self.memory, tok, cfg, emit, check, seed=self.cfg.seed + number)
+                seeder = Consolidator(self.memory, tok, cfg, emit, check, seed=self.cfg.seed + number,
+                                      teacher_fast_weights=summary["teacher_fast_weights"])
                 examples = seeder.teacher_data(pending, older, new_id)
                 summary["consolidation"] = seeder.seed(examples, new_id)
                 finish("consolidation", t0)
@@ -434,6 +440,20 @@ class SleepEngine:
         finally:
             self.events.close()
             self.memory.freeze_all()
+
+    def _teacher_check(self, ppl_without: float, generic: str, cfg: SleepConfig) -> dict:
+        """Sleep's teacher keeps tier 1 only if tier 1 does not make it worse on generic text
+        (perplexity at most `teacher_max_drift` above the model without fast weights)."""
+        if self.memory.fast_weight_norm() == 0:
+            return {"teacher_fast_weights": True, "general_ppl_fast_weights": ppl_without,
+                    "teacher_note": "tier 1 is empty"}
+        with_fast = perplexity(self.memory.lm, self.tokenizer, generic)
+        ok = with_fast <= ppl_without * (1 + cfg.teacher_max_drift)
+        note = (f"the teacher uses the fast weights (generic perplexity {with_fast:.2f} with, "
+                f"{ppl_without:.2f} without)" if ok else
+                f"the fast weights make generic text worse (perplexity {with_fast:.2f} vs {ppl_without:.2f} "
+                f"without, over the {100 * cfg.teacher_max_drift:.0f}% allowed): this sleep teaches without them")
+        return {"teacher_fast_weights": ok, "general_ppl_fast_weights": with_fast, "teacher_note": note}
 
     def _rollback(self, snapshot) -> None:
         with self.lock:

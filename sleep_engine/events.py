@@ -8,7 +8,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-KINDS = ("phase", "loss", "sample", "dream", "expert", "probe", "timing", "error", "done", "cancelled")
+KINDS = ("phase", "loss", "sample", "dream", "expert", "probe", "timing", "error", "done", "cancelled",
+         "notice")
 
 
 @dataclass

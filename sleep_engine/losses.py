@@ -51,3 +51,16 @@ def group_policy_gradient_loss(logprobs: torch.Tensor, rewards: torch.Tensor, le
     r = rewards.view(-1, group_size)
     advantage = (r - r.mean(-1, keepdim=True)).reshape(-1).to(logprobs.dtype)
     return -(advantage * logprobs / lengths.clamp(min=1).to(logprobs.dtype)).mean()
+
+
+def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with a weight per predicted token (test-time learning of tier 1):
+
+        loss = Σ_t w_t · (−log p(x_t | x_<t)) / Σ_t w_t          (t ≥ 1; logits[:, t−1] predict x_t)
+
+    `weights` (batch, seq) holds w_t for the token at position t: 1 for what the user brought,
+    a small weight for the model's own reply, 0 for template tokens and padding."""
+    lp = F.log_softmax(logits[:, :-1].float(), -1)
+    nll = -torch.gather(lp, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    w = weights[:, 1:].to(nll.dtype)
+    return (nll * w).sum() / w.sum().clamp(min=1e-8)

@@ -202,6 +202,7 @@ class MemoryModel:
         self._next_id = 0
         self.fast_weight_steps = 0     # gradient steps taken on the fast weights since the last reset
         self.fast_weight_time: float | None = None   # wall-clock time of the last of those steps
+        self.fast_weight_drift: float | None = None  # anchor-text perplexity drift after the last update
 
     # -- experts ---------------------------------------------------------------------------
     def add_expert(self, tier: int, born: int, rank: int | None = None, expert_id: str | None = None,
@@ -283,6 +284,13 @@ class MemoryModel:
             mlp.fast_B.zero_()
         self.fast_weight_steps = 0
         self.fast_weight_time = None
+        self.fast_weight_drift = None
+
+    @torch.no_grad()
+    def scale_fast_weights(self, factor: float) -> None:
+        """B_h ← factor·B_h in every layer: tier 1's decay (forgetting) and its guard's shrink."""
+        for mlp in self.mlps.values():
+            mlp.fast_B.mul_(factor)
 
     def fast_weight_norm(self) -> float:
         with torch.no_grad():
@@ -358,7 +366,8 @@ class MemoryModel:
                     tensors[f"layers.{layer}.{e.expert_id}.{pname}"] = p.detach().cpu().contiguous()
         manifest = {"experts": [vars(i) for i in self.experts()], "layers": self.layer_ids,
                     "next_id": self._next_id, "fast_weight_steps": self.fast_weight_steps,
-                    "fast_weight_time": self.fast_weight_time}
+                    "fast_weight_time": self.fast_weight_time,
+                    "fast_weight_drift": self.fast_weight_drift}
         return tensors, manifest
 
     @torch.no_grad()
@@ -370,6 +379,7 @@ class MemoryModel:
         self._next_id = manifest.get("next_id", self._next_id)
         self.fast_weight_steps = manifest.get("fast_weight_steps", 0)
         self.fast_weight_time = manifest.get("fast_weight_time")
+        self.fast_weight_drift = manifest.get("fast_weight_drift")
         for layer, mlp in self.mlps.items():
             for name in ("fast_A", "fast_B"):
                 key = f"layers.{layer}.{name}"

@@ -1,8 +1,8 @@
 """Wake (docs/DESIGN.md §3): streaming chat with routing traces, teaching, test-time fast-weight learning.
 
 Every finished turn and every taught text is appended to the durable episode log: that log is the
-experience a later Sleep consolidates. Every `fast_update_every` episodes, a few gradient steps of
-the LM loss on the recent episodes update the fast weights B_h A_h, and nothing else.
+experience a later Sleep consolidates. Tier 1 (the fast weights B_h A_h) learns from them as it
+goes, within a bound (sleep_engine/fast_weights.py).
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-import torch
 
 from .chat_format import encode_chat, encode_text
 from .config import WakeConfig
 from .decoding import generate_tokens, make_decoder, stop_token_ids
+from .fast_weights import FastWeightLearner
 from .memory import MemoryModel, RoutingTrace
 from .store import Episode, EpisodeLog, qa_problem
 
@@ -82,6 +82,7 @@ class WakeSession:
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         self.conversations: OrderedDict[str, list[dict]] = OrderedDict()
         self.pending_for_fast_update: list[Episode] = []
+        self.fast = FastWeightLearner(memory, tokenizer, cfg)
         self.last_fast_update: dict | None = None
 
     # -- conversations ---------------------------------------------------------------------
@@ -211,42 +212,21 @@ class WakeSession:
         return ep
 
     def _after_episode(self, ep: Episode) -> dict | None:
+        """Tier 1 learns from a taught text at once and from chat every `fast_update_every` turns."""
+        if not self.cfg.fast_update_every:
+            return None
         self.pending_for_fast_update.append(ep)
-        if self.cfg.fast_update_every and len(self.pending_for_fast_update) >= self.cfg.fast_update_every:
-            texts = [e.text for e in self.pending_for_fast_update]
-            self.pending_for_fast_update = []
-            return self.update_fast_weights(texts)
+        turns = sum(e.kind == "turn" for e in self.pending_for_fast_update)
+        if ep.kind == "taught" or turns >= self.cfg.fast_update_every:
+            episodes, self.pending_for_fast_update = self.pending_for_fast_update, []
+            return self.update_fast_weights(episodes)
         return None
 
-    def update_fast_weights(self, texts: list[str], steps: int | None = None) -> dict:
-        """A few AdamW steps of the LM loss on `texts`, on B_h A_h only. Returns the loss on the
-        same texts before and after."""
-        steps = steps or self.cfg.fast_update_steps
+    def update_fast_weights(self, episodes: list[Episode], steps: int | None = None) -> dict:
+        """A bounded update of B_h A_h from `episodes` (sleep_engine/fast_weights.py); returns
+        its losses, KL and anchor-text drift."""
         with self.lock:
-            t0 = time.perf_counter()
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
-            dev = next(self.lm.parameters()).device
-            ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-            labels = ids.masked_fill(mask == 0, -100)
-            params = self.memory.train_only(fast_weights=True)
-            opt = torch.optim.AdamW(params, lr=self.cfg.fast_lr, weight_decay=0.0)
-            losses = []
-            try:
-                for _ in range(steps):
-                    loss = self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-                    losses.append(float(loss.detach()))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                with torch.no_grad():
-                    after = float(self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss)
-            finally:
-                self.memory.freeze_all()
-            self.memory.fast_weight_steps += steps
-            self.memory.fast_weight_time = time.time()
-            self.last_fast_update = {"loss_before": losses[0], "loss_after": after, "steps": steps,
-                                     "texts": len(texts), "seconds": time.perf_counter() - t0,
-                                     "time": time.time()}
-            if self.on_memory_change:
+            self.last_fast_update = self.fast.update(episodes, steps)
+            if self.on_memory_change and self.last_fast_update.get("steps"):
                 self.on_memory_change()
             return self.last_fast_update

@@ -170,9 +170,12 @@ def test_header_tiers_progress_and_inspect_views():
     assert fields["state"] == "Sleeping · sleep 2 · dreaming 50%" and fields["sleeps"] == "1"
     rows = views.tier_rows([{"tier": 0, "name": "context", "tokens": 40, "limit": 2048},
                             {"tier": 1, "name": "fast weights", "norm": 0.5, "steps": 4, "age_s": 12.0,
-                             "params": 4096},
+                             "params": 4096, "drift": 0.004, "learning": "every 2 turns"},
                             {"tier": 2, "name": "experts (tier 2)", "experts": 1, "params": 100, "ids": ["e0"]}])
     assert rows[0][2] == "40 / 2048 tokens" and rows[1][4] == "updated 12s ago" and rows[2][4] == "e0"
+    assert "drift +0.4%" in rows[1][2] and "every 2 turns" in rows[1][2]
+    assert views.tier_rows([{"tier": 1, "name": "fast weights", "norm": 0.0, "steps": 0, "age_s": None,
+                             "params": 4096}])[0][4].startswith("empty")
     text = views.progress_text({"state": "sleeping", "sleep": 2, "phase": "consolidation", "step": "3/14",
                                 "progress": 0.25, "eta_s": 30.0})
     assert text == "Sleep 2 · phase: consolidation · step 3/14 · 25% · about 30s left"

@@ -69,13 +69,19 @@ def test_fast_weight_update_lowers_loss_and_changes_only_fast_weights(tiny_engin
     assert saved is not None and torch.equal(saved[0]["layers.0.fast_B"], after["model.layers.0.mlp.fast_B"])
 
 
-def test_teaching_every_n_episodes_triggers_a_fast_update(tiny_engine):
+def test_a_taught_text_updates_tier1_at_once_and_chat_every_n_turns(tiny_engine):
     tiny_engine.wake.cfg.fast_update_every = 2
     tiny_engine.wake.teach(FACT)
-    assert tiny_engine.memory.fast_weight_norm() == 0
+    assert tiny_engine.memory.fast_weight_norm() > 0 and tiny_engine.wake.last_fast_update["texts"] == 1
+    steps = tiny_engine.memory.fast_weight_steps
+    assert tiny_engine.wake.reply("hello there").fast_update is None
+    assert tiny_engine.memory.fast_weight_steps == steps
+    update = tiny_engine.wake.reply("and again").fast_update
+    assert update is not None and update["texts"] == 2 and tiny_engine.memory.fast_weight_steps > steps
+    tiny_engine.wake.cfg.fast_update_every = 0      # test-time learning off: nothing changes
+    norm = tiny_engine.memory.fast_weight_norm()
     tiny_engine.wake.teach("Senna Alvik later moved to the island of Brenmoor.")
-    assert tiny_engine.memory.fast_weight_norm() > 0
-    assert tiny_engine.wake.last_fast_update["texts"] == 2
+    assert tiny_engine.memory.fast_weight_norm() == norm
 
 
 def test_memory_tiers_view(tiny_engine):

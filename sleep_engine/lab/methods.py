@@ -215,6 +215,7 @@ class SleepMethod(Learner):
 
     def close(self) -> None:
         if self.engine is not None:
+            self.engine.close()   # releases the state dir's writer lock at once, not at garbage collection
             self.engine = None
             gc.collect()
 

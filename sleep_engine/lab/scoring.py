@@ -117,3 +117,17 @@ def matrix_metrics(R: list[list[float]], initial: list[float] | None = None) -> 
     if initial is not None and len(R) > 1:
         out["fwt"] = sum(R[j - 1][j] - initial[j] for j in range(1, len(R))) / (len(R) - 1)
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n:
+
+        centre ± half = (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

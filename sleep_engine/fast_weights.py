@@ -1,0 +1,204 @@
+"""Tier 1, the fast weights B_h A_h: test-time learning during Wake (docs/DESIGN.md §3).
+
+Tier 1 is the high-frequency memory: quick to learn what this conversation brings, quick to
+forget, harmless to everything else. One update is a few AdamW steps, on B_h A_h only, of
+
+    L = Σ_t w_t · CE_t / Σ_t w_t  +  κ · KL(p_without ‖ p_with) on plain anchor text
+
+- w_t = 1 on what the user brings (taught texts, the user's messages), `self_weight` on the
+  model's own replies (default 0: training on its own words is what collapsed the first version
+  into tautologies within 40 turns), 0 on the system prompt.
+- Before each update B_h decays: B_h ← (1 − decay)·B_h (the forgetting gate of Titans/Hope).
+- After it, a guard measures the drift on plain anchor text, exp(CE_with − CE_without) − 1, and
+  halves B_h until the drift is within `max_drift`. Tier 1 can never move generic text further.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import WakeConfig
+from .consolidation import subjects
+from .losses import weighted_lm_loss
+from .memory import MemoryModel
+from .store import Episode
+
+ANCHOR_TEXT = Path(__file__).resolve().parents[1] / "assets" / "anchor_text.txt"
+MAX_SHRINKS = 6     # 2^-6 of the update left; beyond that the update is undone
+GUARD_PARAGRAPHS = 8   # of the anchor paragraphs, the ones the guard measures (one forward each check)
+
+
+@dataclass
+class WeightedText:
+    ids: list[int]
+    weights: list[float]
+
+
+def _chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _chat_turn(tokenizer, system_prompt: str, user: str, reply: str, user_weight: float,
+               reply_weight: float) -> WeightedText | None:
+    """A one-turn chat with weight 0 on the system prompt, `user_weight` on the user's turn and
+    `reply_weight` on the reply; None if the template does not extend its prefixes."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    head = _chat(tokenizer, system) if system else []
+    asked = _chat(tokenizer, system + msgs[:1], generation_prompt=True)
+    full = _chat(tokenizer, system + msgs)
+    if full[:len(asked)] != asked or asked[:len(head)] != head:
+        return None
+    weights = [0.0] * len(head) + [user_weight] * (len(asked) - len(head)) + [reply_weight] * (len(full) - len(asked))
+    return WeightedText(full, weights)
+
+
+def episode_tokens(tokenizer, episode, cfg: WakeConfig, max_tokens: int = 512) -> list[WeightedText]:
+    """What tier 1 trains on for one episode, each token with its loss weight (module docstring).
+    A chat turn is laid out as the chat it was. A taught text is plain text, plus the text as the
+    answer to "Tell me about X." for the first `fast_teach_prompts` subjects it names (the user's
+    words in the place a question about them will look)."""
+    msgs = episode.messages or []
+    out: list[WeightedText | None] = []
+    if episode.kind == "turn" and len(msgs) >= 2:
+        out.append(_chat_turn(tokenizer, cfg.system_prompt, msgs[0]["content"], msgs[-1]["content"],
+                              1.0, cfg.fast_self_weight))
+    else:
+        ids = tokenizer(episode.text, add_special_tokens=False)["input_ids"]
+        out.append(WeightedText(ids, [1.0] * len(ids)))
+        for name in subjects(episode.text)[:cfg.fast_teach_prompts]:
+            out.append(_chat_turn(tokenizer, cfg.system_prompt, f"Tell me about {name}.", episode.text, 0.0, 1.0))
+    return [_trim(t, max_tokens) for t in out if t is not None]
+
+
+def _trim(t: WeightedText, max_tokens: int) -> WeightedText:
+    """Cut at max_tokens and after the last token that counts: a reply at weight 0 costs nothing."""
+    end = min(max_tokens, max((i + 1 for i, w in enumerate(t.weights) if w > 0), default=0))
+    return WeightedText(t.ids[:end], t.weights[:end])
+
+
+def anchor_paragraphs(tokenizer, max_tokens: int = 48) -> list[list[int]]:
+    paragraphs = [p.strip() for p in ANCHOR_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"][:max_tokens] for p in paragraphs]
+
+
+def _pad(seqs: list[list], value) -> list[list]:
+    width = max(len(s) for s in seqs)
+    return [list(s) + [value] * (width - len(s)) for s in seqs]
+
+
+class FastWeightLearner:
+    """Updates tier 1 from episodes and keeps it within its bound (see module docstring)."""
+
+    def __init__(self, memory: MemoryModel, tokenizer, cfg: WakeConfig):
+        self.memory, self.lm, self.tok, self.cfg = memory, memory.lm, tokenizer, cfg
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.anchors = [a for a in anchor_paragraphs(tokenizer) if len(a) > 1]
+        self.guard_set = self.anchors[:GUARD_PARAGRAPHS]
+        self._turn = 0   # which anchors the next update's KL term uses (rotates over all of them)
+        self._without: tuple | None = None   # (expert-state key, guard loss without tier 1)
+
+    def _batch(self, seqs: list[list[int]], weights: list[list[float]] | None = None):
+        dev = next(self.lm.parameters()).device
+        ids = torch.tensor(_pad(seqs, self.pad), device=dev)
+        mask = torch.tensor(_pad([[1] * len(s) for s in seqs], 0), device=dev)
+        w = torch.tensor(_pad(weights, 0.0), device=dev) if weights is not None else mask.float()
+        return ids, mask, w
+
+    @torch.no_grad()
+    def anchor_loss(self, fast_weights: bool) -> float:
+        """Mean next-token cross-entropy on the guard paragraphs, with or without tier 1 (the
+        value without is cached until an expert changes: only tier 1 moves during Wake)."""
+        key = tuple((p.data_ptr(), p._version) for m in self.memory.mlps.values()
+                    for e in m.experts for p in e.parameters())
+        if not fast_weights and self._without is not None and self._without[0] == key:
+            return self._without[1]
+        ids, mask, w = self._batch(self.guard_set)
+        with self.memory.configured(fast_weights=fast_weights):
+            loss = float(weighted_lm_loss(self.lm(input_ids=ids, attention_mask=mask).logits, ids, w))
+        if not fast_weights:
+            self._without = (key, loss)
+        return loss
+
+    def drift(self) -> float:
+        """exp(CE with tier 1 − CE without) − 1 on the guard text: +0.02 = 2% higher perplexity."""
+        if self.memory.fast_weight_norm() == 0:
+            return 0.0
+        return math.exp(self.anchor_loss(True) - self.anchor_loss(False)) - 1
+
+    def update(self, episodes, steps: int | None = None) -> dict:
+        """Episodes (or plain texts, taken as taught) → decay, a few steps of the weighted LM loss + KL to the model without tier 1, guard."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        steps = steps or cfg.fast_update_steps
+        episodes = [Episode(0, "taught", e) if isinstance(e, str) else e for e in episodes]
+        texts = [t for e in episodes for t in episode_tokens(self.tok, e, cfg)]
+        texts = [t for t in texts if len(t.ids) > 1 and sum(t.weights[1:]) > 0]
+        if not texts:
+            return {"steps": 0, "texts": 0, "skipped": "nothing the user brought to learn from"}
+        n = len(texts)
+        chosen = [self.anchors[(self._turn + j) % len(self.anchors)] for j in range(cfg.fast_kl_anchors)]
+        self._turn += cfg.fast_kl_anchors
+        ids, mask, w = self._batch([t.ids for t in texts] + chosen,
+                                   [t.weights for t in texts] + [[0.0] * len(a) for a in chosen])
+        with torch.no_grad(), self.memory.configured(fast_weights=False):
+            ref = F.log_softmax(self.lm(input_ids=ids[n:], attention_mask=mask[n:]).logits.float(), -1)
+        self.memory.scale_fast_weights(1 - cfg.fast_decay)
+        kept = [p.detach().clone() for p in self.memory.fast_weight_params()]   # what the guard falls back to
+        params = self.memory.train_only(fast_weights=True)
+        opt = torch.optim.AdamW(params, lr=cfg.fast_lr, weight_decay=0.0)
+        losses, kls = [], []
+        try:
+            for _ in range(steps):
+                logits = self.lm(input_ids=ids, attention_mask=mask).logits
+                lm_loss = weighted_lm_loss(logits[:n], ids[:n], w[:n])
+                kl = _kl(ref, logits[n:], mask[n:]) if chosen else lm_loss.new_zeros(())
+                loss = lm_loss + cfg.fast_kl_weight * kl
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("fast-weight loss is not finite")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(lm_loss.detach()))
+                kls.append(float(kl.detach()))
+            with torch.no_grad():
+                after = float(weighted_lm_loss(self.lm(input_ids=ids[:n], attention_mask=mask[:n]).logits, ids[:n], w[:n]))
+        finally:
+            self.memory.freeze_all()
+        drift, shrinks = self.guard(kept)
+        self.memory.fast_weight_steps += steps
+        self.memory.fast_weight_time = time.time()
+        self.memory.fast_weight_drift = drift
+        return {"loss_before": losses[0], "loss_after": after, "kl_first": kls[0], "kl_last": kls[-1],
+                "drift": drift, "shrinks": shrinks, "steps": steps, "texts": n,
+                "seconds": round(time.perf_counter() - t0, 3), "time": time.time()}
+
+    @torch.no_grad()
+    def guard(self, fallback: list[torch.Tensor]) -> tuple[float, int]:
+        """Halve B_h until the drift is within max_drift; if that fails, undo this update
+        (back to `fallback`, tier 1 as it was before the update's steps)."""
+        without = self.anchor_loss(False)
+        drift = math.exp(self.anchor_loss(True) - without) - 1
+        shrinks = 0
+        while drift > self.cfg.fast_max_drift and shrinks < MAX_SHRINKS:
+            self.memory.scale_fast_weights(0.5)
+            shrinks += 1
+            drift = math.exp(self.anchor_loss(True) - without) - 1
+        if drift > self.cfg.fast_max_drift:
+            for p, saved in zip(self.memory.fast_weight_params(), fallback):
+                p.copy_(saved)
+            drift = math.exp(self.anchor_loss(True) - without) - 1
+        return drift, shrinks
+
+
+def _kl(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens of KL(p_ref ‖ p): the pull back to the model without tier 1."""
+    logp = F.log_softmax(logits.float(), -1)
+    per_token = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1)

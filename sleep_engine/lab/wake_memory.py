@@ -1,0 +1,144 @@
+"""`lab wake`: what tier 1 (the Wake fast weights) is for and what it costs.
+
+1. In-session gain: teach each passage (one fast-weight update each, as in the app), clear the
+   conversation, ask its questions closed-book with tier 1 on and off.
+2. Long chat: `turns` turns of ordinary chat (assets/chat_prompts.txt) with test-time learning as
+   configured, the model's own replies included, then, in the same session after a clear, the
+   everyday questions and generic perplexity with tier 1 on vs the fresh model (tier 1 off).
+Both parts run on one engine in a throw-away state dir; nothing is slept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError, LabConfig, WakeConfig
+from . import data as lab_data
+from .scoring import wilson
+
+CHAT_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "chat_prompts.txt"
+
+
+@dataclass
+class WakeExperiment:
+    split: str = "test"        # passages for the in-session gain; tune on dev
+    passages: int = 8          # taught one at a time (0 = skip part 1)
+    turns: int = 200           # ordinary chat turns (0 = skip part 2)
+    reply_tokens: int = 64     # cap per chat reply (a 135M model often runs to any cap)
+    checkpoints: str = "50,100,150"   # also measure after these many turns
+
+    def update(self, values: dict) -> dict:
+        """Take this experiment's keys from `values`; return the rest (wake settings)."""
+        rest = {}
+        for key, value in values.items():
+            if key in {f.name for f in dataclasses.fields(self)}:
+                setattr(self, key, type(getattr(self, key))(value))
+            else:
+                rest[key] = value
+        return rest
+
+
+def chat_prompts(n: int) -> list[str]:
+    lines = [ln.strip() for ln in CHAT_PROMPTS.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    return (lines * (n // len(lines) + 1))[:n]
+
+
+def apply_wake_settings(wake: WakeConfig, values: dict) -> None:
+    for key, value in values.items():
+        if not hasattr(wake, key):
+            raise ConfigError(f"unknown setting {key!r} (experiment: {', '.join(f.name for f in dataclasses.fields(WakeExperiment))}; "
+                              f"or a wake setting such as fast_lr, fast_decay, fast_self_weight)")
+        setattr(wake, key, type(getattr(wake, key))(value))
+    wake.validate()
+
+
+def general_check(engine, questions, generic: str, fast_weights: bool) -> dict:
+    """Everyday questions (right or wrong, each) and generic perplexity, with or without tier 1."""
+    from ..probes import is_correct, perplexity
+    from .scoring import answer
+    lm, tok = engine.memory.lm, engine.tokenizer
+    with engine.memory.configured(fast_weights=fast_weights):
+        replies = answer(lm, tok, [q for q, _ in questions], None, 32)
+        ppl = perplexity(lm, tok, generic)
+    per = [is_correct(r, a) for (_, a), r in zip(questions, replies)]
+    return {"ppl": ppl, "correct": sum(per), "per_question": per}
+
+
+def in_session_gain(engine, passages, log) -> dict:
+    from ..probes import Probe, answer_logprob, closed_book_accuracy
+    t0 = time.perf_counter()
+    for p in passages:
+        engine.wake.teach(p.text, source=p.id)
+    engine.wake.clear()
+    probes = [Probe(i, q, a) for i, p in enumerate(passages) for q, a in p.qa]
+    result = {}
+    for name, fast in (("with", True), ("without", False)):
+        with engine.memory.configured(fast_weights=fast):
+            acc = closed_book_accuracy(engine.memory.lm, engine.tokenizer, probes)
+            logprob = answer_logprob(engine.memory.lm, engine.tokenizer, probes)
+        k = round(sum(acc.get(i, 0.0) * len(p.qa) for i, p in enumerate(passages)))
+        result[name] = {"correct": k, "n": len(probes), "ci95": wilson(k, len(probes)),
+                        "answer_logprob": logprob}   # mean per-token log p(gold answer), closed-book
+    result["teach_seconds"] = round(time.perf_counter() - t0, 1)
+    result["drift_after_teaching"] = engine.memory.fast_weight_drift
+    log(f"in-session: closed-book {result['with']['correct']}/{len(probes)} with tier 1, "
+        f"{result['without']['correct']}/{len(probes)} without; gold-answer log-prob per token "
+        f"{result['with']['answer_logprob']:.3f} with, {result['without']['answer_logprob']:.3f} without")
+    return result
+
+
+def long_chat(engine, exp: WakeExperiment, questions, generic: str, log) -> dict:
+    engine.memory.reset_fast_weights()
+    fresh = general_check(engine, questions, generic, fast_weights=False)
+    marks = {int(c) for c in exp.checkpoints.split(",") if c.strip()} | {exp.turns}
+    curve, updates, t0 = [], [], time.perf_counter()
+    engine.wake.cfg.max_new_tokens = exp.reply_tokens
+    for turn, prompt in enumerate(chat_prompts(exp.turns), 1):
+        reply = engine.wake.reply(prompt)
+        if turn % 10 == 0:
+            log(f"turn {turn}/{exp.turns} ({time.perf_counter() - t0:.0f}s)")
+        if reply.fast_update:
+            updates.append({k: reply.fast_update.get(k) for k in ("loss_before", "loss_after", "drift", "shrinks")})
+        if turn in marks:
+            engine.wake.clear()
+            g = general_check(engine, questions, generic, fast_weights=True)
+            curve.append({"turn": turn, "ppl": g["ppl"], "correct": g["correct"], "per_question": g["per_question"],
+                          "drift": g["ppl"] / fresh["ppl"] - 1, "kept": _kept(g, fresh),
+                          "fast_norm": engine.memory.fast_weight_norm(), "seconds": round(time.perf_counter() - t0)})
+            log(f"turn {turn}: everyday {g['correct']}/{len(questions)} (fresh {fresh['correct']}), "
+                f"ppl {g['ppl']:.3f} ({100 * curve[-1]['drift']:+.2f}%), tier-1 norm {curve[-1]['fast_norm']:.3g}")
+    return {"fresh": {k: fresh[k] for k in ("ppl", "correct")}, "n_questions": len(questions), "curve": curve, "final": curve[-1] if curve else None, "updates": len(updates),
+            "shrunk_updates": sum(1 for u in updates if u.get("shrinks")), "update_log": updates,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _kept(g: dict, fresh: dict) -> float:
+    """Share of the questions the fresh model gets right that are still right."""
+    right = [i for i, ok in enumerate(fresh["per_question"]) if ok]
+    return sum(g["per_question"][i] for i in right) / max(len(right), 1)
+
+
+def run(cfg: LabConfig, exp: WakeExperiment, out: Path, log=print) -> dict:
+    from ..engine import SleepEngine
+    questions = lab_data.general_questions()
+    generic = lab_data.generic_text()
+    passages = lab_data.load_passages(exp.split)[:exp.passages] if exp.passages else []
+    with tempfile.TemporaryDirectory(prefix="sleep-lab-wake-") as state:
+        cfg = dataclasses.replace(cfg, state_dir=Path(state))
+        engine = SleepEngine(cfg)
+        result = {"experiment": "wake", "settings": dataclasses.asdict(exp), "wake": dataclasses.asdict(cfg.wake),
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        if passages:
+            result["in_session"] = in_session_gain(engine, passages, log)
+        if exp.turns:
+            result["long_chat"] = long_chat(engine, exp, questions, generic, log)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "wake.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    result["json"] = str(path)
+    return result

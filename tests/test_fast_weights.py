@@ -1,0 +1,119 @@
+"""Tier 1 (Wake fast weights): what it learns from, its bound, and Sleep's teacher check."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sleep_engine.config import WakeConfig
+from sleep_engine.engine import GENERIC_TEXT
+from sleep_engine.fast_weights import episode_tokens
+from sleep_engine.losses import weighted_lm_loss
+from sleep_engine.probes import perplexity
+from sleep_engine.store import Episode
+
+from test_sleep import teach_two, tiny_settings
+
+
+def test_weighted_lm_loss_matches_a_hand_computed_case():
+    # vocab 2, one sequence [0, 1, 1]; logits at t=0 predict x1=1, at t=1 predict x2=1
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
+    ids = torch.tensor([[0, 1, 1]])
+    weights = torch.tensor([[9.0, 1.0, 0.5]])      # w_0 is never used (nothing predicts x0)
+    nll1, nll2 = -math.log(0.5), -math.log(0.25)   # p(1) = 1/2, then 1/(3+1)
+    expected = (1.0 * nll1 + 0.5 * nll2) / 1.5
+    assert abs(float(weighted_lm_loss(logits, ids, weights)) - expected) < 1e-6
+
+
+def _turn(user: str, assistant: str) -> Episode:
+    return Episode(1, "turn", f"User: {user}\nAssistant: {assistant}",
+                   messages=[{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+
+
+def test_the_users_words_weigh_1_the_models_own_reply_self_weight(tokenizer):
+    cfg = WakeConfig(system_prompt="System.", fast_self_weight=0.1, fast_teach_prompts=1)
+    [t] = episode_tokens(tokenizer, _turn("My cat is called Pim.", "What a lovely name!"), cfg)
+    text = [tokenizer.decode([i]) for i in t.ids]
+    user = [w for tok, w in zip(text, t.weights) if tok.strip() in ("cat", "called")]
+    reply = [w for tok, w in zip(text, t.weights) if tok.strip() in ("lovely", "name")]
+    system = [w for tok, w in zip(text, t.weights) if tok.strip() == "System"]
+    assert user == [1.0, 1.0] and reply == [0.1, 0.1] and system == [0.0]
+    plain, asked = episode_tokens(tokenizer, Episode(2, "taught", "Pim Alvik is a cat."), cfg)
+    assert set(plain.weights) == {1.0} and tokenizer.decode(plain.ids) == "Pim Alvik is a cat."
+    # the taught text again, as the answer to a question about its subject: only the answer counts
+    answer = tokenizer.decode([i for i, w in zip(asked.ids, asked.weights) if w == 1.0])
+    question = tokenizer.decode([i for i, w in zip(asked.ids, asked.weights) if w == 0.0])
+    assert "Pim Alvik is a cat." in answer and "Tell me about Pim Alvik." in question
+
+
+def test_with_self_weight_0_the_models_reply_does_not_move_tier1(tiny_engine):
+    """Two turns that differ only in the model's reply give bit-identical fast weights."""
+    wake, memory = tiny_engine.wake, tiny_engine.memory
+    wake.cfg.fast_self_weight = 0.0
+    start = [p.detach().clone() for p in memory.fast_weight_params()]
+    results = []
+    for reply in ("Pim is a fine name for a cat.", "Zzzz qqq lorem ipsum dolor"):
+        for p, s in zip(memory.fast_weight_params(), start):
+            p.data.copy_(s)
+        wake.fast._turn = 0
+        wake.update_fast_weights([_turn("My cat is called Pim.", reply)], steps=3)
+        results.append([p.detach().clone() for p in memory.fast_weight_params()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert memory.fast_weight_norm() > 0
+    wake.cfg.fast_self_weight = 1.0   # and with weight 1 the reply does matter
+    wake.fast._turn = 0
+    wake.update_fast_weights([_turn("My cat is called Pim.", "Pim is a fine name for a cat.")], steps=3)
+    assert not all(torch.equal(a, p) for a, p in zip(results[0], memory.fast_weight_params()))
+
+
+def _long_chat(engine, turns: int) -> list[float]:
+    """Chat `turns` turns with an update every turn at a high learning rate; the guard's drift
+    after each update."""
+    engine.wake.cfg.fast_update_every = 1
+    engine.wake.cfg.fast_lr = 3e-2
+    drifts = []
+    for i in range(turns):
+        reply = engine.wake.reply(f"Please remember item {i}: the blue lantern {i % 3} hangs by the door.")
+        drifts.append(reply.fast_update["drift"])
+    return drifts
+
+
+def test_a_long_chat_keeps_generic_text_within_the_bound(tiny_engine):
+    lm, tok = tiny_engine.memory.lm, tiny_engine.tokenizer
+    generic = GENERIC_TEXT.read_text()[:2000]
+    before = perplexity(lm, tok, generic)
+    drifts = _long_chat(tiny_engine, 12)
+    assert max(drifts) <= tiny_engine.cfg.wake.fast_max_drift + 1e-9
+    assert tiny_engine.memory.fast_weight_norm() > 0           # it did learn something
+    assert perplexity(lm, tok, generic) <= before * 1.03        # held-out text moved ≤ 3%
+
+
+def test_without_the_bound_the_same_chat_does_damage(tiny_engine):
+    """The control of the test above: with decay, KL and guard off the drift grows past it."""
+    w = tiny_engine.cfg.wake
+    w.fast_max_drift, w.fast_kl_weight, w.fast_decay = 10.0, 0.0, 0.0
+    drifts = _long_chat(tiny_engine, 12)
+    assert max(drifts) > 0.01
+
+
+def test_sleep_refuses_a_teacher_that_tier1_made_worse(tiny_engine):
+    teach_two(tiny_engine)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for mlp in tiny_engine.memory.mlps.values():
+            mlp.fast_B.copy_(torch.randn_like(mlp.fast_B) * 2.0)   # a damaged tier 1
+    tiny_engine.sleep(tiny_settings(dreaming=False), wait=True)
+    events = tiny_engine.events.since(0)
+    summary = events[-1].data["summary"]
+    assert summary["teacher_fast_weights"] is False
+    assert summary["general_ppl_fast_weights"] > summary["general_ppl_before"] * 1.02
+    assert any(e.kind == "notice" and "without them" in e.data["message"] for e in events)
+
+
+def test_sleep_keeps_a_healthy_tier1_for_its_teacher(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.wake.update_fast_weights([Episode(9, "taught", "Senna Alvik lives in Brenmoor.")], steps=2)
+    assert tiny_engine.memory.fast_weight_norm() > 0
+    tiny_engine.sleep(tiny_settings(dreaming=False), wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    assert summary["teacher_fast_weights"] is True
