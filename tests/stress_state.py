@@ -179,13 +179,20 @@ def run_trials(work: Path, tokenizer_dir: Path, trials: int, seed: int = 0, log=
             return common + ["--fast-every", "1", "teach", str(f)], text
         return common + ["--fast-every", "0", "sleep", "--teach", str(f)] + [a for s in TINY_SLEEP for a in ("--set", s)], text
 
-    def run(kind: str, kill_after: float | None = None, env: dict | None = None) -> tuple[dict, float]:
+    def run(kind: str, kill_after: float | None = None, env: dict | None = None,
+            after_marker: str | None = None) -> tuple[dict, float]:
+        """Run one verb; kill it `kill_after` s after its start (or after `after_marker` shows in
+        its output: the kill then lands in the window that follows, e.g. a sleep's checkpoint)."""
         argv, text = verb(kind)
         if text:
             taught.add(text)
         out = work / f"run-{counter[0]}-{kind}.log"
         t0 = time.monotonic()
         pid = server.start(argv, out, env)
+        if after_marker is not None:
+            limit = time.monotonic() + 600
+            while time.monotonic() < limit and after_marker not in (out.read_text() if out.exists() else ""):
+                time.sleep(0.005)
         if kill_after is not None:
             time.sleep(kill_after)
             try:
@@ -213,13 +220,20 @@ def run_trials(work: Path, tokenizer_dir: Path, trials: int, seed: int = 0, log=
                 stats["crashpoints"] += 1
             else:
                 kind = rng.choice(["sleep", "sleep", "teach", "chat"])
-                env, delay = None, rng.uniform(0.0, 1.1 * stats["calibration_s"][kind])
-            result, _ = run(kind, delay, env)
+                env, delay = None, rng.uniform(0.0, 1.3 * stats["calibration_s"][kind])
+            marker = None
+            if kind == "sleep" and env is None and rng.random() < 0.5:   # a random instant around the commit
+                marker, delay = "] checkpoint", rng.uniform(0.0, 0.4)
+                stats["near_commit"] = stats.get("near_commit", 0) + 1
+            result, elapsed = run(kind, delay, env, marker)
+            if not result["signal"] and env is None:   # it ran to its end: how long a run takes now
+                stats["calibration_s"][kind] = 0.5 * (stats["calibration_s"][kind] + elapsed)
             stats["trials"] += 1
             stats["by_verb"][kind] = stats["by_verb"].get(kind, 0) + 1
             stats["killed" if result["signal"] else "finished"] += 1
             summary = check_state(state, model, acknowledged, taught)
-            log(f"trial {i + 1}/{trials}: {kind}" + (f" killed at {delay:.2f}s" if delay is not None and result["signal"]
+            log(f"trial {i + 1}/{trials}: {kind}" + (f" killed {delay:.2f}s after {marker or 'start'}"
+                                                     if delay is not None and result["signal"]
                                                      else f" crashpoint {env['SLEEP_LAB_CRASH_AT']}" if env
                                                      else " finished") + f" → {summary}")
         stats["final"] = summary if trials else None
