@@ -86,3 +86,18 @@ def test_a_public_host_without_login_warns_on_start(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--host", "0.0.0.0", "--state-dir", str(tmp_path),
                           "--model", str(tmp_path / "no-model")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "warning: the lab is reachable by others and has no login" in out.stderr
+
+
+def test_inspect_undo_button_takes_the_last_sleep_back(lab):
+    from lab_app import PASSAGE, QA
+    from test_sleep import tiny_settings
+    engine, url = lab
+    client = Client(url, verbose=False)
+    _, notice, *_ = client.predict(api_name="/undo_sleep")
+    assert "no completed sleep to undo" in notice
+    engine.wake.teach(PASSAGE, qa=QA)
+    engine.sleep(tiny_settings(dreaming=False, lti=False), wait=True)
+    experts = engine.memory.expert_ids()
+    _, notice, *_ = client.predict(api_name="/undo_sleep")
+    assert "Sleep 1 undone" in notice and engine.state.sleep_count() == 0
+    assert engine.memory.expert_ids() == [e for e in experts if e != "e1"] and len(engine.pending_episodes()) == 1

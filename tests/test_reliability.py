@@ -88,7 +88,10 @@ def test_a_bad_checkpoint_falls_back_to_the_sleep_before_and_says_so(tiny_engine
         (d / "manifest.json").write_text(json.dumps({"episode_ids": "2", "memory": []}))
     else:
         (d / "manifest.json").write_text("{not json")
-    (tiny_engine.state.root / "memory" / "current.safetensors").unlink()   # only the sleeps are left
+    if damage in ("truncate", "delete"):   # only the sleeps are left
+        (tiny_engine.state.root / "memory" / "current.safetensors").unlink()
+    # else current stays: it builds on sleep 2, so it must not load either (issue 14: an unreadable
+    # manifest made its episodes pending again while its expert stayed loaded: trained twice)
     again = reopen(tiny_engine, tokenizer)
     assert again.state.sleep_count() == 1
     assert [e.text for e in again.pending_episodes()] == [TEXTS[1]]      # pending again, trained once only
