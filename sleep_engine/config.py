@@ -123,10 +123,10 @@ class SleepConfig:
     # locality of the new expert (issue 13): born closed, its gate trained on both sides
     gate_bias_init: float = -6.0      # σ(−6) ≈ 0.0025: a new expert starts closed (0 = the old half-open birth)
     gate_loss: float = 1.0            # weight of the gate's BCE: open on episode tokens, closed on anchors/replay; 0 = off
-    gate_negatives: int = 16          # extra everyday prompts per sleep that only teach the gate to stay closed
+    gate_negatives: int = 32          # extra everyday prompts per sleep that only teach the gate to stay closed
     gate_distractors: int = 24        # and questions about invented names of no episode (the gate keys on *its* names)
-    gate_fit_steps: int = 200         # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
-    gate_fit_lr: float = 0.05
+    gate_fit_steps: int = 80          # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
+    gate_fit_lr: float = 0.1
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead
     consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps

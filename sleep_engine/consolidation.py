@@ -234,15 +234,26 @@ class Consolidator:
         """Per token of the padded student batch: 1 where the gate must open on an episode
         example's question, 2 on its answer, 0 where it must stay closed (chat anchors, self-replay
         of older episodes, plain-text anchors; their template and system prompt too), −1 = ignored
-        (the shared chat prefix of episode examples, padding)."""
+        (the shared chat prefix of episode examples, padding, and a question's words before the
+        first name it asks about: "What do your notes say about" is what everyday questions say
+        too; labelled open, it pulled the gate up on every question)."""
         t = torch.full((len(batch), width), -1.0)
         for r, e in enumerate(batch):
             if e.about_episode:
-                t[r, self.chat_prefix:len(e.student) - e.n_answer] = 1.0
+                t[r, self.chat_prefix + self.name_offset(e.prompt):len(e.student) - e.n_answer] = 1.0
                 t[r, len(e.student) - e.n_answer:len(e.student)] = 2.0
             else:
                 t[r, :len(e.student)] = 0.0
         return t
+
+    def name_offset(self, question: str) -> int:
+        """Tokens of `question` before its first name (a capitalised word past the first word);
+        0 if it names nothing. Cached per question."""
+        cache = self.__dict__.setdefault("_name_offsets", {})
+        if question not in cache:
+            m = next((m for m in _NAME.finditer(question or "") if m.start() > 0), None)
+            cache[question] = len(self.tok(question[:m.start()].rstrip(), add_special_tokens=False)["input_ids"]) if m else 0
+        return cache[question]
 
     @torch.no_grad()
     def gate_negative_states(self, new_id: str) -> dict[int, torch.Tensor]:
@@ -268,7 +279,7 @@ class Consolidator:
 
     @torch.no_grad()
     def fit_gate(self, examples: list[Example], new_id: str, negatives: dict[int, torch.Tensor],
-                 cap: int = 768) -> dict:
+                 cap: int = 320) -> dict:
         """Before distillation, fit the new expert's gate in every layer as a logistic classifier
         on the pre-sleep hidden states of the sleep's own data: open on the episode examples'
         questions and answers, closed on the anchors, the self-replay and the everyday prompts
@@ -305,7 +316,8 @@ class Consolidator:
             ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
             own = mask.bool().clone()
-            own[:, :q_start] = False
+            for r, q in enumerate(wrapped[i:i + 16]):
+                own[r, :q_start + self.name_offset(q)] = False
             with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
                 self.lm.model(input_ids=ids, attention_mask=mask)
             groups[1].append(torch.stack([xs[l][-1][own].float() for l in layers]))
