@@ -69,7 +69,7 @@ class WakeConfig:
     fast_teach_prompts: int = 2       # a taught text is also learned as the answer to "Tell me about X." (X: its subjects)
     fast_decay: float = 0.1           # forgetting: B_h ← (1 − decay)·B_h before every update
     fast_kl_weight: float = 1.0       # κ of KL(without tier 1 ‖ with) on plain anchor text, per step
-    fast_kl_anchors: int = 2          # anchor paragraphs in each step's batch
+    fast_kl_anchors: int = 1          # anchor paragraphs (32 tokens each) in each step's batch
     fast_max_drift: float = 0.01      # guard: anchor-text perplexity may rise at most this much (0.01 = 1%)
     system_prompt: str = SYSTEM_PROMPT
 

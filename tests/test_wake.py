@@ -72,7 +72,7 @@ def test_fast_weight_update_lowers_loss_and_changes_only_fast_weights(tiny_engin
 def test_a_taught_text_updates_tier1_at_once_and_chat_every_n_turns(tiny_engine):
     tiny_engine.wake.cfg.fast_update_every = 2
     tiny_engine.wake.teach(FACT)
-    assert tiny_engine.memory.fast_weight_norm() > 0 and tiny_engine.wake.last_fast_update["texts"] == 1
+    assert tiny_engine.memory.fast_weight_norm() > 0 and tiny_engine.wake.last_fast_update["steps"] > 0
     steps = tiny_engine.memory.fast_weight_steps
     assert tiny_engine.wake.reply("hello there").fast_update is None
     assert tiny_engine.memory.fast_weight_steps == steps

@@ -28,7 +28,7 @@ class WakeExperiment:
     split: str = "test"        # passages for the in-session gain; tune on dev
     passages: int = 8          # taught one at a time (0 = skip part 1)
     turns: int = 200           # ordinary chat turns (0 = skip part 2)
-    reply_tokens: int = 64     # cap per chat reply (a 135M model often runs to any cap)
+    reply_tokens: int = 48     # cap per chat reply (a 135M model often runs to any cap)
     checkpoints: str = "50,100,150"   # also measure after these many turns
 
     def update(self, values: dict) -> dict:
