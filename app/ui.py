@@ -286,7 +286,9 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                          f"{reply.tokens_per_s:.1f} tokens/s; logged as episode {reply.episode_id}")
         if reply.fast_update:
             u = reply.fast_update
-            notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}")
+            if u.get("steps"):
+                notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
+                             f"generic-text drift {100 * u['drift']:+.1f}%")
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
         yield (history + turn, "", _ok(" · ".join(notes))) + routing_outputs(reply) + (tiers_table(), header_html())
 
@@ -309,6 +311,14 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             return gr.skip(), _error("the model is asleep; the conversation is kept until the sleep ends"), gr.skip()
         engine.wake.clear(sessions.key(request))
         return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table()
+
+    def set_fast_learning(every):
+        try:
+            engine.set_fast_learning(every)
+        except (ConfigError, TypeError, ValueError) as e:
+            return _error(str(e)), gr.skip()
+        state = "off" if not every else f"every {int(every)} turns and after each taught text"
+        return _ok(f"test-time learning {state}"), tiers_table()
 
     def teach(text, upload):
         try:
@@ -478,6 +488,10 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                         wake_notice = gr.HTML(elem_id="wake-notice")
                         tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
                                              label="Memory tiers", interactive=False, elem_id="tiers")
+                        fast_every = gr.Number(value=engine.cfg.wake.fast_update_every, precision=0, minimum=0,
+                                               maximum=1000, elem_id="fast-every",
+                                               label="test-time learning: update the fast weights every N turns "
+                                                     "(and after each taught text); 0 = off")
                     with gr.Column(scale=2):
                         teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
                                                 lines=5, elem_id="teach-text")
@@ -552,6 +566,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         retry_btn.click(retry, [chatbot], wake_out, api_name="retry", concurrency_id="wake", show_progress="hidden")
         chatbot.retry(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
         clear_btn.click(clear, None, [chatbot, wake_notice, tiers], api_name="clear")
+        fast_every.change(set_fast_learning, fast_every, [wake_notice, tiers], api_name="fast_learning")
         chatbot.clear(clear, None, [chatbot, wake_notice, tiers], api_name=False)
         teach_btn.click(teach, [teach_text, teach_file], [teach_text, teach_file, teach_notice, tiers, header],
                         api_name="teach", show_progress_on=[teach_notice])

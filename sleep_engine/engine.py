@@ -6,6 +6,7 @@ dreaming in a background worker — is built on this object; see docs/DESIGN.md 
 from __future__ import annotations
 
 import json
+import dataclasses
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .backbone import Backbone, float_weights, load_backbone
-from .config import LabConfig, SleepConfig
+from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
@@ -151,6 +152,16 @@ class SleepEngine:
             tensors, manifest = self.memory.memory_state()
             manifest["model"] = self.backbone.name
             self.state.save_memory(tensors, manifest)
+
+    def set_fast_learning(self, every) -> None:
+        """Wake's test-time learning: update tier 1 every `every` turns (and per taught text); 0 = off."""
+        if every is None or float(every) != int(float(every)):
+            raise ConfigError(f"test-time learning: give a whole number of turns (0 = off), got {every!r}")
+        wake = dataclasses.replace(self.cfg.wake, fast_update_every=int(float(every)))
+        wake.validate()
+        self.cfg.wake.fast_update_every = wake.fast_update_every   # the Wake session shares this config
+        if not wake.fast_update_every:
+            self.wake.pending_for_fast_update = []
 
     # -- read-only views for the UI and the CLI ---------------------------------------------
     def info(self) -> dict:

@@ -2,12 +2,14 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT
 from gradio_client import Client, handle_file
 from lab_app import FAST, MORE, PASSAGE, QA, lab_fixture, wait_for  # noqa: F401 - the `lab` fixture
 
 from app import ui
+from sleep_engine.config import ConfigError
 
 SETTINGS = [FAST[k] for k, _ in ui.SETTINGS] + [MORE]
 
@@ -144,3 +146,20 @@ def test_inspect_opens_lab_reports_and_only_those(lab, tmp_path):
     assert "cannot open lab report broken.json" in notice
     *_, notice = client.predict(str(ROOT / "README.md"), api_name="/lab_report")   # not a report of the folder
     assert "no lab report" in notice and "notice-error" in notice
+
+
+def test_test_time_learning_is_switched_from_the_page(lab):
+    engine, url = lab
+    client = Client(url, verbose=False)
+    notice, _ = client.predict(0, api_name="/fast_learning")
+    assert "off" in notice and engine.cfg.wake.fast_update_every == 0
+    steps = engine.memory.fast_weight_steps
+    client.predict(PASSAGE, None, api_name="/teach")
+    assert engine.memory.fast_weight_steps == steps          # off: teaching leaves tier 1 alone
+    notice, _ = client.predict(3, api_name="/fast_learning")
+    assert "every 3 turns" in notice and engine.cfg.wake.fast_update_every == 3
+    with pytest.raises(ConfigError, match="between 0 and 1000"):     # the page's field has min 0; the engine checks too
+        engine.set_fast_learning(-1)
+    with pytest.raises(ConfigError, match="whole number"):
+        engine.set_fast_learning(2.5)
+    assert engine.cfg.wake.fast_update_every == 3
