@@ -127,6 +127,9 @@ class SleepConfig:
     gate_distractors: int = 24        # and questions about invented names of no episode (the gate keys on *its* names)
     gate_fit_steps: int = 80          # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
     gate_fit_lr: float = 0.1
+    gate_sharpness: float = 3.0       # after the fit the gate is σ(k·(z − θ)): shut where the classifier is unsure
+    gate_threshold: float = 1.0       # θ, in logit units
+    gate_frozen: bool = True          # the fitted gate stays as it is while the expert distils (no BCE, no output grad)
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead
     consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps
@@ -191,7 +194,8 @@ class SleepConfig:
                              ("keep_random", 0, 1024), ("dream_tokens", 4, 1024), ("trial_steps", 1, 100),
                              ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0),
                              ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
-                             ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256)]:
+                             ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
+                             ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
         _check_range("sleep.max_grad_norm", self.max_grad_norm, 1e-3, 1e30)

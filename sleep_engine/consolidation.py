@@ -350,10 +350,14 @@ class Consolidator:
                 loss.backward()
                 opt.step()
             last = float(loss_of().detach())
+        # a calibrated classifier sits near 0.5 where it is unsure (shared words, the chat template):
+        # σ(k·(z − θ)) keeps it shut there and open where it is sure (measured on dev after two
+        # sleeps: everyday/own 0.35× → 0.05× for e0 at k = 3, θ = 1); it is the same affine gate
+        k, theta = cfg.gate_sharpness, cfg.gate_threshold
         for m, wi, bi in zip(modules, w.detach(), b.detach()):
-            m.gate.copy_(wi.to(m.gate.dtype))
-            m.gate_bias.copy_(bi.to(m.gate_bias.dtype))
-        return {"gate_fit_first_loss": first, "gate_fit_loss": last,
+            m.gate.copy_((k * wi).to(m.gate.dtype))
+            m.gate_bias.copy_((k * (bi - theta)).to(m.gate_bias.dtype))
+        return {"gate_fit_first_loss": first, "gate_fit_loss": last, "gate_sharpness": k, "gate_threshold": theta,
                 "gate_fit_tokens": {"question": data[1].shape[1], "answer": data[2].shape[1], "closed": data[0].shape[1]}}
 
     def gate_loss(self, batch: list[Example], xs: dict[int, list], new_id: str,
@@ -473,6 +477,12 @@ class Consolidator:
         gate_on = cfg.gate_loss > 0
         negatives = self.gate_negative_states(new_id) if gate_on else {}
         fitted = self.fit_gate(examples, new_id, negatives) if gate_on else {}
+        if fitted and cfg.gate_frozen:   # the expert learns under the gate it will have; nothing reopens it
+            for m in self.memory.expert_modules(new_id):
+                m.gate.requires_grad_(False)
+                m.gate_bias.requires_grad_(False)
+            opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+            gate_on = False
         gate_losses: list[float] = []
         try:
             for step in range(total):

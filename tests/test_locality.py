@@ -117,3 +117,37 @@ def test_inspect_summary_shows_each_experts_gate_selectivity():
     assert rows == [("gate of e0 (episodes 1, 2)", "own 0.600, everyday 0.030 (0.05× own ✓ ≤ 0.1×), other episodes 0.200"),
                     ("gate of e1 (episodes 3)", "own 0.400, everyday 0.200 (0.50× own ✗ > 0.1×), other episodes –")]
     assert sleep_summary(manifest)[-2:] == rows and selectivity_rows({}) == []
+
+
+def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils(tiny_engine):
+    """σ(k·(z − θ)): the fit's gate scaled by k and shifted by θ; distillation trains A and B only."""
+    teach_two(tiny_engine)
+    mem = tiny_engine.memory
+    runs = {}
+    for k, theta in ((1.0, 0.0), (3.0, 1.0)):
+        eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0, expert_id=f"e{len(runs)}")
+        cfg = tiny_settings(gate_sharpness=k, gate_threshold=theta, distill_steps=2, lti=False)
+        c = Consolidator(mem, tiny_engine.tokenizer, cfg, lambda *a, **kw: None, lambda: None, seed=3)
+        examples = c.teacher_data(tiny_engine.pending_episodes(), [], eid)
+        with mem.configured(muted=[e for e in mem.expert_ids() if e != eid]):
+            fit = c.fit_gate(examples, eid, c.gate_negative_states(eid))
+        runs[(k, theta)] = [(m.gate.detach().clone(), float(m.gate_bias)) for m in mem.expert_modules(eid)]
+        assert fit["gate_sharpness"] == k and fit["gate_threshold"] == theta
+        mem.remove_experts([eid])
+    for (w1, b1), (w3, b3) in zip(runs[(1.0, 0.0)], runs[(3.0, 1.0)]):
+        assert torch.allclose(w3, 3 * w1, atol=1e-5) and b3 == pytest.approx(3 * (b1 - 1.0), abs=1e-4)
+    eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0)
+    c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(distill_steps=2, lti=False), lambda *a, **kw: None,
+                     lambda: None, seed=3)
+    examples = c.teacher_data(tiny_engine.pending_episodes(), [], eid)
+    orig = c.fit_gate
+    after_fit = {}
+
+    def fit_and_remember(*a, **kw):
+        out = orig(*a, **kw)
+        after_fit["gates"] = [(m.gate.detach().clone(), m.B.detach().clone()) for m in mem.expert_modules(eid)]
+        return out
+    c.fit_gate = fit_and_remember
+    c.seed(examples, eid)
+    for m, (g, B) in zip(mem.expert_modules(eid), after_fit["gates"]):
+        assert torch.equal(m.gate, g) and not torch.equal(m.B, B)   # gate as fitted, B learned
