@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress clean
+.PHONY: setup run test bench stress long-chat clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: setup
 TRIALS ?= 100
 stress: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python tests/stress_state.py --trials $(TRIALS)
+
+# the Wake fast weights over a long chat (README "Wake memory"): in-session gain on 8 test passages,
+# then 200 turns of ordinary chat; about 1 h on 2 quiet cores. ARGS="--set turns=40" for a short one.
+long-chat: setup
+	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-wake $(ARGS)
 
 bench: setup
 	$(BIN)/python launch.py bench wake --json

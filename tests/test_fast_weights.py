@@ -122,3 +122,27 @@ def test_sleep_keeps_a_healthy_tier1_for_its_teacher(tiny_engine):
     tiny_engine.sleep(tiny_settings(dreaming=False), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     assert summary["teacher_fast_weights"] is True
+
+
+def test_lab_wake_settings_kept_share_and_a_short_long_chat(tiny_engine):
+    import pytest
+
+    from sleep_engine.config import ConfigError
+    from sleep_engine.lab import wake_memory as wm
+    exp = wm.WakeExperiment()
+    rest = exp.update({"turns": "4", "checkpoints": "2", "fast_lr": "0.05"})
+    assert exp.turns == 4 and rest == {"fast_lr": "0.05"}
+    wake = WakeConfig()
+    wm.apply_wake_settings(wake, rest)
+    assert wake.fast_lr == 0.05
+    with pytest.raises(ConfigError, match="unknown setting"):
+        wm.apply_wake_settings(wake, {"fast_lrr": "1"})
+    prompts = wm.chat_prompts(300)
+    assert len(prompts) == 300 and prompts[0] == prompts[len(set(prompts))]   # cycles the asset's lines
+    # kept = share of the fresh model's right answers still right (new right answers do not count)
+    assert wm._kept({"per_question": [True, False, True, True]}, {"per_question": [True, True, False, False]}) == 0.5
+
+    tiny_engine.wake.cfg.fast_update_every = 1
+    result = wm.long_chat(tiny_engine, exp, [("What colour is snow?", "white")], "Plain text. " * 20, lambda s: None)
+    assert [c["turn"] for c in result["curve"]] == [2, 4] and result["updates"] == 4
+    assert len(tiny_engine.state.episodes) == 4 and result["final"]["fast_norm"] > 0
