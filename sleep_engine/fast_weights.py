@@ -137,7 +137,8 @@ class FastWeightLearner:
         return math.exp(self.anchor_loss(True) - self.anchor_loss(False)) - 1
 
     def update(self, episodes, steps: int | None = None) -> dict:
-        """Episodes (or plain texts, taken as taught) → decay, a few steps of the weighted LM loss + KL to the model without tier 1, guard."""
+        """Decay, a few steps of the weighted LM loss + KL to the model without tier 1, guard.
+        `episodes` may also be plain strings (taken as taught texts)."""
         cfg, t0 = self.cfg, time.perf_counter()
         steps = steps or cfg.fast_update_steps
         episodes = [Episode(0, "taught", e) if isinstance(e, str) else e for e in episodes]
@@ -163,8 +164,9 @@ class FastWeightLearner:
                 lm_loss = weighted_lm_loss(logits[:n], ids[:n], w[:n])
                 kl = _kl(ref, logits[n:], mask[n:]) if chosen else lm_loss.new_zeros(())
                 loss = lm_loss + cfg.fast_kl_weight * kl
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("fast-weight loss is not finite")
+                if not torch.isfinite(loss):   # never let a bad step into tier 1: undo the update
+                    self._restore(kept)
+                    return {"steps": 0, "texts": n, "skipped": "the loss was not finite; update undone"}
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -193,10 +195,14 @@ class FastWeightLearner:
             shrinks += 1
             drift = math.exp(self.anchor_loss(True) - without) - 1
         if drift > self.cfg.fast_max_drift:
-            for p, saved in zip(self.memory.fast_weight_params(), fallback):
-                p.copy_(saved)
+            self._restore(fallback)
             drift = math.exp(self.anchor_loss(True) - without) - 1
         return drift, shrinks
+
+    @torch.no_grad()
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        for p, value in zip(self.memory.fast_weight_params(), saved):
+            p.copy_(value)
 
 
 def _kl(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -146,3 +146,14 @@ def test_lab_wake_settings_kept_share_and_a_short_long_chat(tiny_engine):
     result = wm.long_chat(tiny_engine, exp, [("What colour is snow?", "white")], "Plain text. " * 20, lambda s: None)
     assert [c["turn"] for c in result["curve"]] == [2, 4] and result["updates"] == 4
     assert len(tiny_engine.state.episodes) == 4 and result["final"]["fast_norm"] > 0
+
+
+def test_a_non_finite_loss_leaves_tier1_as_it_was(tiny_engine):
+    memory = tiny_engine.memory
+    tiny_engine.wake.update_fast_weights(["Senna Alvik lives in Brenmoor."], steps=1)
+    tiny_engine.cfg.wake.fast_decay = 0.0
+    before = [p.detach().clone() for p in memory.fast_weight_params()]
+    tiny_engine.cfg.wake.fast_kl_weight = float("inf")   # any positive KL becomes inf
+    result = tiny_engine.wake.update_fast_weights(["Brenmoor exports saffron."], steps=2)
+    assert result["steps"] == 0 and "not finite" in result["skipped"]
+    assert all(torch.equal(a, b) for a, b in zip(before, memory.fast_weight_params()))
