@@ -214,9 +214,10 @@ def _print_reply(engine, message: str) -> int:
         if not reply.token_ids:
             for n in reply.notices:
                 print(f"[notice] {n}", file=sys.stderr)
-        if reply.fast_update:
+        if reply.fast_update and reply.fast_update.get("steps"):
             u = reply.fast_update
-            print(f"[fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}]", file=sys.stderr)
+            print(f"[fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
+                  f"generic-text drift {100 * u['drift']:+.2f}%]", file=sys.stderr)
     return 0
 
 
