@@ -63,7 +63,8 @@ class WakeConfig:
     max_message_chars: int = 20_000   # longer messages are cut before tokenising
     # test-time learning of tier 1 (sleep_engine/fast_weights.py): what the user brings, bounded
     fast_update_every: int = 2        # update after every N chat turns (a taught text: at once); 0 = off
-    fast_update_steps: int = 4        # AdamW steps per update
+    fast_update_steps: int = 4        # AdamW steps per update after chat turns
+    fast_teach_steps: int = 12        # after a taught text (dev: 4 steps 0/16 closed-book in-session, 12 steps 2/16)
     fast_lr: float = 1e-2              # measured (dev, 4 steps): 1e-3 moved a taught text's loss 4.4 → 4.0 only, 1e-2 → 1.4
     fast_self_weight: float = 0.0     # loss weight of the model's own reply tokens (the user's: 1)
     fast_teach_prompts: int = 2       # a taught text is also learned as the answer to "Tell me about X." (X: its subjects)
@@ -81,6 +82,7 @@ class WakeConfig:
         _check_range("wake.max_message_chars", self.max_message_chars, 1, 10_000_000)
         _check_range("wake.fast_update_every", self.fast_update_every, 0, 1000)
         _check_range("wake.fast_update_steps", self.fast_update_steps, 1, 1000)
+        _check_range("wake.fast_teach_steps", self.fast_teach_steps, 1, 1000)
         _check_range("wake.fast_lr", self.fast_lr, 1e-7, 1.0)
         _check_range("wake.fast_self_weight", self.fast_self_weight, 0.0, 1.0)
         _check_range("wake.fast_decay", self.fast_decay, 0.0, 1.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .chat_format import encode_chat, encode_text
 from .config import WakeConfig
 from .consolidation import subjects
 from .losses import weighted_lm_loss
@@ -42,8 +43,7 @@ class WeightedText:
 
 
 def _chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return encode_chat(tokenizer, messages, add_generation_prompt=generation_prompt)   # typed tokens stay text
 
 
 def _chat_turn(tokenizer, system_prompt: str, user: str, reply: str, user_weight: float,
@@ -74,7 +74,7 @@ def episode_tokens(tokenizer, episode, cfg: WakeConfig, max_tokens: int = 512) -
         out.append(_chat_turn(tokenizer, cfg.system_prompt, msgs[0]["content"], msgs[-1]["content"],
                               1.0, cfg.fast_self_weight))
     else:
-        ids = tokenizer(episode.text, add_special_tokens=False)["input_ids"]
+        ids = encode_text(tokenizer, episode.text)
         out.append(WeightedText(ids, [1.0] * len(ids)))
         for name in subjects(episode.text)[:cfg.fast_teach_prompts]:
             out.append(_chat_turn(tokenizer, cfg.system_prompt, f"Tell me about {name}.", episode.text, 0.0, 1.0))
@@ -140,8 +140,9 @@ class FastWeightLearner:
         """Decay, a few steps of the weighted LM loss + KL to the model without tier 1, guard.
         `episodes` may also be plain strings (taken as taught texts)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        steps = steps or cfg.fast_update_steps
         episodes = [Episode(0, "taught", e) if isinstance(e, str) else e for e in episodes]
+        taught = any(e.kind == "taught" for e in episodes)
+        steps = steps or (cfg.fast_teach_steps if taught else cfg.fast_update_steps)
         texts = [t for e in episodes for t in episode_tokens(self.tok, e, cfg)]
         texts = [t for t in texts if len(t.ids) > 1 and sum(t.weights[1:]) > 0]
         if not texts:
