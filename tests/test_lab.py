@@ -200,3 +200,11 @@ def test_cli_rejects_unknown_method_or_setting_with_exit_2(capsys):
 def test_settings_from_the_command_line_keep_their_types():
     e = ExperimentConfig.from_preset("quick", n1_passages="0", sft_lr="5e-4", tta_epochs="1,3")
     assert (e.n1_passages, e.sft_lr, e.tta_epochs) == (0, 5e-4, (1, 3))
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    from sleep_engine.lab.scoring import wilson
+    lo, hi = wilson(5, 10)            # p̂ = 0.5: centre 0.5, half = 1.96·√(0.025 + 0.0096)/1.384 = 0.2634
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+    lo, hi = wilson(0, 32)            # no successes: the interval still reaches 3.84/35.84 = 0.107
+    assert lo == 0.0 and abs(hi - 0.1072) < 1e-3
