@@ -130,7 +130,7 @@ class SleepConfig:
     gate_fit_steps: int = 80          # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
     gate_fit_lr: float = 0.1
     gate_sharpness: float = 3.0       # after the fit the gate is σ(k·(z − θ)): shut where the classifier is unsure
-    gate_threshold: float = 1.0       # θ, in logit units
+    gate_threshold: float = 2.0       # θ, in logit units (dev, 2 sleeps: θ = 1 → everyday/own 0.08×, 0.19×; θ = 2 → 0.015×, 0.037×)
     gate_frozen: bool = True          # the fitted gate stays as it is while the expert distils (no BCE, no output grad)
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead

@@ -352,7 +352,7 @@ class Consolidator:
             last = float(loss_of().detach())
         # a calibrated classifier sits near 0.5 where it is unsure (shared words, the chat template):
         # σ(k·(z − θ)) keeps it shut there and open where it is sure (measured on dev after two
-        # sleeps: everyday/own 0.35× → 0.05× for e0 at k = 3, θ = 1); it is the same affine gate
+        # sleeps: everyday/own 0.35–0.45× → 0.015–0.037× at k = 3, θ = 2); it is the same affine gate
         k, theta = cfg.gate_sharpness, cfg.gate_threshold
         for m, wi, bi in zip(modules, w.detach(), b.detach()):
             m.gate.copy_((k * wi).to(m.gate.dtype))
