@@ -5,7 +5,6 @@ dreaming in a background worker — is built on this object; see docs/DESIGN.md 
 """
 from __future__ import annotations
 
-import json
 import dataclasses
 import logging
 import math
@@ -21,6 +20,7 @@ from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
+from .lab.data import general_questions
 from .memory import MemoryModel
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
                      cloze_probes, episode_probes, forgetting, gate_selectivity, perplexity, question_gates)
@@ -29,7 +29,6 @@ from .store import StateDir, StateError
 from .wake import WakeSession
 
 GENERIC_TEXT = Path(__file__).resolve().parents[1] / "assets" / "generic_text.txt"
-GENERAL_QUESTIONS = Path(__file__).resolve().parents[1] / "assets" / "general_questions.jsonl"
 
 
 class Cancelled(Exception):
@@ -276,7 +275,7 @@ class SleepEngine:
             return {}
         episodes = {e.id: e for e in self.state.episodes.all()}
         probes = {i: [p.q for p in episode_probes(episodes[i])] for ids in owners.values() for i in ids if i in episodes}
-        everyday = [json.loads(ln)["q"] for ln in GENERAL_QUESTIONS.read_text().splitlines() if ln.strip()]
+        everyday = [q for q, _ in general_questions()]
         asked = [(i, q) for i, qs in probes.items() for q in qs]
         with self.lock:
             gates = question_gates(self.memory, self.tokenizer, [q for _, q in asked] + everyday, list(owners))

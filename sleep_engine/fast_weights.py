@@ -42,19 +42,15 @@ class WeightedText:
     weights: list[float]
 
 
-def _chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    return encode_chat(tokenizer, messages, add_generation_prompt=generation_prompt)   # typed tokens stay text
-
-
 def _chat_turn(tokenizer, system_prompt: str, user: str, reply: str, user_weight: float,
                reply_weight: float) -> WeightedText:
     """A one-turn chat with weight 0 on the system prompt, `user_weight` on the user's turn and
     `reply_weight` on the reply (a token the tokenizer merged across the boundary counts as reply)."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    full = _chat(tokenizer, system + msgs)
-    head = _common_prefix(_chat(tokenizer, system), full) if system else 0
-    asked = _common_prefix(_chat(tokenizer, system + msgs[:1], generation_prompt=True), full)
+    full = encode_chat(tokenizer, system + msgs, add_generation_prompt=False)
+    head = _common_prefix(encode_chat(tokenizer, system, add_generation_prompt=False), full) if system else 0
+    asked = _common_prefix(encode_chat(tokenizer, system + msgs[:1]), full)
     weights = [0.0] * head + [user_weight] * (asked - head) + [reply_weight] * (len(full) - asked)
     return WeightedText(full, weights)
 

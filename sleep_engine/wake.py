@@ -12,7 +12,6 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-
 from .chat_format import encode_chat, encode_text
 from .config import WakeConfig
 from .decoding import generate_tokens, make_decoder, stop_token_ids
