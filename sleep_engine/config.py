@@ -71,7 +71,9 @@ class WakeConfig:
     fast_decay: float = 0.1           # forgetting: B_h ← (1 − decay)·B_h before every update
     fast_kl_weight: float = 1.0       # κ of KL(without tier 1 ‖ with) on plain anchor text, per step
     fast_kl_anchors: int = 1          # anchor paragraphs (32 tokens each) in each step's batch
-    fast_max_drift: float = 0.01      # guard: anchor-text perplexity may rise at most this much (0.01 = 1%)
+    fast_max_changed: float = 0.02    # guard: share of everyday answers' greedy tokens tier 1 may change
+    fast_kl_chats: int = 1            # chat anchors (a generic request + the model's own answer) per step
+    fast_max_drift: float = 0.01      # guard: perplexity of anchor text and of everyday answers may rise at most this much (0.01 = 1%)
     system_prompt: str = SYSTEM_PROMPT
 
     def validate(self) -> None:
@@ -89,6 +91,8 @@ class WakeConfig:
         _check_range("wake.fast_teach_prompts", self.fast_teach_prompts, 0, 16)
         _check_range("wake.fast_kl_weight", self.fast_kl_weight, 0.0, 100.0)
         _check_range("wake.fast_kl_anchors", self.fast_kl_anchors, 0, 64)
+        _check_range("wake.fast_kl_chats", self.fast_kl_chats, 0, 16)
+        _check_range("wake.fast_max_changed", self.fast_max_changed, 0.0, 1.0)
         _check_range("wake.fast_max_drift", self.fast_max_drift, 0.0, 10.0)
 
 

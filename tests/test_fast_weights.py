@@ -70,7 +70,7 @@ def _long_chat(engine, turns: int) -> list[float]:
     """Chat `turns` turns with an update every turn at a high learning rate; the guard's drift
     after each update."""
     engine.wake.cfg.fast_update_every = 1
-    engine.wake.cfg.fast_lr = 1e-1
+    engine.wake.cfg.fast_lr = 1e-3
     drifts = []
     for i in range(turns):
         reply = engine.wake.reply(f"Please remember item {i}: the blue lantern {i % 3} hangs by the door.")
@@ -84,10 +84,13 @@ BOUND = 0.002   # tight, so that the unbounded control below visibly crosses it 
 def test_a_long_chat_keeps_generic_text_within_the_bound(tiny_engine):
     lm, tok = tiny_engine.memory.lm, tiny_engine.tokenizer
     tiny_engine.cfg.wake.fast_max_drift = BOUND
+    tiny_engine.cfg.wake.fast_max_changed = 0.1   # a random tiny model's greedy choices are near-ties
     generic = GENERIC_TEXT.read_text()[:2000]
     before = perplexity(lm, tok, generic)
     drifts = _long_chat(tiny_engine, 12)
     assert max(drifts) <= BOUND + 1e-9
+    parts = tiny_engine.wake.fast.drift_parts()   # the everyday answers' greedy tokens barely move
+    assert parts["chat"] <= BOUND + 1e-9 and parts["changed"] <= tiny_engine.cfg.wake.fast_max_changed
     assert tiny_engine.memory.fast_weight_norm() > 0           # it did learn something
     assert perplexity(lm, tok, generic) <= before * 1.03        # held-out text: ≤ 3% (the guard measures other text)
 
@@ -95,9 +98,10 @@ def test_a_long_chat_keeps_generic_text_within_the_bound(tiny_engine):
 def test_without_the_bound_the_same_chat_does_damage(tiny_engine):
     """The control of the test above: with decay, KL and guard off the drift grows past it."""
     w = tiny_engine.cfg.wake
-    w.fast_max_drift, w.fast_kl_weight, w.fast_decay = 10.0, 0.0, 0.0
+    w.fast_max_drift, w.fast_max_changed, w.fast_kl_weight, w.fast_kl_chats, w.fast_decay = 10.0, 1.0, 0.0, 0, 0.0
     drifts = _long_chat(tiny_engine, 12)
     assert max(drifts) > BOUND, drifts
+    assert tiny_engine.wake.fast.drift_parts()["changed"] > WakeConfig().fast_max_changed
 
 
 def test_sleep_refuses_a_teacher_that_tier1_made_worse(tiny_engine):
@@ -143,9 +147,11 @@ def test_lab_wake_settings_kept_share_and_a_short_long_chat(tiny_engine):
     assert wm._kept({"per_question": [True, False, True, True]}, {"per_question": [True, True, False, False]}) == 0.5
 
     tiny_engine.wake.cfg.fast_update_every = 1
+    tiny_engine.wake.cfg.fast_lr = 1e-3   # at the default a random tiny model's every update is undone by the guard
     result = wm.long_chat(tiny_engine, exp, [("What colour is snow?", "white")], "Plain text. " * 20, lambda s: None)
     assert [c["turn"] for c in result["curve"]] == [2, 4] and result["updates"] == 4
     assert len(tiny_engine.state.episodes) == 4 and result["final"]["fast_norm"] > 0
+    assert result["worst"]["kept"] == min(c["kept"] for c in result["curve"])
 
 
 def test_a_non_finite_loss_leaves_tier1_as_it_was(tiny_engine):

@@ -29,7 +29,7 @@ class WakeExperiment:
     passages: int = 8          # taught one at a time (0 = skip part 1)
     turns: int = 200           # ordinary chat turns (0 = skip part 2)
     reply_tokens: int = 48     # cap per chat reply (a 135M model often runs to any cap)
-    checkpoints: str = "50,100,150"   # also measure after these many turns
+    checkpoints: str = "20,40,60,80,100,120,140,160,180"   # also measure after these many turns
 
     def update(self, values: dict) -> dict:
         """Take this experiment's keys from `values`; return the rest (wake settings)."""
@@ -103,7 +103,7 @@ def long_chat(engine, exp: WakeExperiment, questions, generic: str, log) -> dict
         if turn % 10 == 0:
             log(f"turn {turn}/{exp.turns} ({time.perf_counter() - t0:.0f}s)")
         if reply.fast_update:
-            updates.append({k: reply.fast_update.get(k) for k in ("loss_before", "loss_after", "drift", "shrinks")})
+            updates.append({k: reply.fast_update.get(k) for k in ("loss_before", "loss_after", "drift", "changed", "shrinks", "undone")})
         if turn in marks:
             engine.wake.clear()
             g = general_check(engine, questions, generic, fast_weights=True)
@@ -112,8 +112,13 @@ def long_chat(engine, exp: WakeExperiment, questions, generic: str, log) -> dict
                           "fast_norm": engine.memory.fast_weight_norm(), "seconds": round(time.perf_counter() - t0)})
             log(f"turn {turn}: everyday {g['correct']}/{len(questions)} (fresh {fresh['correct']}), "
                 f"ppl {g['ppl']:.3f} ({100 * curve[-1]['drift']:+.2f}%), tier-1 norm {curve[-1]['fast_norm']:.3g}")
-    return {"fresh": {k: fresh[k] for k in ("ppl", "correct")}, "n_questions": len(questions), "curve": curve, "final": curve[-1] if curve else None, "updates": len(updates),
-            "shrunk_updates": sum(1 for u in updates if u.get("shrinks")), "update_log": updates,
+    # the worst checkpoint, not only the last: tier 1 moves up and down with what each update brought
+    worst = {"kept": min(c["kept"] for c in curve), "correct": min(c["correct"] for c in curve),
+             "drift": max(c["drift"] for c in curve)} if curve else None
+    return {"fresh": {k: fresh[k] for k in ("ppl", "correct")}, "n_questions": len(questions), "curve": curve,
+            "final": curve[-1] if curve else None, "worst": worst, "updates": len(updates),
+            "shrunk_updates": sum(1 for u in updates if u.get("shrinks")),
+            "undone_updates": sum(1 for u in updates if u.get("undone")), "update_log": updates,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
