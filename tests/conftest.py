@@ -49,14 +49,19 @@ def tokenizer(embedded_source):
     return AutoTokenizer.from_pretrained(embedded_source)
 
 
-@pytest.fixture
-def tiny_engine(tmp_path, tokenizer):
-    """A SleepEngine on a tiny random Llama with the real tokenizer, in a fresh state dir."""
+def make_tiny_engine(root: Path, tokenizer):
+    """A SleepEngine on a tiny random Llama with the real tokenizer, state in root/"state"."""
     from sleep_engine.backbone import Backbone
     from sleep_engine.engine import SleepEngine
     model = tiny_llama(vocab_size=len(tokenizer))
     bb = Backbone(model, tokenizer, "tiny-llama", torch.device("cpu"), torch.float32, "none", 0.0, True)
-    cfg = LabConfig(model="tiny", state_dir=tmp_path / "state", cache_dir=tmp_path / "cache", quantize="none")
+    cfg = LabConfig(model="tiny", state_dir=root / "state", cache_dir=root / "cache", quantize="none")
     cfg.wake.max_new_tokens = 8
     cfg.wake.fast_update_every = 0
     return SleepEngine(cfg, backbone=bb)
+
+
+@pytest.fixture
+def tiny_engine(tmp_path, tokenizer):
+    """A SleepEngine on a tiny random Llama with the real tokenizer, in a fresh state dir."""
+    return make_tiny_engine(tmp_path, tokenizer)

@@ -4,13 +4,15 @@ undo, one writer per state dir, validated records, private conversations, typed 
 tokens kept as text."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, make_tiny_engine
 from test_sleep import QA, TEXTS, state, teach_two, tiny_settings
 
 from sleep_engine.store import SCHEMA, EpisodeLog, StateDir, StateError, StateLocked
@@ -72,13 +74,22 @@ def test_current_is_one_file_and_a_torn_one_falls_back_to_the_last_sleep(tiny_en
     again.close()
 
 
+@pytest.fixture(scope="module")
+def two_sleeps(tmp_path_factory, tokenizer) -> Path:
+    """A state dir after two quick sleeps of one taught text each, made once for the cases below."""
+    engine = make_tiny_engine(tmp_path_factory.mktemp("two-sleeps"), tokenizer)
+    for text, qa in zip(TEXTS[:2], QA[:2]):
+        engine.wake.teach(text, qa=qa)
+        engine.sleep(quick(), wait=True)
+    engine.close()
+    return engine.cfg.state_dir
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete", "shape", "not-json"])
-def test_a_bad_checkpoint_falls_back_to_the_sleep_before_and_says_so(tiny_engine, tokenizer, damage):
-    tiny_engine.wake.teach(TEXTS[0], qa=QA[0])
-    tiny_engine.sleep(quick(), wait=True)
-    tiny_engine.wake.teach(TEXTS[1], qa=QA[1])
-    tiny_engine.sleep(quick(), wait=True)
-    d = tiny_engine.state.root / "sleeps" / "0002"
+def test_a_bad_checkpoint_falls_back_to_the_sleep_before_and_says_so(two_sleeps, tmp_path, tokenizer, damage):
+    shutil.copytree(two_sleeps, tmp_path / "state")
+    root = tmp_path / "state"
+    d = root / "sleeps" / "0002"
     if damage == "truncate":
         f = d / "memory.safetensors"
         f.write_bytes(f.read_bytes()[:-100])
@@ -89,10 +100,10 @@ def test_a_bad_checkpoint_falls_back_to_the_sleep_before_and_says_so(tiny_engine
     else:
         (d / "manifest.json").write_text("{not json")
     if damage in ("truncate", "delete"):   # only the sleeps are left
-        (tiny_engine.state.root / "memory" / "current.safetensors").unlink()
+        (root / "memory" / "current.safetensors").unlink()
     # else current stays: it builds on sleep 2, so it must not load either (issue 14: an unreadable
     # manifest made its episodes pending again while its expert stayed loaded: trained twice)
-    again = reopen(tiny_engine, tokenizer)
+    again = make_tiny_engine(tmp_path, tokenizer)
     assert again.state.sleep_count() == 1
     assert [e.text for e in again.pending_episodes()] == [TEXTS[1]]      # pending again, trained once only
     assert again.memory.expert_ids() == ["e0"]                          # and none of its experts loaded
