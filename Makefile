@@ -28,7 +28,7 @@ stress: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python tests/stress_state.py --trials $(TRIALS)
 
 # the Wake fast weights over a long chat (README "Wake memory"): in-session gain on 8 test passages,
-# then 200 turns of ordinary chat; about 1 h on 2 quiet cores. ARGS="--set turns=40" for a short one.
+# then 200 turns of ordinary chat; 25 min with --threads 2 on 2 quiet cores (this target: 1 thread). ARGS="--set turns=40" for a short one.
 long-chat: setup
 	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-wake $(ARGS)
 

@@ -69,7 +69,7 @@ class WakeConfig:
     fast_self_weight: float = 0.0     # loss weight of the model's own reply tokens (the user's: 1)
     fast_teach_prompts: int = 2       # a taught text is also learned as the answer to "Tell me about X." (X: its subjects)
     fast_decay: float = 0.1           # forgetting: B_h ← (1 − decay)·B_h before every update
-    fast_kl_weight: float = 1.0       # κ of KL(without tier 1 ‖ with) on plain anchor text, per step
+    fast_kl_weight: float = 1.0       # κ of KL(without tier 1 ‖ with) on the anchors (text and chat), per step
     fast_kl_anchors: int = 1          # anchor paragraphs (32 tokens each) in each step's batch
     fast_max_changed: float = 0.02    # guard: share of everyday answers' greedy tokens tier 1 may change
     fast_kl_chats: int = 1            # chat anchors (a generic request + the model's own answer) per step

@@ -11,7 +11,8 @@ forget, harmless to everything else. One update is a few AdamW steps, on B_h A_h
 - Before each update B_h decays: B_h ← (1 − decay)·B_h (the forgetting gate of Titans/Hope).
 - After it, a guard measures the drift exp(CE_with − CE_without) − 1 on two held-out sets, plain
   anchor text and everyday questions with the model's own (tier-1-off) answers, and halves B_h
-  until both are within `max_drift`. The chat set is there because plain text alone missed the
+  until both are within `max_drift` and at most `max_changed` of those answers' greedy tokens
+  differ. The chat set is there because plain text alone missed the
   damage: with a text-only guard at ≤ 1%, two updates of chat already took everyday questions
   from 20/30 to 15/30 (docs/results/wake_*.json).
 """
@@ -117,7 +118,7 @@ class FastWeightLearner:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.anchors = [a for a in anchor_paragraphs(tokenizer) if len(a) > 1]
         self.guard_set = self.anchors[:GUARD_PARAGRAPHS]
-        self._turn = 0   # which anchors the next update's KL term uses (rotates over all of them)
+        self._turn = 0   # updates so far: which anchors the next KL term uses (rotates over all of them)
         self._reference: tuple | None = None   # (expert-state key, chats answered without tier 1)
         self._without: tuple | None = None     # (expert-state key, guard losses without tier 1)
 
@@ -181,13 +182,11 @@ class FastWeightLearner:
                 "changed": float((on.choices != off.choices).float().mean()) if off.choices.numel() else 0.0}
 
     def drift(self) -> float:
-        """The larger of the two perplexity drifts (drift_parts)."""
-        parts = self.drift_parts()
-        return max(parts["text"], parts["chat"])
+        return perplexity_drift(self.drift_parts())
 
     def within_bound(self) -> tuple[bool, dict]:
         parts = self.drift_parts()
-        ok = max(parts["text"], parts["chat"]) <= self.cfg.fast_max_drift and parts["changed"] <= self.cfg.fast_max_changed
+        ok = perplexity_drift(parts) <= self.cfg.fast_max_drift and parts["changed"] <= self.cfg.fast_max_changed
         return ok, parts
 
     def update(self, episodes, steps: int | None = None) -> dict:
@@ -203,8 +202,9 @@ class FastWeightLearner:
             return {"steps": 0, "texts": 0, "skipped": "nothing the user brought to learn from"}
         n = len(texts)
         chats = self.reference_chats()["kl"] if cfg.fast_kl_chats else []
-        chosen = ([self.anchors[(self._turn + j) % len(self.anchors)] for j in range(cfg.fast_kl_anchors)]
-                  + [chats[(self._turn + j) % len(chats)].ids for j in range(cfg.fast_kl_chats) if chats])
+        k, c = cfg.fast_kl_anchors, cfg.fast_kl_chats
+        chosen = ([self.anchors[(self._turn * k + j) % len(self.anchors)] for j in range(k)]
+                  + [chats[(self._turn * c + j) % len(chats)].ids for j in range(c) if chats])
         self._turn += 1
         ids, mask, w = self._batch([t.ids for t in texts] + chosen,
                                    [t.weights for t in texts] + [[0.0] * len(a) for a in chosen])
@@ -232,7 +232,7 @@ class FastWeightLearner:
         finally:
             self.memory.freeze_all()
         parts, shrinks, undone = self.guard(kept)
-        drift = max(parts["text"], parts["chat"])
+        drift = perplexity_drift(parts)
         self.memory.fast_weight_steps += steps
         self.memory.fast_weight_time = time.time()
         self.memory.fast_weight_drift = drift
@@ -260,6 +260,11 @@ class FastWeightLearner:
     def _restore(self, saved: list[torch.Tensor]) -> None:
         for p, value in zip(self.memory.fast_weight_params(), saved):
             p.copy_(value)
+
+
+def perplexity_drift(parts: dict[str, float]) -> float:
+    """The larger of the guard's two perplexity drifts (FastWeightLearner.drift_parts)."""
+    return max(parts["text"], parts["chat"])
 
 
 def _kl(ref_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
