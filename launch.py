@@ -8,6 +8,8 @@
     python launch.py teach FILE [FILE…]   add texts to read as episodes
     python launch.py sleep [--teach FILE…] [--preset quick|full] [--json]   sleep once
     python launch.py undo-sleep           undo the last completed sleep (its experts go, its episodes are pending again)
+    python launch.py export --out DIR     the slept model as a folder (transformers layout + memory + model card)
+    python launch.py serve                an OpenAI-compatible endpoint (/v1/chat/completions, /v1/models)
     python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
     python launch.py lab knowledge|continual|speed|wake [--quick] [--json] [--out DIR] [--methods M…] [--resume]
                                           experiments against baselines; JSON + HTML report
@@ -93,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "are pending again; the memory is the one it started from)")
     _common(undo, sub=True)
     undo.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    export = sub.add_parser("export", help="write the slept model (base + experts + fast weights) to a folder "
+                                            "that transformers, load_pretrained and --model can read")
+    _common(export, sub=True)
+    export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
+    export.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--json", action="store_true", help="print the result as one JSON object")
     bench = sub.add_parser("bench", help="benchmarks")
     _common(bench, sub=True)
     bench.add_argument("what", choices=["wake"])
@@ -349,6 +357,25 @@ def cmd_undo(cfg: LabConfig, args) -> int:
     return 0
 
 
+def cmd_export(cfg: LabConfig, args) -> int:
+    from sleep_engine.export import ExportError, export
+    engine = open_engine(cfg, quiet=args.json)
+    try:
+        result = export(engine, args.out, force=args.force)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"exported to {result['out']}: {result['experts']} expert(s), {result['sleeps']} sleep(s), "
+              f"{result['consolidated']} consolidated episode(s), {result['bytes'] / 1e6:.1f} MB\n"
+              f"open it with: python launch.py --model {result['out']} --state-dir NEW_STATE_DIR")
+    return 0
+
+
 def cmd_lab(cfg: LabConfig, args) -> int:
     if args.experiment == "wake":
         return cmd_lab_wake(cfg, args)
@@ -439,6 +466,8 @@ def main(argv=None) -> int:
             return 0
         if args.verb == "undo-sleep":
             return cmd_undo(cfg, args)
+        if args.verb == "export":
+            return cmd_export(cfg, args)
         if args.verb is None:
             return cmd_ui(cfg, args)
         once = getattr(args, "once", None)

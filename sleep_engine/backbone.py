@@ -42,6 +42,7 @@ class Backbone:
     quantize: str               # resolved mode: none | bf16 | int8 | int4 | nf4
     load_s: float
     from_cache: bool
+    source: str = ""            # the directory (or hub id) the weights were read from; "" = built in memory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,6 +117,20 @@ def _dequantize_embedded_to(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _export_quantize(path: Path, asked: str, device: torch.device) -> str | None:
+    """A Sleep Lab export runs in the storage it was made with (`auto` only): its int4 base then
+    holds the very weights the lab had, and replies are the same."""
+    from .export import ExportError, read_export
+    try:
+        manifest = read_export(path)
+    except ExportError as e:
+        raise ModelLoadError(str(e)) from None
+    recorded = (manifest or {}).get("quantize")
+    if asked != "auto" or recorded not in ("none", "bf16", "int8", "int4"):
+        return None
+    return recorded if device.type == "cpu" or recorded in ("none", "bf16") else None
+
+
 def load_backbone(cfg: LabConfig) -> Backbone:
     """Load model + tokenizer on the configured device, base weights in the configured storage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,6 +153,7 @@ def load_backbone(cfg: LabConfig) -> Backbone:
                 raise ModelLoadError(f"--model {cfg.model}: no config.json in that directory")
             source = str(p)
             name = str(p.resolve())   # the same model however it is named (relative, absolute, ~): one state dir
+            mode = _export_quantize(p, cfg.quantize, device) or mode
         elif cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
             raise ModelLoadError(f"--model {cfg.model}: no such directory")
     kwargs: dict = {"dtype": torch.bfloat16 if mode in ("bf16", "nf4") else torch.float32,
@@ -161,7 +177,7 @@ def load_backbone(cfg: LabConfig) -> Backbone:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if mode in ("bf16", "nf4") else torch.float32
-    return Backbone(model, tokenizer, name, device, dtype, mode, time.perf_counter() - t0, from_cache)
+    return Backbone(model, tokenizer, name, device, dtype, mode, time.perf_counter() - t0, from_cache, str(source))
 
 
 # ---------------------------------------------------------------------------------------------

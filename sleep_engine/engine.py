@@ -20,6 +20,7 @@ from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, Example, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
+from .export import ExportError, export_memory_config, read_export, read_export_memory
 from .lab.data import general_questions
 from .memory import MemoryModel
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
@@ -89,6 +90,9 @@ class SleepEngine:
             self.state.close()
             raise
         self.tokenizer = self.backbone.tokenizer
+        self.export = self._read_export()
+        if self.export is not None:   # an export brings its own memory layout (docs/export.md)
+            cfg.memory = export_memory_config(self.export)
         self.memory = MemoryModel(self.backbone.model, cfg.memory)
         self.lock = threading.RLock()   # one generation or memory change at a time
         self.events = EventBus()
@@ -109,6 +113,8 @@ class SleepEngine:
             saved = self.state.load_state()
         except StateError as e:
             raise StateMismatchError(str(e)) from None
+        if saved is None and self.export is not None:
+            saved = self._seed_from_export()
         if saved is None:
             return
         tensors, manifest = saved
@@ -121,6 +127,28 @@ class SleepEngine:
         except (KeyError, RuntimeError) as e:
             raise StateMismatchError(f"state dir {self.cfg.state_dir} does not fit this model's memory "
                                      f"layout ({str(e).splitlines()[0][:200]}); use another --state-dir") from None
+
+    def _read_export(self) -> dict | None:
+        source = self.backbone.source
+        if not source or not Path(source).is_dir():
+            return None
+        try:
+            return read_export(source)
+        except ExportError as e:
+            self.state.close()
+            raise StateMismatchError(str(e)) from None
+
+    def _seed_from_export(self):
+        """A new state dir on an export starts from the export's memory (saved at once as the
+        state dir's own), so nothing the exported model learned is lost."""
+        try:
+            tensors, manifest = read_export_memory(self.backbone.source)
+        except ExportError as e:
+            raise StateMismatchError(str(e)) from None
+        self.state.save_memory(tensors, dict(manifest, model=self.backbone.name))
+        self.state.notices.append(f"memory loaded from the export {self.backbone.source}: "
+                                  f"{len(manifest['experts'])} expert(s)")
+        return tensors, dict(manifest, model=self.backbone.name)
 
     def notices(self) -> list[str]:
         """What was set aside when the state dir was opened (torn lines, bad sleeps), for the user."""

@@ -337,6 +337,20 @@ class MemoryModel:
             for l, m in self.mlps.items():
                 m.capture = saved[l]
 
+    @contextmanager
+    def unwrapped(self):
+        """The plain base model for the block (its original MLPs back in place), e.g. to save it
+        with `save_pretrained`; the memory is put back afterwards."""
+        layers = decoder_layers(self.lm)
+        slots = [(layers[i], _mlp_attr(layers[i]), mlp) for i, mlp in self.mlps.items()]
+        for layer, attr, mlp in slots:
+            setattr(layer, attr, mlp.base)
+        try:
+            yield self.lm
+        finally:
+            for layer, attr, mlp in slots:
+                setattr(layer, attr, mlp)
+
     # -- routing traces --------------------------------------------------------------------
     @contextmanager
     def tracing(self):
