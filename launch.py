@@ -63,7 +63,7 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch.py", description="Sleep Lab: a MoE memory model that "
+    parser = argparse.ArgumentParser(description="Sleep Lab: a MoE memory model that "
                                      "learns while awake and consolidates while asleep.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _common(parser)
@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder")
     export.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     export.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible endpoint (/v1/chat/completions, /v1/models); "
+                                          "every turn is logged as an episode, as in Wake")
+    _common(serve, sub=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--auth", metavar="USER:PASSWORD",
+                       help="require this key on every route (clients pass api_key='USER:PASSWORD'); "
+                            "default: the SLEEP_LAB_AUTH variable, else none")
     bench = sub.add_parser("bench", help="benchmarks")
     _common(bench, sub=True)
     bench.add_argument("what", choices=["wake"])
@@ -414,13 +422,19 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def cmd_ui(cfg: LabConfig, args) -> int:
+def _check_listen(args) -> tuple[str, str] | None:
+    """--auth/--port checked before the model loads; a warning when others can reach an open lab."""
     auth = parse_auth(args.auth or os.environ.get("SLEEP_LAB_AUTH"))
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    if (args.share or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
+    if (getattr(args, "share", False) or args.host not in ("127.0.0.1", "localhost", "::1")) and auth is None:
         print("warning: the lab is reachable by others and has no login; consider --auth USER:PASSWORD",
               file=sys.stderr)
+    return auth
+
+
+def cmd_ui(cfg: LabConfig, args) -> int:
+    auth = _check_listen(args)
     engine = open_engine(cfg)
     from app.ui import launch
     print(f"Sleep Lab: http://{args.host}:{args.port}  (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -429,6 +443,19 @@ def cmd_ui(cfg: LabConfig, args) -> int:
                reports_dir=args.reports)
     finally:
         engine.cancel()   # a running sleep rolls back; completed ones are on disk
+    return 0
+
+
+def cmd_serve(cfg: LabConfig, args) -> int:
+    auth = _check_listen(args)
+    engine = open_engine(cfg)
+    from app.openai_api import MODEL_ID, serve
+    print(f"OpenAI-compatible endpoint: http://{args.host}:{args.port}/v1  (model {MODEL_ID!r}; Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    try:
+        serve(engine, host=args.host, port=args.port, auth=auth)
+    finally:
+        engine.close()
     return 0
 
 
@@ -466,6 +493,8 @@ def main(argv=None) -> int:
             return 0
         if args.verb == "undo-sleep":
             return cmd_undo(cfg, args)
+        if args.verb == "serve":
+            return cmd_serve(cfg, args)
         if args.verb == "export":
             return cmd_export(cfg, args)
         if args.verb is None:

@@ -11,11 +11,11 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import ASSETS
 from .config import SleepConfig
 from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
@@ -69,7 +69,7 @@ def distractor_names(rng: random.Random, n: int) -> list[str]:
 
 # Plain text (not chat) the student must keep predicting as the pre-sleep model did: the chat
 # anchors above do not constrain raw-text behaviour. Disjoint from the drift test text.
-ANCHOR_TEXT = Path(__file__).resolve().parents[1] / "assets" / "anchor_text.txt"
+ANCHOR_TEXT = ASSETS / "anchor_text.txt"
 _STOP = {"The", "This", "That", "These", "Those", "There", "Their", "When", "Every", "Each", "After", "Before"}
 
 

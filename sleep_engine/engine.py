@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
 from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, Example, seed_prompts
@@ -29,7 +30,7 @@ from .sampling import chat_ids, generate_batch
 from .store import StateDir, StateError
 from .wake import WakeSession
 
-GENERIC_TEXT = Path(__file__).resolve().parents[1] / "assets" / "generic_text.txt"
+GENERIC_TEXT = ASSETS / "generic_text.txt"
 
 
 class Cancelled(Exception):

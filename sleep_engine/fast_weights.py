@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import ASSETS
 from .chat_format import encode_chat, encode_text
 from .config import WakeConfig
 from .consolidation import ANCHOR_PROMPTS, GATE_NEGATIVE_PROMPTS, subjects
@@ -35,7 +35,7 @@ from .probes import ANSWER_PROMPT
 from .sampling import chat_ids, generate_batch
 from .store import Episode
 
-ANCHOR_TEXT = Path(__file__).resolve().parents[1] / "assets" / "anchor_text.txt"
+ANCHOR_TEXT = ASSETS / "anchor_text.txt"
 MAX_SHRINKS = 6     # 2^-6 of the update left; beyond that the update is undone
 # of the anchor paragraphs, the ones the guard measures: one forward per check, so few and short
 # (8 × 48 tokens cost more than the 4 training steps of a chat turn on 2 busy cores)

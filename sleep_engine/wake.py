@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from .chat_format import encode_chat, encode_text
-from .config import WakeConfig
+from .config import ConfigError, WakeConfig
 from .decoding import generate_tokens, make_decoder, stop_token_ids
 from .fast_weights import FastWeightLearner
 from .memory import MemoryModel, RoutingTrace
@@ -105,29 +105,32 @@ class WakeSession:
         self._set_conversation(DEFAULT_SESSION, list(value))
 
     # -- prompt ----------------------------------------------------------------------------
-    def _encode(self, messages: list[dict]) -> list[int]:
-        msgs = ([{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []) + messages
+    def _encode(self, messages: list[dict], system: str | None = None) -> list[int]:
+        system = self.cfg.system_prompt if system is None else system
+        msgs = ([{"role": "system", "content": system}] if system else []) + messages
         return encode_chat(self.tokenizer, msgs)   # what people typed stays text, never template structure
 
-    def build_prompt(self, message: str, session: str = DEFAULT_SESSION) -> tuple[list[int], list[str]]:
+    def build_prompt(self, message: str, session: str = DEFAULT_SESSION,
+                     system: str | None = None) -> tuple[list[int], list[str]]:
         """Token ids for the session's history + message within `context_tokens`; oldest turns go
-        first, then the message itself is cut (with a notice, never an error)."""
+        first, then the message itself is cut (with a notice, never an error). `system` replaces
+        the configured system prompt for this prompt (an API client's own)."""
         notices: list[str] = []
         history = list(self.conversations.get(session, []))
-        ids = self._encode(history + [{"role": "user", "content": message}])
+        ids = self._encode(history + [{"role": "user", "content": message}], system)
         dropped = 0
         while len(ids) > self.cfg.context_tokens and history:
             history = history[2:]
             dropped += 1
-            ids = self._encode(history + [{"role": "user", "content": message}])
+            ids = self._encode(history + [{"role": "user", "content": message}], system)
         if dropped:
             notices.append(f"{dropped} older turn(s) left the context window ({self.cfg.context_tokens} tokens)")
         if len(ids) > self.cfg.context_tokens:
-            overhead = len(self._encode([{"role": "user", "content": ""}]))
+            overhead = len(self._encode([{"role": "user", "content": ""}], system))
             keep = max(1, self.cfg.context_tokens - overhead - 8)
             msg_ids = encode_text(self.tokenizer, message)
             message = self.tokenizer.decode(msg_ids[:keep])
-            ids = self._encode([{"role": "user", "content": message}])[: self.cfg.context_tokens]
+            ids = self._encode([{"role": "user", "content": message}], system)[: self.cfg.context_tokens]
             notices.append(f"message truncated to its first {keep} tokens to fit the context window "
                            f"({self.cfg.context_tokens} tokens)")
         self._set_conversation(session, history)
@@ -135,22 +138,25 @@ class WakeSession:
 
     # -- chat ------------------------------------------------------------------------------
     def stream(self, message, stop_event: threading.Event | None = None, seed: int = 0,
-               session: str = DEFAULT_SESSION) -> Iterator[Reply]:
+               session: str = DEFAULT_SESSION, system: str | None = None,
+               sampling: dict | None = None) -> Iterator[Reply]:
         """Yield the growing reply (cumulative text); the last one has done=True and the
-        routing trace. The finished turn is logged as an episode."""
+        routing trace. The finished turn is logged as an episode. `sampling` overrides
+        max_new_tokens / temperature / top_p for this reply (checked like the config)."""
         message, notices = clean_text(message, "message", self.cfg.max_message_chars)
+        gen = self.sampling(sampling)
         notice = self.asleep()
         if notice:
             raise WakeBusy(notice)
         if not self.lock.acquire(timeout=300):
             raise WakeBusy("the model is busy; try again in a moment")
         try:
-            prompt, more = self.build_prompt(message, session)
+            prompt, more = self.build_prompt(message, session, system)
             reply = Reply(notices=notices + more, prompt_tokens=len(prompt))
             t0 = time.perf_counter()
             with self.memory.tracing() as trace:
-                for tok in generate_tokens(self.decoder, prompt, self.cfg.max_new_tokens, self.stop_ids,
-                                           self.cfg.temperature, self.cfg.top_p, seed, stop_event):
+                for tok in generate_tokens(self.decoder, prompt, gen.max_new_tokens, self.stop_ids,
+                                           gen.temperature, gen.top_p, seed, stop_event):
                     if reply.ttft_s is None:
                         reply.ttft_s = time.perf_counter() - t0
                     reply.token_ids.append(tok)
@@ -171,11 +177,31 @@ class WakeSession:
         reply.done = True
         yield reply
 
-    def reply(self, message, stop_event: threading.Event | None = None, session: str = DEFAULT_SESSION) -> Reply:
+    def reply(self, message, stop_event: threading.Event | None = None, session: str = DEFAULT_SESSION,
+              **kwargs) -> Reply:
         last = Reply()
-        for last in self.stream(message, stop_event, session=session):
+        for last in self.stream(message, stop_event, session=session, **kwargs):
             pass
         return last
+
+    def sampling(self, overrides: dict | None) -> WakeConfig:
+        """The Wake config with one reply's sampling settings applied (ConfigError if out of range)."""
+        unknown = set(overrides or {}) - {"max_new_tokens", "temperature", "top_p"}
+        if unknown:
+            raise WakeInputError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
+        if not overrides:
+            return self.cfg
+        try:
+            cfg = replace(self.cfg, **overrides)
+            cfg.validate()
+        except (ConfigError, TypeError) as e:
+            raise WakeInputError(str(e)) from None
+        return cfg
+
+    def open_conversation(self, session: str, history: list[dict]) -> None:
+        """Start `session` from given turns (an API client sends its whole conversation each time)."""
+        with self.lock:
+            self._set_conversation(session, [{"role": m["role"], "content": m["content"]} for m in history])
 
     def clear(self, session: str = DEFAULT_SESSION) -> None:
         with self.lock:

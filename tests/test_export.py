@@ -109,3 +109,31 @@ def test_export_refuses_a_folder_in_use_and_reports_a_bad_manifest(slept, tokeni
     (tmp_path / "first" / EXPORT_FILE).write_text("{not json")
     with pytest.raises(ExportError, match="unreadable"):
         load_pretrained(tmp_path / "first")
+
+
+def test_cli_export_then_chat_on_the_export(tmp_path, embedded_source):
+    from stress_state import TINY_SLEEP, ForkServer, make_tiny_model
+    make_tiny_model(tmp_path / "m", embedded_source)
+    (tmp_path / "fact.txt").write_text(TEXTS[0])
+    common = ["--quantize", "none", "--threads", "1", "--max-new-tokens", "8"]
+    server = ForkServer({"OMP_NUM_THREADS": "1"})
+    try:
+        def cli(*args):
+            code, out = server.run(list(args), tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log", cwd=tmp_path)
+            assert code == 0, out[-2000:]
+            return out
+        cli("sleep", "--model", "m", *common, "--state-dir", "s", "--teach", "fact.txt",
+            *[a for s in TINY_SLEEP for a in ("--set", s)])
+        reply = cli("chat", "--model", "m", *common, "--state-dir", "s", "--once", "Where is it?")
+        result = json.loads(cli("export", "--model", "m", *common, "--state-dir", "s", "--out", "x",
+                                "--json").strip().splitlines()[-1])
+        assert result["experts"] == 1 and result["sleeps"] == 1
+        again = cli("chat", "--model", "x", *common, "--state-dir", "s2", "--once", "Where is it?")
+        notice, _, again = again.partition("\n")
+        assert notice == "warning: memory loaded from the export x: 1 expert(s)"
+        assert again == reply       # this random model's reply is mostly newlines; the same ones
+        code, out = server.run(["export", "--model", "m", *common, "--state-dir", "s", "--out", "x"],
+                               tmp_path / "refused.log", cwd=tmp_path)
+        assert code == 2 and "not empty" in out and "Traceback" not in out
+    finally:
+        server.close()

@@ -36,7 +36,7 @@ def test_teach_then_chat_work_on_the_same_state(tmp_path):
 def test_quick_sleep_on_two_passages_raises_answer_likelihood_without_damage(tmp_path):
     """`sleep --preset quick` on two fictional passages (real model, default int4 storage)."""
     import json
-    rows = [json.loads(line) for line in (ROOT / "assets" / "passages.jsonl").read_text().splitlines()[:2]]
+    rows = [json.loads(line) for line in (ROOT / "sleep_engine" / "assets" / "passages.jsonl").read_text().splitlines()[:2]]
     teach = tmp_path / "two.jsonl"
     teach.write_text("".join(json.dumps({"text": r["text"], "qa": r["qa"]}) + "\n" for r in rows))
     out = lab("sleep", "--teach", str(teach), "--preset", "quick", "--json", "--state-dir", str(tmp_path / "s"),

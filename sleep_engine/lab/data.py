@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+from .. import ASSETS
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..memory import MemoryModel
 PROMPTS = ["What is the capital of France?",
            "Write two sentences about the ocean.",
            "Explain what the gears on a bicycle do."]
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+from .. import ASSETS
 
 
 def _chat_ids(tokenizer, text: str) -> list[int]:

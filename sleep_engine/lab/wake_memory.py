@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import ASSETS
 from ..config import ConfigError, LabConfig, WakeConfig
 from . import data as lab_data
 from .scoring import wilson
 
-CHAT_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "chat_prompts.txt"
+CHAT_PROMPTS = ASSETS / "chat_prompts.txt"
 
 
 @dataclass
