@@ -12,6 +12,7 @@ import html
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import tempfile
@@ -24,12 +25,14 @@ import gradio as gr
 
 from sleep_engine.config import ConfigError, SleepConfig
 from sleep_engine.engine import NothingToConsolidate
+from sleep_engine.export import ExportError, export
 from sleep_engine.lab.report import list_reports
 from sleep_engine.wake import WakeBusy, WakeInputError
 
 from . import plots, views
 from .lab_report import load_report
 
+EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")   # a folder name, never a path
 UPLOAD_LIMIT = 1 << 20       # bytes per uploaded text file (the server refuses larger uploads too)
 SETTINGS = [("distill_steps", "consolidation steps (0 = auto)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
             ("keep_random", "b random kept"), ("gamma", "γ (semantic vs edit reward)"),
@@ -232,7 +235,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     stops = StopFlags()
     sessions = Sessions()
     usage = views.UsageMeter()
-    export_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-export-"))
+    download_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-download-"))
+    exports_dir = Path(engine.cfg.state_dir).parent / "exports"   # Inspect → Export writes only under here
 
     # -- read-only views ----------------------------------------------------------------------
     def header_html() -> str:
@@ -402,10 +406,10 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         except (OSError, json.JSONDecodeError) as e:
             return [], [], [], [], None, None, _error(f"sleep {name} is unreadable: {e}")
         events = views.read_events(d / "events.jsonl")
-        ev_copy = export_dir / f"sleep-{name}-events.jsonl"
+        ev_copy = download_dir / f"sleep-{name}-events.jsonl"
         if (d / "events.jsonl").exists():
             shutil.copyfile(d / "events.jsonl", ev_copy)
-        csv_copy = export_dir / "accuracy-matrix.csv"
+        csv_copy = download_dir / "accuracy-matrix.csv"
         csv_copy.write_text(views.matrix_csv(engine.accuracy_matrix()))
         return (views.sleep_summary(manifest), views.dream_table(views.dream_rows(events)),
                 views.expert_rows(manifest, usage), views.probe_rows(manifest),
@@ -422,6 +426,19 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 _ok(f"Sleep {result['undone']} undone: its experts are gone and its {len(result['pending'])} "
                     "episode(s) are pending again; the memory is the one it started from."),
                 tiers_table(), header_html())
+
+    def export_model(name):
+        """Write the current model (base + memory + model card) under the exports folder."""
+        name = (name or "").strip()
+        if not EXPORT_NAME.fullmatch(name):
+            return _error("Give the export a name of letters, digits, '.', '_' or '-' (no folders).")
+        try:
+            result = export(engine, exports_dir / name)
+        except ExportError as e:
+            return _error(str(e))
+        return _ok(f"Exported {result['experts']} expert(s) and {result['sleeps']} sleep(s) to {result['out']} "
+                   f"({result['bytes'] / 1e6:.0f} MB). Open it with: python launch.py --model {result['out']} "
+                   "--state-dir NEW_DIR, or in Python with sleep_engine.load_pretrained.")
 
     # -- lab reports (written by `launch.py lab`) ------------------------------------------------
     def report_choices():
@@ -453,7 +470,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         titles = [f.layout.title.text for f in view["figures"]]
         html_copy = None
         if view["html"]:   # served from the export folder: the reports folder may be anywhere
-            html_copy = export_dir / f"lab-{Path(path).stem}.html"
+            html_copy = download_dir / f"lab-{Path(path).stem}.html"
             shutil.copyfile(view["html"], html_copy)
         return (view["table"], gr.update(choices=titles, value=titles[0] if titles else None),
                 view["figures"][0] if titles else None, str(html_copy) if html_copy else None,
@@ -545,6 +562,12 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                                            interactive=False)
                 ins_probes = gr.Dataframe(headers=["episode", "", "accuracy before", "accuracy after"],
                                           label="Probe results (closed-book)", interactive=False)
+                with gr.Accordion("Export the model (launch.py export)", open=False, elem_id="export"):
+                    with gr.Row():
+                        export_name = gr.Textbox(value=lambda: time.strftime("slept-%Y%m%d-%H%M"), scale=3,
+                                                 label=f"folder name, under {exports_dir}", elem_id="export-name")
+                        export_btn = gr.Button("Export", scale=0, elem_id="export-btn")
+                    export_notice = gr.HTML(elem_id="export-notice")
                 with gr.Accordion("Lab reports (python launch.py lab …)", open=False, elem_id="lab-reports"):
                     with gr.Row():
                         report_pick = gr.Dropdown(choices=[], label="report", elem_id="report-pick", scale=3,
@@ -584,6 +607,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         refresh.click(lambda: gr.update(choices=sleep_choices()), None, pick, api_name=False)
         refresh.click(inspect, pick, inspect_out, api_name=False)
         undo_btn.click(undo_sleep, None, [pick, inspect_notice, tiers, header], api_name="undo_sleep")
+        export_btn.click(export_model, export_name, export_notice, api_name="export", concurrency_id="wake")
 
         report_out = [report_table, report_fig_pick, report_fig, report_dl, report_notice]
         report_pick.change(open_report, report_pick, report_out, api_name="lab_report")

@@ -101,3 +101,15 @@ def test_inspect_undo_button_takes_the_last_sleep_back(lab):
     _, notice, *_ = client.predict(api_name="/undo_sleep")
     assert "Sleep 1 undone" in notice and engine.state.sleep_count() == 0
     assert engine.memory.expert_ids() == [e for e in experts if e != "e1"] and len(engine.pending_episodes()) == 1
+
+
+def test_inspect_export_writes_only_a_named_folder_under_exports(lab):
+    engine, url = lab
+    client = Client(url, verbose=False)
+    exports = engine.cfg.state_dir.parent / "exports"
+    for bad in ("../outside", "/tmp/x", ""):
+        assert "Give the export a name" in client.predict(bad, api_name="/export")
+    assert not (engine.cfg.state_dir.parent / "outside").exists()
+    notice = client.predict("first", api_name="/export")
+    assert f"Exported {len(engine.memory.expert_ids())} expert(s)" in notice and (exports / "first" / "memory.safetensors").is_file()
+    assert "not empty" in client.predict("first", api_name="/export")   # never over an earlier one
