@@ -300,9 +300,6 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         stops.stop(request.session_hash if request else "api")
 
     def retry(history, request: gr.Request):
-        if asleep():
-            yield (history, gr.skip(), _error(engine.asleep_notice() or "the model is asleep")) + (gr.skip(),) * 5
-            return
         key = sessions.key(request)
         message = engine.wake.drop_last_turn(key)
         if message is None:   # only this session's own last turn can be retried
@@ -311,8 +308,6 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         yield from chat(message, engine.wake.conversation(key), request)
 
     def clear(request: gr.Request):
-        if asleep():
-            return gr.skip(), _error("the model is asleep; the conversation is kept until the sleep ends"), gr.skip()
         engine.wake.clear(sessions.key(request))
         return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table()
 
@@ -336,6 +331,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         except (WakeInputError, WakeBusy, OSError) as e:
             return gr.skip(), None, _error(str(e)), gr.skip(), gr.skip()   # a refused file is unselected
         note = f"taught {source} ({len(ep.text):,} characters) as episode {ep.id}"
+        if asleep():
+            note += "; the model is asleep: the next sleep consolidates it, tier 1 learns it when this one ends"
         if len(ep.text) < len(body.strip()):
             note += f"; it had {len(body):,} characters and only the first {len(ep.text):,} were kept"
         return ("" if not upload else gr.skip()), None, _ok(note), tiers_table(), header_html()

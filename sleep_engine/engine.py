@@ -100,13 +100,14 @@ class SleepEngine:
         self._worker: threading.Thread | None = None
         self._cancel = threading.Event()
         self._status: dict = {"state": "awake"}
+        self._snapshot: MemoryModel | None = None   # the pre-sleep memory, while a sleep runs
         try:
             self._restore()
         except BaseException:
             self.state.close()
             raise
         self.wake = WakeSession(self.memory, self.tokenizer, self.state.episodes, cfg.wake,
-                                self.lock, on_memory_change=self.save_memory, asleep=self.asleep_notice)
+                                self.lock, on_memory_change=self.save_memory, asleep=self.asleep_snapshot)
         self.ready_s = time.perf_counter() - t0
 
     def _restore(self) -> None:
@@ -220,8 +221,11 @@ class SleepEngine:
         st = self._status
         if st.get("state") != "sleeping":
             return None
-        return (f"The model is asleep ({st.get('phase', '')}, {100 * st.get('progress', 0):.0f}%). "
-                "Your message was not sent: send it again after the sleep, or stop the sleep.")
+        return f"The model is asleep ({st.get('phase', '')}, {100 * st.get('progress', 0):.0f}%)."
+
+    def asleep_snapshot(self) -> MemoryModel | None:
+        """While a sleep runs: the memory as it was before it (Wake answers from it), else None."""
+        return self._snapshot if self._status.get("state") == "sleeping" else None
 
     def pending_episodes(self):
         return self.state.episodes.since(self.state.consolidated_through())
@@ -238,6 +242,7 @@ class SleepEngine:
                 raise NothingToConsolidate("nothing to consolidate: teach or chat first (no new episodes)")
             number = self.state.sleep_count() + 1
             self._cancel.clear()
+            self._snapshot = self.memory.twin()   # made before the worker changes anything
             self._status = {"state": "sleeping", "sleep": number, "phase": "starting", "progress": 0.0,
                             "started": time.time(), "events": 0}
             self.events.start(self.state.running_dir(number) / "events.jsonl")
@@ -477,6 +482,7 @@ class SleepEngine:
                                  reason="sanity gate" if isinstance(e, SleepRefused) else
                                  "numerical fault" if isinstance(e, NumericalFault) else "error", **where)
         finally:
+            self._snapshot = None
             self.events.close()
             self.memory.freeze_all()
 

@@ -12,6 +12,8 @@ puts the original blocks back.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -250,6 +252,20 @@ class MemoryModel:
         """The experts a routing trace reports, in order (muted ones are left out)."""
         first = next(iter(self.mlps.values()), None)
         return [e.expert_id for e in first.experts if e.expert_id not in first.muted] if first else []
+
+    def twin(self) -> "MemoryModel":
+        """A second model over the same frozen base holding a copy of the memory as it is now
+        (experts, gates, fast weights: a few MB). Wake answers from it while a sleep trains this
+        one. Every base tensor is shared, not copied: the base is frozen."""
+        own = {id(p) for mlp in self.mlps.values() for n, p in mlp.named_parameters() if not n.startswith("base.")}
+        shared = {id(t): t for t in itertools.chain(self.lm.parameters(), self.lm.buffers()) if id(t) not in own}
+        for mlp in self.mlps.values():
+            mlp._fused = None      # a cache, rebuilt on first use
+        lm = copy.deepcopy(self.lm, shared)
+        twin = MemoryModel(lm, self.cfg)
+        twin._next_id, twin.fast_weight_steps = self._next_id, self.fast_weight_steps
+        twin.fast_weight_time, twin.fast_weight_drift = self.fast_weight_time, self.fast_weight_drift
+        return twin
 
     # -- what trains -----------------------------------------------------------------------
     def freeze_all(self) -> None:

@@ -61,6 +61,8 @@ def clean_text(text, what: str, max_chars: int) -> tuple[str, list[str]]:
     return text, notices
 
 
+ASLEEP_NOTICE = ("The model is asleep: this reply comes from its memory as it was before the sleep; "
+                 "the turn is kept for the next sleep.")
 DEFAULT_SESSION = "local"      # the terminal chat and any caller that names no session
 MAX_SESSIONS = 512             # conversations kept in memory (the least recently used go first)
 
@@ -74,9 +76,13 @@ class WakeSession:
                  lock: threading.RLock | None = None, on_memory_change=None, asleep=None):
         self.memory, self.lm, self.tokenizer = memory, memory.lm, tokenizer
         self.episodes, self.cfg = episodes, cfg
-        self.lock = lock or threading.RLock()
+        self.lock = lock or threading.RLock()       # the live model's: a sleep holds it throughout
         self.on_memory_change = on_memory_change    # called after fast weights change (to save them)
-        self.asleep = asleep or (lambda: None)      # returns a notice while a sleep runs
+        # while a sleep runs: the pre-sleep memory (MemoryModel.twin) that Wake answers from
+        self.asleep = asleep or (lambda: None)
+        self._snapshot_lock = threading.Lock()      # one reply at a time on the snapshot too
+        self._snapshot_decoder: tuple | None = None  # (snapshot, its decoder), built on first use
+        self._conv_lock = threading.RLock()         # conversations: never waits on a sleep
         self.decoder = make_decoder(self.lm, cfg.context_tokens + cfg.max_new_tokens)
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         self.conversations: OrderedDict[str, list[dict]] = OrderedDict()
@@ -87,14 +93,15 @@ class WakeSession:
     # -- conversations ---------------------------------------------------------------------
     def conversation(self, session: str = DEFAULT_SESSION) -> list[dict]:
         """A copy of one session's turns ([] for a session not seen yet)."""
-        with self.lock:
+        with self._conv_lock:
             return [dict(m) for m in self.conversations.get(session, [])]
 
     def _set_conversation(self, session: str, history: list[dict]) -> None:
-        self.conversations[session] = history
-        self.conversations.move_to_end(session)
-        while len(self.conversations) > MAX_SESSIONS:
-            self.conversations.popitem(last=False)
+        with self._conv_lock:
+            self.conversations[session] = history
+            self.conversations.move_to_end(session)
+            while len(self.conversations) > MAX_SESSIONS:
+                self.conversations.popitem(last=False)
 
     @property
     def history(self) -> list[dict]:
@@ -145,17 +152,15 @@ class WakeSession:
         max_new_tokens / temperature / top_p for this reply (checked like the config)."""
         message, notices = clean_text(message, "message", self.cfg.max_message_chars)
         gen = self.sampling(sampling)
-        notice = self.asleep()
-        if notice:
-            raise WakeBusy(notice)
-        if not self.lock.acquire(timeout=300):
-            raise WakeBusy("the model is busy; try again in a moment")
+        memory, decoder, lock = self._acquire_model()
         try:
             prompt, more = self.build_prompt(message, session, system)
             reply = Reply(notices=notices + more, prompt_tokens=len(prompt))
+            if memory is not self.memory:
+                reply.notices.insert(0, ASLEEP_NOTICE)
             t0 = time.perf_counter()
-            with self.memory.tracing() as trace:
-                for tok in generate_tokens(self.decoder, prompt, gen.max_new_tokens, self.stop_ids,
+            with memory.tracing() as trace:
+                for tok in generate_tokens(decoder, prompt, gen.max_new_tokens, self.stop_ids,
                                            gen.temperature, gen.top_p, seed, stop_event):
                     if reply.ttft_s is None:
                         reply.ttft_s = time.perf_counter() - t0
@@ -171,11 +176,27 @@ class WakeSession:
             self._set_conversation(session, self.conversations.get(session, []) + turn)
             ep = self.episodes.append("turn", f"User: {message}\nAssistant: {reply.text}", messages=turn)
             reply.episode_id = ep.id
-            reply.fast_update = self._after_episode(ep)
+            reply.fast_update = self._after_episode(ep, asleep=memory is not self.memory)
         finally:
-            self.lock.release()
+            lock.release()
         reply.done = True
         yield reply
+
+    def _acquire_model(self, wait_s: float = 300.0) -> tuple[MemoryModel, object, threading.Lock]:
+        """(memory, decoder, its lock, held): the live model, or while a sleep trains it, the
+        snapshot of the memory from before the sleep — a reply never waits on a sleep."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            snapshot = self.asleep()
+            if snapshot is not None:
+                if self._snapshot_lock.acquire(timeout=0.1):
+                    if self._snapshot_decoder is None or self._snapshot_decoder[0] is not snapshot:
+                        self._snapshot_decoder = (snapshot, make_decoder(snapshot.lm, self.decoder.max_len))
+                    return snapshot, self._snapshot_decoder[1], self._snapshot_lock
+            elif self.lock.acquire(timeout=0.1):
+                self._snapshot_decoder = None    # the sleep is over: its snapshot can go
+                return self.memory, self.decoder, self.lock
+        raise WakeBusy("the model is busy; try again in a moment")
 
     def reply(self, message, stop_event: threading.Event | None = None, session: str = DEFAULT_SESSION,
               **kwargs) -> Reply:
@@ -200,17 +221,16 @@ class WakeSession:
 
     def open_conversation(self, session: str, history: list[dict]) -> None:
         """Start `session` from given turns (an API client sends its whole conversation each time)."""
-        with self.lock:
-            self._set_conversation(session, [{"role": m["role"], "content": m["content"]} for m in history])
+        self._set_conversation(session, [{"role": m["role"], "content": m["content"]} for m in history])
 
     def clear(self, session: str = DEFAULT_SESSION) -> None:
-        with self.lock:
+        with self._conv_lock:
             self.conversations.pop(session, None)
 
     def drop_last_turn(self, session: str = DEFAULT_SESSION) -> str | None:
         """Take the session's last turn out of its conversation (to retry it); returns its user
         message. The turn stays in the episode log: it was experience all the same."""
-        with self.lock:
+        with self._conv_lock:
             history = self.conversations.get(session, [])
             if len(history) >= 2 and history[-1]["role"] == "assistant":
                 message = history[-2]["content"]
@@ -219,7 +239,7 @@ class WakeSession:
         return None
 
     def context_tokens(self, session: str = DEFAULT_SESSION) -> int:
-        history = self.conversations.get(session, [])
+        history = self.conversation(session)
         return len(self._encode(history)) if history else 0
 
     # -- teaching and fast weights -----------------------------------------------------------
@@ -228,19 +248,22 @@ class WakeSession:
         text, notices = clean_text(text, "taught text", self.cfg.max_message_chars)
         if qa_problem(qa):
             raise WakeInputError(f"probe items not taken: {qa_problem(qa)}")
-        notice = self.asleep()
-        if notice:
-            raise WakeBusy(notice)
-        with self.lock:
+        memory, _, lock = self._acquire_model()
+        try:
             ep = self.episodes.append("taught", text.strip(), source=source, qa=qa)
-            self._after_episode(ep)
+            self._after_episode(ep, asleep=memory is not self.memory)
+        finally:
+            lock.release()
         return ep
 
-    def _after_episode(self, ep: Episode) -> dict | None:
-        """Tier 1 learns from a taught text at once and from chat every `fast_update_every` turns."""
+    def _after_episode(self, ep: Episode, asleep: bool = False) -> dict | None:
+        """Tier 1 learns from a taught text at once and from chat every `fast_update_every` turns;
+        what comes during a sleep waits for its end (the sleep is training the live memory)."""
         if not self.cfg.fast_update_every:
             return None
         self.pending_for_fast_update.append(ep)
+        if asleep:
+            return None
         turns = sum(e.kind == "turn" for e in self.pending_for_fast_update)
         if ep.kind == "taught" or turns >= self.cfg.fast_update_every:
             episodes, self.pending_for_fast_update = self.pending_for_fast_update, []

@@ -89,9 +89,10 @@ def test_sleep_reports_events_through_status_and_stop_rolls_back(lab):
     seen = wait_for(lambda: (s := client.predict(api_name="/status"))["state"] == "sleeping" and s["events"] > 0 and s,
                     what="a sleeping status with events")
     assert seen["sleep"] == 1 and seen["phase"]
-    # chat while asleep: a clear notice, and the message stays in the box
-    _, box, notice, *_ = client.predict("are you there?", [], api_name="/chat")
-    assert "asleep" in notice and box == "are you there?"
+    # chat while asleep: a reply from the pre-sleep memory, saying so; the turn is an episode for the next sleep
+    n = len(engine.state.episodes)
+    history, box, notice, *_ = client.predict("are you there?", [], api_name="/chat")
+    assert "asleep" in notice and box == "" and len(history) == 2 and len(engine.state.episodes) == n + 1
     done = wait_for(lambda: (s := client.predict(api_name="/status"))["state"] == "awake" and s, timeout=120,
                     what="the sleep to finish")
     assert done["sleeps"] == 1 and done["events"] > 10 and len(engine.memory.experts()) == 2

@@ -1,6 +1,6 @@
 """`launch.py serve` (app/openai_api.py) on the tiny model, driven by the `openai` client: streaming
 and not, each turn logged as an episode, requests private to each other, the same --auth, the
-asleep notice while a sleep runs, clear errors for bad requests."""
+reply from the pre-sleep memory while a sleep runs, clear errors for bad requests."""
 import socket
 import threading
 import time
@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from conftest import make_tiny_engine
 
@@ -95,11 +96,20 @@ def test_bad_requests_get_clear_errors_and_change_nothing(server):
 
 
 def test_while_asleep_it_answers_as_wake_does(server):
+    from sleep_engine.wake import ASLEEP_NOTICE
     engine = server["engine"]
+    live = client(server).chat.completions.create(model=MODEL_ID, max_tokens=6, messages=[{"role": "user", "content": "hi"}])
+    engine._snapshot = engine.memory.twin()     # as a sleep begins: the memory from before it
+    engine.memory.add_expert(tier=2, born=9)    # … which the sleep then changes
+    with torch.no_grad():
+        for e in engine.memory.expert_modules("e0"):
+            e.B.normal_()
     engine._status = {"state": "sleeping", "phase": "consolidation", "progress": 0.5}
     try:
-        with pytest.raises(openai.APIStatusError, match="asleep") as e:
-            client(server).chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
-        assert e.value.status_code == 503
+        got = client(server).chat.completions.create(model=MODEL_ID, max_tokens=6,
+                                                     messages=[{"role": "user", "content": "hi"}])
+        assert got.model_extra["sleep_lab"]["notices"][0] == ASLEEP_NOTICE
+        assert got.choices[0].message.content == live.choices[0].message.content
     finally:
-        engine._status = {"state": "awake"}
+        engine._status, engine._snapshot = {"state": "awake"}, None
+        engine.memory.remove_experts(["e0"])

@@ -272,3 +272,40 @@ def test_auto_step_count_follows_the_chat_prompts_not_the_text_anchors(tiny_engi
     chats = [Example([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], 2, f"q{i}", "a", logits(2)) for i in range(6)]
     texts = [Example([6, 7, 8, 9], [6, 7, 8, 9], 3, "", "t", logits(3), about_episode=False) for _ in range(5)]
     assert seeder.seed(chats + texts, new_id)["steps"] == 3                          # ⌈2·6/4⌉, texts not counted
+
+
+def test_chat_and_teach_while_asleep_use_the_pre_sleep_memory_and_wait_for_the_next_sleep(tiny_engine, monkeypatch):
+    import threading
+    import time
+
+    from sleep_engine.engine import Consolidator
+    from sleep_engine.wake import ASLEEP_NOTICE
+    engine = tiny_engine
+    engine.wake.teach(TEXTS[0], qa=QA[0])
+    want = engine.wake.reply("Where does it flow?", session="before")
+    inside, release = threading.Event(), threading.Event()
+    seed = Consolidator.seed
+
+    def paused_seed(self, *args, **kwargs):   # the sleep holds the model's lock and has added its expert
+        inside.set()
+        release.wait(60)
+        return seed(self, *args, **kwargs)
+
+    monkeypatch.setattr(Consolidator, "seed", paused_seed)
+    engine.cfg.wake.fast_update_every = 1
+    engine.sleep(tiny_settings(dreaming=False, lti=False))
+    try:
+        assert inside.wait(60) and engine.memory.expert_ids() == ["e0"]
+        t0 = time.monotonic()
+        during = engine.wake.reply("Where does it flow?", session="during")
+        taught = engine.wake.teach(TEXTS[1])
+        assert time.monotonic() - t0 < 30     # neither waited for the sleep
+        assert during.notices[0] == ASLEEP_NOTICE and during.token_ids == want.token_ids
+        assert during.trace.expert_ids == [] and during.fast_update is None
+    finally:
+        release.set()
+        engine._worker.join()
+    assert engine.state.sleep_count() == 1 and engine.state.sleep_manifests()[0]["episode_ids"] == [1, 2]
+    assert [e.id for e in engine.pending_episodes()] == [during.episode_id, taught.id]   # for the next sleep, once
+    assert [e.id for e in engine.wake.pending_for_fast_update] == [during.episode_id, taught.id]
+    assert engine.asleep_snapshot() is None
