@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat clean
+.PHONY: setup run test bench stress long-chat export-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ stress: setup
 # then 200 turns of ordinary chat; 25 min with --threads 2 on 2 quiet cores (this target: 1 thread). ARGS="--set turns=40" for a short one.
 long-chat: setup
 	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-wake $(ARGS)
+
+# export of a slept embedded model, reloaded three ways (README "Take the slept model with you"); ~3 min
+export-check: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tests/export_check.py 1
 
 bench: setup
 	$(BIN)/python launch.py bench wake --json

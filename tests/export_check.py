@@ -1,7 +1,7 @@
 """Export of a slept embedded model: lab replies vs load_pretrained(generate) vs --model DIR."""
 import json, shutil, sys, time
 from pathlib import Path
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import launch
 from sleep_engine.config import LabConfig, SleepConfig
 
