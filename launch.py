@@ -328,7 +328,8 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
         return 1
     out = {k: summary[k] for k in ("sleep", "phases", "experts_added", "consolidation", "dreams",
                                    "probe_accuracy_before", "probe_accuracy_after", "general_ppl_before",
-                                   "general_ppl_after", "answer_logprob_before", "answer_logprob_after")}
+                                   "general_ppl_after", "answer_logprob_before", "answer_logprob_after",
+                                   "everyday_changed", "everyday_drift")}
     out["total_s"] = round(sum(summary["phases"].values()), 2)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
     return 0

@@ -300,7 +300,16 @@ def sleep_summary(manifest: dict) -> list[tuple[str, str]]:
             ("dreams", f"{d.get('generated', 0)} generated, {d.get('kept', 0)} kept, {d.get('rewarded', 0)} rewarded"),
             ("probe accuracy (mean over episodes)", f"{mean(acc_b)} → {mean(acc_a)}"),
             ("general perplexity", (f"{num(manifest.get('general_ppl_before'), '.2f')} → "
-                                   f"{num(manifest.get('general_ppl_after'), '.2f')}"))] + selectivity_rows(manifest)
+                                   f"{num(manifest.get('general_ppl_after'), '.2f')}")),
+            ("everyday answers changed", everyday_text(manifest))] + selectivity_rows(manifest)
+
+
+def everyday_text(manifest: dict) -> str:
+    """How much a sleep changed everyday chat (the pre-sleep model's own answers, tier 1 off)."""
+    changed, drift = manifest.get("everyday_changed"), manifest.get("everyday_drift")
+    if changed is None:
+        return "–"
+    return f"{100 * changed:.1f}% of their greedy tokens; their perplexity {100 * drift:+.1f}%"
 
 
 def selectivity_rows(manifest: dict) -> list[tuple[str, str]]:

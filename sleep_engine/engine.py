@@ -33,6 +33,13 @@ from .wake import WakeSession
 GENERIC_TEXT = ASSETS / "generic_text.txt"
 
 
+def everyday_change(before, after) -> dict:
+    """What a sleep did to everyday chat: the share of the pre-sleep answers' greedy tokens it
+    changed, and exp(ΔCE) − 1 of those answers (+0.05 = 5% less likely), both with tier 1 off."""
+    changed = float((after.choices != before.choices).float().mean()) if before.choices.numel() else 0.0
+    return {"everyday_changed": changed, "everyday_drift": math.exp(after.chat_ce - before.chat_ce) - 1}
+
+
 class Cancelled(Exception):
     pass
 
@@ -387,6 +394,8 @@ class SleepEngine:
                     summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
                     summary["general_ppl_before"] = perplexity(lm, tok, generic)
                     summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
+                everyday = self.wake.fast.reference_chats()["guard"]   # the pre-sleep model's own answers
+                everyday_before = self.wake.fast.guard_reading(False)
                 summary.update(self._teacher_check(summary["general_ppl_before"], generic, cfg))
                 if not summary["teacher_fast_weights"]:
                     emit("notice", message=summary["teacher_note"])
@@ -428,6 +437,7 @@ class SleepEngine:
                 summary["probe_accuracy_after"] = after
                 summary["general_ppl_after"] = perplexity(lm, tok, generic)
                 summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
+                summary.update(everyday_change(everyday_before, self.wake.fast.read(everyday, fast_weights=False)))
                 summary["gate_selectivity"] = self.gate_selectivity({new_id: [e.id for e in pending]})
                 all_ids = [e.id for e in older] + [e.id for e in pending]
                 summary["probe_after"] = {str(i): after.get(i, 0.0) for i in all_ids}
@@ -442,6 +452,10 @@ class SleepEngine:
                     raise SleepRefused(f"general perplexity rose from {ppl_b:.2f} to {ppl_a:.2f} (×{ppl_a / ppl_b:.2f}, "
                                        f"more than max_ppl_ratio = {cfg.max_ppl_ratio:g}); the sleep was not "
                                        "committed and the memory is as it was before it")
+                if summary["everyday_changed"] > cfg.max_everyday_changed:
+                    raise SleepRefused(f"the sleep changed {100 * summary['everyday_changed']:.0f}% of the model's "
+                                       f"everyday answers (more than max_everyday_changed = {cfg.max_everyday_changed:g}); "
+                                       "it was not committed and the memory is as it was before it")
 
                 t0 = phase("checkpoint")
                 guard("checkpoint")

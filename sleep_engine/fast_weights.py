@@ -159,17 +159,22 @@ class FastWeightLearner:
         key = self._expert_key()
         if not fast_weights and self._without is not None and self._without[0] == key:
             return self._without[1]
-        chats = self.reference_chats()["guard"]
+        reading = self.read(self.reference_chats()["guard"], fast_weights)
+        if not fast_weights:
+            self._without = (key, reading)
+        return reading
+
+    @torch.no_grad()
+    def read(self, chats: list[WeightedText], fast_weights: bool) -> GuardReading:
+        """The guard paragraphs' CE and `chats`' answer CE and greedy choices, as the model is now
+        (a sleep compares its result with the pre-sleep model's reading of the same chats)."""
         with self.memory.configured(fast_weights=fast_weights):
             ids, mask, w = self._batch(self.guard_set)
             text = float(weighted_lm_loss(self.lm(input_ids=ids, attention_mask=mask).logits, ids, w))
             ids, mask, w = self._batch([c.ids for c in chats], [c.weights for c in chats])
             logits = self.lm(input_ids=ids, attention_mask=mask).logits
         answer = w[:, 1:] > 0          # logits[:, t−1] predict the answer token at t
-        reading = GuardReading(text, float(weighted_lm_loss(logits, ids, w)), logits[:, :-1].argmax(-1)[answer])
-        if not fast_weights:
-            self._without = (key, reading)
-        return reading
+        return GuardReading(text, float(weighted_lm_loss(logits, ids, w)), logits[:, :-1].argmax(-1)[answer])
 
     def drift_parts(self) -> dict[str, float]:
         """What tier 1 changes on the guard sets: `text` and `chat`, exp(CE with − CE without) − 1

@@ -199,6 +199,33 @@ def test_the_sanity_gate_refuses_a_sleep_that_wrecks_general_text(tiny_engine, m
     assert tiny_engine.state.sleep_count() == 1
 
 
+def test_the_sanity_gate_refuses_a_sleep_that_rewrites_everyday_answers(tiny_engine, monkeypatch):
+    from sleep_engine import consolidation
+    teach_two(tiny_engine)
+    before = state(tiny_engine.memory.lm)
+    real_seed = consolidation.Consolidator.seed
+
+    def loud(self, examples, new_id, **kw):   # an expert that speaks, at full gate, on every input
+        out = real_seed(self, examples, new_id, **kw)
+        with torch.no_grad():
+            for e in self.memory.expert_modules(new_id):
+                e.B.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
+                e.gate_bias.fill_(20.0)
+        return out
+    monkeypatch.setattr(consolidation.Consolidator, "seed", loud)
+    tiny_engine.sleep(quick(max_ppl_ratio=1e9), wait=True)
+    err = tiny_engine.events.since(0)[-1]
+    assert err.kind == "error" and err.data["reason"] == "sanity gate", err.data
+    assert "everyday answers" in err.data["message"] and "max_everyday_changed" in err.data["message"]
+    after = state(tiny_engine.memory.lm)
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.setattr(consolidation.Consolidator, "seed", real_seed)
+    tiny_engine.sleep(quick(), wait=True)                        # an ordinary sleep passes, and says how much it changed
+    summary = tiny_engine.state.sleep_manifests()[-1]
+    assert tiny_engine.state.sleep_count() == 1 and 0 <= summary["everyday_changed"] <= 0.25
+    assert math.isfinite(summary["everyday_drift"])
+
+
 def test_undo_sleep_restores_the_memory_it_started_from_and_survives_a_restart(tiny_engine, tokenizer):
     tiny_engine.wake.teach(TEXTS[0], qa=QA[0])
     tiny_engine.sleep(quick(), wait=True)
