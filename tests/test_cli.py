@@ -42,3 +42,21 @@ def test_binary_file_is_refused_by_teach(tmp_path):
     f.write_bytes(b"\x00\x01\x02binary")
     out = run("teach", str(f), "--state-dir", str(tmp_path / "s"))
     assert out.returncode == 2 and "binary" in out.stderr
+
+
+def test_the_package_ships_every_module_and_the_data():
+    """pyproject.toml (`pip install .` → `sleep-lab`): every package with Python files is listed,
+    the shipped data is included, and the command is launch.main."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.glob("*/**/__init__.py")
+             if p.parent.relative_to(ROOT).parts[0] in ("sleep_engine", "app")}
+    assert found == listed
+    assert project["project"]["scripts"]["sleep-lab"] == "launch:main"
+    assert project["tool"]["setuptools"]["package-data"]["sleep_engine"] == ["assets/*"]
+    assert (ROOT / "sleep_engine" / "assets" / "passages.jsonl").is_file()
+    pins = {line.split("==")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    declared = {d.split("==")[0] for d in project["project"]["dependencies"]}
+    assert pins <= declared      # the package needs what make setup installs
