@@ -248,8 +248,9 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             cells.append(f'<span><span class="k">{k}</span>{v}</span>')
         return f'<div class="fields">{"".join(cells)}</div>'
 
-    def tiers_table():
-        return views.tier_rows(engine.memory_tiers())
+    def tiers_table(request: gr.Request | None = None):
+        """The tiers panel of this browser's session (tier 0 counts its own conversation)."""
+        return views.tier_rows(engine.memory_tiers(session=sessions.key(request)))
 
     def progress_html(status: dict) -> str:
         pct = 100 * status.get("progress", 0.0) if status.get("state") == "sleeping" else 0
@@ -294,7 +295,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
                              f"generic-text drift {100 * u['drift']:+.1f}%")
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-        yield (history + turn, "", _ok(" · ".join(notes))) + routing_outputs(reply) + (tiers_table(), header_html())
+        yield (history + turn, "", _ok(" · ".join(notes))) + routing_outputs(reply) + (tiers_table(request), header_html())
 
     def stop_reply(request: gr.Request):
         stops.stop(request.session_hash if request else "api")
@@ -309,17 +310,17 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
 
     def clear(request: gr.Request):
         engine.wake.clear(sessions.key(request))
-        return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table()
+        return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table(request)
 
-    def set_fast_learning(every):
+    def set_fast_learning(every, request: gr.Request):
         try:
             engine.set_fast_learning(every)
         except (ConfigError, TypeError, ValueError) as e:
             return _error(str(e)), gr.skip()
         state = "off" if not every else f"every {int(every)} turns and after each taught text"
-        return _ok(f"test-time learning {state}"), tiers_table()
+        return _ok(f"test-time learning {state}"), tiers_table(request)
 
-    def teach(text, upload):
+    def teach(text, upload, request: gr.Request):
         try:
             if upload:
                 body, source = read_upload(upload)
@@ -335,7 +336,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             note += "; the model is asleep: the next sleep consolidates it, tier 1 learns it when this one ends"
         if len(ep.text) < len(body.strip()):
             note += f"; it had {len(body):,} characters and only the first {len(ep.text):,} were kept"
-        return ("" if not upload else gr.skip()), None, _ok(note), tiers_table(), header_html()
+        return ("" if not upload else gr.skip()), None, _ok(note), tiers_table(request), header_html()
 
     # -- Sleep ----------------------------------------------------------------------------------
     def preset_values(name):
@@ -377,7 +378,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
                 plots.growth_fig(views.growth(manifests, running)))
 
-    def tick(key):
+    def tick(key, request: gr.Request = None):
         status = engine.status()
         new_key = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
                    len(engine.events.since(0)), status.get("sleeps")]
@@ -387,7 +388,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         sleeps_changed = key is None or key[3] != new_key[3]
         choices = sleep_choices()
         pick = gr.update(choices=choices, value=choices[-1] if choices else None) if sleeps_changed else gr.skip()
-        return (new_key, header_html(), progress) + panels() + (tiers_table(), pick)
+        return (new_key, header_html(), progress) + panels() + (tiers_table(request), pick)
 
     # -- Inspect --------------------------------------------------------------------------------
     def sleep_choices():
@@ -413,7 +414,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 str(ev_copy) if ev_copy.exists() else None, str(csv_copy),
                 _ok(f"sleep {name}: {len(events)} events"))
 
-    def undo_sleep():
+    def undo_sleep(request: gr.Request):
         try:
             result = engine.undo_sleep()
         except RuntimeError as e:
@@ -422,7 +423,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         return (gr.update(choices=choices, value=choices[-1] if choices else None),
                 _ok(f"Sleep {result['undone']} undone: its experts are gone and its {len(result['pending'])} "
                     "episode(s) are pending again; the memory is the one it started from."),
-                tiers_table(), header_html())
+                tiers_table(request), header_html())
 
     def export_model(name):
         """Write the current model (base + memory + model card) under the exports folder."""
@@ -617,7 +618,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             browser_id = sessions.attach(request, browser_id)
             history = engine.wake.conversation(sessions.key(request))
             notes = engine.notices()
-            return ((browser_id, history) + routing_outputs(None) + tick(None) + (gr.update(choices=report_choices()),)
+            return ((browser_id, history) + routing_outputs(None) + tick(None, request) + (gr.update(choices=report_choices()),)
                     + (_error("; ".join(notes)) if notes else gr.skip(),))
         demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice],
                   api_name=False, show_progress="hidden")

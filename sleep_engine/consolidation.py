@@ -21,6 +21,7 @@ from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
 from .probes import ANSWER_PROMPT, sentences
 from .rewards import imitation_rewards
+from .chat_format import encode_text
 from .sampling import chat_ids, generate_batch
 
 CONTEXT_SYSTEM = "You are a helpful assistant. Use these notes when you answer:\n\n{notes}"
@@ -222,7 +223,7 @@ class Consolidator:
         chosen = self.rng.sample(paragraphs, min(self.cfg.anchor_texts, len(paragraphs)))
         if not chosen:
             return []
-        seqs = [self.tok(p, add_special_tokens=False)["input_ids"][:max_tokens] for p in chosen]
+        seqs = [encode_text(self.tok, p)[:max_tokens] for p in chosen]
         lengths = [len(s) - 1 for s in seqs]
         with self.memory.configured(muted=[new_id], fast_weights=False):
             logits = _forward_answer_logits(self.lm, seqs, lengths, self.pad).to(torch.bfloat16)
@@ -252,7 +253,7 @@ class Consolidator:
         cache = self.__dict__.setdefault("_name_offsets", {})
         if question not in cache:
             m = next((m for m in _NAME.finditer(question or "") if m.start() > 0), None)
-            cache[question] = len(self.tok(question[:m.start()].rstrip(), add_special_tokens=False)["input_ids"]) if m else 0
+            cache[question] = len(encode_text(self.tok, question[:m.start()].rstrip())) if m else 0
         return cache[question]
 
     @torch.no_grad()

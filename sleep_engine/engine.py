@@ -28,7 +28,7 @@ from .probes import (answer_logprob, average_accuracy, backward_transfer, closed
                      cloze_probes, episode_probes, forgetting, gate_selectivity, perplexity, question_gates)
 from .sampling import chat_ids, generate_batch
 from .store import StateDir, StateError
-from .wake import WakeSession
+from .wake import DEFAULT_SESSION, WakeSession
 
 GENERIC_TEXT = ASSETS / "generic_text.txt"
 
@@ -207,10 +207,10 @@ class SleepEngine:
                 "episodes": len(self.state.episodes), "state_dir": str(self.cfg.state_dir),
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
 
-    def memory_tiers(self) -> list[dict]:
-        """One row per tier: 0 context, 1 fast weights, 2.. routed experts."""
+    def memory_tiers(self, session: str = DEFAULT_SESSION) -> list[dict]:
+        """One row per tier: 0 context (of `session`'s conversation), 1 fast weights, 2.. routed experts."""
         last = self.memory.fast_weight_time   # survives a restart, unlike wake.last_fast_update
-        rows = [{"tier": 0, "name": "context", "tokens": self.wake.context_tokens(),
+        rows = [{"tier": 0, "name": "context", "tokens": self.wake.context_tokens(session),
                  "limit": self.cfg.wake.context_tokens},
                 {"tier": 1, "name": "fast weights", "norm": self.memory.fast_weight_norm(),
                  "steps": self.memory.fast_weight_steps, "drift": self.memory.fast_weight_drift,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .chat_format import encode_text
 from .sampling import chat_ids, generate_batch
 
 ANSWER_PROMPT = "Answer directly and concisely. {q}"   # fixed; used by every method and metric
@@ -73,7 +74,7 @@ def answer_logprob(lm, tokenizer, probes: list[Probe], batch_size: int = 16) -> 
         seqs, spans = [], []
         for p in chunk:
             prompt = chat_ids(tokenizer, ANSWER_PROMPT.format(q=p.q))
-            answer = tokenizer(" " + p.a if not p.a.startswith(" ") else p.a, add_special_tokens=False)["input_ids"]
+            answer = encode_text(tokenizer, " " + p.a if not p.a.startswith(" ") else p.a)   # a typed <|im_end|> is text
             seqs.append(prompt + answer)
             spans.append(len(answer))
         width = max(len(s) for s in seqs)

@@ -14,9 +14,13 @@ def test_two_clients_have_two_private_conversations(lab):
     engine, url = lab
     a, b = Client(url, verbose=False), Client(url, verbose=False)
     a.predict("my secret code is AAA-123", [], api_name="/chat")
-    b.predict("What is my secret code?", [], api_name="/chat")
+    a.predict("and my name is Ada", [], api_name="/chat")
+    tiers_b = b.predict("What is my secret code?", [], api_name="/chat")[6]
+    context_b = tiers_b["data"][0][2]       # tier 0 counts B's own conversation, not A's (or the terminal's)
+    assert context_b == f"{engine.wake.context_tokens(next(k for k, c in engine.wake.conversations.items() if len(c) == 2))}" \
+        f" / {engine.cfg.wake.context_tokens} tokens"
     convs = [c for c in engine.wake.conversations.values() if c]
-    assert len(convs) == 2 and sorted(len(c) for c in convs) == [2, 2]
+    assert len(convs) == 2 and sorted(len(c) for c in convs) == [2, 4]
     b_conv = next(c for c in convs if "What is my secret" in c[0]["content"])
     assert not any("AAA-123" in m["content"] for m in b_conv)          # B's prompt never carried A's turn
     # B can retry and clear only its own turns
