@@ -29,6 +29,7 @@ from sleep_engine.config import (
     QUANTIZE_MODES,
     ConfigError,
     LabConfig,
+    WakeConfig,
     default_cache_dir,
     default_state_dir,
 )
@@ -57,6 +58,8 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
     g.add_argument("--seed", type=int, default=d(0))
     g.add_argument("--max-new-tokens", type=int, default=d(256))
     g.add_argument("--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
+    g.add_argument("--repetition-penalty", type=float, default=d(WakeConfig.repetition_penalty), metavar="P",
+                   help="penalty on tokens the reply already said, 1 = off (default: %(default)s)")
     g.add_argument("--fast-every", type=int, default=d(2), metavar="N",
                    help="Wake's test-time learning: update the fast weights after every N chat turns "
                         "(and every taught text); 0 = off (default: 2)")
@@ -140,6 +143,7 @@ def config_from_args(args) -> LabConfig:
     cfg.memory.tiers = args.tiers
     cfg.wake.max_new_tokens = args.max_new_tokens
     cfg.wake.temperature = args.temperature
+    cfg.wake.repetition_penalty = args.repetition_penalty
     cfg.wake.fast_update_every = args.fast_every
     return cfg.validate()
 

@@ -27,7 +27,7 @@ from sleep_engine.config import ConfigError, SleepConfig
 from sleep_engine.engine import NothingToConsolidate
 from sleep_engine.export import ExportError, export
 from sleep_engine.lab.report import list_reports
-from sleep_engine.wake import WakeBusy, WakeInputError
+from sleep_engine.wake import SAMPLING_FIELDS, WakeBusy, WakeInputError
 
 from . import plots, views
 from .lab_report import load_report
@@ -234,6 +234,7 @@ class StopFlags:
 def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     stops = StopFlags()
     sessions = Sessions()
+    sampling: dict[str, dict] = {}    # session key → its generation settings (set in the Generation accordion)
     usage = views.UsageMeter()
     download_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-download-"))
     exports_dir = Path(engine.cfg.state_dir).parent / "exports"   # Inspect → Export writes only under here
@@ -276,7 +277,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         key = sessions.key(request)
         reply = None
         try:
-            for reply in in_own_thread(lambda: engine.wake.stream(message, stop, session=key), stop):
+            for reply in in_own_thread(lambda: engine.wake.stream(message, stop, session=key,
+                                                               sampling=sampling.get(key)), stop):
                 turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
                 if not reply.done:
                     yield (history + turn, "", gr.skip()) + keep
@@ -311,6 +313,16 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     def clear(request: gr.Request):
         engine.wake.clear(sessions.key(request))
         return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table(request)
+
+    def set_generation(max_new_tokens, temperature, top_p, repetition_penalty, request: gr.Request):
+        """This browser's sampling settings, checked like the config, kept for its later replies."""
+        values = dict(zip(SAMPLING_FIELDS, (int(max_new_tokens), temperature, top_p, repetition_penalty)))
+        try:
+            engine.wake.sampling(values)
+        except WakeInputError as e:
+            return _error(str(e))
+        sampling[sessions.key(request)] = values
+        return _ok("generation: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in values.items()))
 
     def set_fast_learning(every, request: gr.Request):
         try:
@@ -507,6 +519,17 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                                                maximum=1000, elem_id="fast-every",
                                                label="test-time learning: update the fast weights every N turns "
                                                      "(and after each taught text); 0 = off")
+                        with gr.Accordion("Generation (this browser's replies)", open=False, elem_id="generation"):
+                            w = engine.cfg.wake
+                            generation = [
+                                gr.Slider(1, w.max_new_tokens, value=w.max_new_tokens, step=1, label="max new tokens",
+                                          elem_id="gen-max-new-tokens"),
+                                gr.Slider(0.0, 2.0, value=w.temperature, step=0.05, label="temperature (0 = greedy)",
+                                          elem_id="gen-temperature"),
+                                gr.Slider(0.05, 1.0, value=w.top_p, step=0.05, label="top-p (with temperature > 0)",
+                                          elem_id="gen-top-p"),
+                                gr.Slider(1.0, 2.0, value=w.repetition_penalty, step=0.05, elem_id="gen-repetition",
+                                          label="repetition penalty (1 = off; on the reply's own tokens)")]
                     with gr.Column(scale=2):
                         teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
                                                 lines=5, elem_id="teach-text")
@@ -588,6 +611,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         chatbot.retry(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
         clear_btn.click(clear, None, [chatbot, wake_notice, tiers], api_name="clear")
         fast_every.change(set_fast_learning, fast_every, [wake_notice, tiers], api_name="fast_learning")
+        for i, slider in enumerate(generation):
+            slider.release(set_generation, generation, wake_notice, api_name="generation" if i == 0 else False)
         chatbot.clear(clear, None, [chatbot, wake_notice, tiers], api_name=False)
         teach_btn.click(teach, [teach_text, teach_file], [teach_text, teach_file, teach_notice, tiers, header],
                         api_name="teach", show_progress_on=[teach_notice])
@@ -618,10 +643,12 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             browser_id = sessions.attach(request, browser_id)
             history = engine.wake.conversation(sessions.key(request))
             notes = engine.notices()
+            own = sampling.get(sessions.key(request))   # a reload keeps this browser's generation settings
+            kept = tuple(own[f] for f in SAMPLING_FIELDS) if own else (gr.skip(),) * len(generation)
             return ((browser_id, history) + routing_outputs(None) + tick(None, request) + (gr.update(choices=report_choices()),)
-                    + (_error("; ".join(notes)) if notes else gr.skip(),))
-        demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice],
-                  api_name=False, show_progress="hidden")
+                    + (_error("; ".join(notes)) if notes else gr.skip(),) + kept)
+        demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice]
+                  + generation, api_name=False, show_progress="hidden")
     return demo
 
 

@@ -59,6 +59,7 @@ class WakeConfig:
     max_new_tokens: int = 256
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 0.9
+    repetition_penalty: float = 1.0   # CTRL penalty on the reply's own tokens (decoding.apply_repetition_penalty)
     context_tokens: int = 2048        # prompt budget; longer input is truncated with a notice
     max_message_chars: int = 20_000   # longer messages are cut before tokenising
     # test-time learning of tier 1 (sleep_engine/fast_weights.py): what the user brings, bounded
@@ -80,6 +81,7 @@ class WakeConfig:
         _check_range("wake.max_new_tokens", self.max_new_tokens, 1, 8192)
         _check_range("wake.temperature", self.temperature, 0.0, 5.0)
         _check_range("wake.top_p", self.top_p, 0.01, 1.0)
+        _check_range("wake.repetition_penalty", self.repetition_penalty, 1.0, 2.0)
         _check_range("wake.context_tokens", self.context_tokens, 64, 1_000_000)
         _check_range("wake.max_message_chars", self.max_message_chars, 1, 10_000_000)
         _check_range("wake.fast_update_every", self.fast_update_every, 0, 1000)

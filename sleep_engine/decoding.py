@@ -194,6 +194,23 @@ def stop_token_ids(tokenizer, lm) -> set[int]:
     return ids
 
 
+def apply_repetition_penalty(logits: torch.Tensor, previous: list[int], penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, as transformers applies it) on the tokens
+    of the reply so far: for each distinct previous token t,
+
+        z_t ← z_t / θ  if z_t > 0,   z_t ← z_t · θ  otherwise       (θ = penalty ≥ 1)
+
+    so a token already said is less likely to be said again. Only the reply counts (transformers
+    counts the prompt too): a question's own names stay free to be answered with."""
+    if penalty == 1.0 or not previous:
+        return logits
+    out = logits.clone()
+    idx = torch.tensor(sorted(set(previous)), device=logits.device)
+    z = out[..., idx]
+    out[..., idx] = torch.where(z > 0, z / penalty, z * penalty)
+    return out
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax(-1))
@@ -208,7 +225,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.inference_mode()
 def generate_tokens(decoder, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                    stop_event: threading.Event | None = None) -> Iterator[int]:
+                    stop_event: threading.Event | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield new token ids until a stop token, the budget, the cache end or `stop_event`."""
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     decoder.begin()
@@ -216,7 +233,8 @@ def generate_tokens(decoder, prompt_ids: list[int], max_new_tokens: int, stop_id
     for _ in range(min(max_new_tokens, decoder.max_len - len(seq))):
         if stop_event is not None and stop_event.is_set():
             return
-        tok = sample_next(decoder.feed(seq), temperature, top_p, gen)
+        logits = apply_repetition_penalty(decoder.feed(seq), seq[len(prompt_ids):], repetition_penalty)
+        tok = sample_next(logits, temperature, top_p, gen)
         if tok in stop_ids:
             return
         seq.append(tok)

@@ -63,6 +63,7 @@ def clean_text(text, what: str, max_chars: int) -> tuple[str, list[str]]:
 
 ASLEEP_NOTICE = ("The model is asleep: this reply comes from its memory as it was before the sleep; "
                  "the turn is kept for the next sleep.")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty")   # per reply
 DEFAULT_SESSION = "local"      # the terminal chat and any caller that names no session
 MAX_SESSIONS = 512             # conversations kept in memory (the least recently used go first)
 
@@ -148,8 +149,8 @@ class WakeSession:
                session: str = DEFAULT_SESSION, system: str | None = None,
                sampling: dict | None = None) -> Iterator[Reply]:
         """Yield the growing reply (cumulative text); the last one has done=True and the
-        routing trace. The finished turn is logged as an episode. `sampling` overrides
-        max_new_tokens / temperature / top_p for this reply (checked like the config)."""
+        routing trace. The finished turn is logged as an episode. `sampling` overrides any of
+        SAMPLING_FIELDS for this reply (checked like the config)."""
         message, notices = clean_text(message, "message", self.cfg.max_message_chars)
         gen = self.sampling(sampling)
         memory, decoder, lock = self._acquire_model()
@@ -160,8 +161,8 @@ class WakeSession:
                 reply.notices.insert(0, ASLEEP_NOTICE)
             t0 = time.perf_counter()
             with memory.tracing() as trace:
-                for tok in generate_tokens(decoder, prompt, gen.max_new_tokens, self.stop_ids,
-                                           gen.temperature, gen.top_p, seed, stop_event):
+                for tok in generate_tokens(decoder, prompt, gen.max_new_tokens, self.stop_ids, gen.temperature,
+                                           gen.top_p, seed, stop_event, gen.repetition_penalty):
                     if reply.ttft_s is None:
                         reply.ttft_s = time.perf_counter() - t0
                     reply.token_ids.append(tok)
@@ -207,7 +208,7 @@ class WakeSession:
 
     def sampling(self, overrides: dict | None) -> WakeConfig:
         """The Wake config with one reply's sampling settings applied (ConfigError if out of range)."""
-        unknown = set(overrides or {}) - {"max_new_tokens", "temperature", "top_p"}
+        unknown = set(overrides or {}) - set(SAMPLING_FIELDS)
         if unknown:
             raise WakeInputError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
         if not overrides:

@@ -117,3 +117,17 @@ def test_inspect_export_writes_only_a_named_folder_under_exports(lab):
     notice = client.predict("first", api_name="/export")
     assert f"Exported {len(engine.memory.expert_ids())} expert(s)" in notice and (exports / "first" / "memory.safetensors").is_file()
     assert "not empty" in client.predict("first", api_name="/export")   # never over an earlier one
+
+
+def test_generation_settings_are_per_browser_and_checked(lab):
+    import re
+
+    from gradio_client.exceptions import AppError
+    engine, url = lab
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    with pytest.raises(AppError, match="greater than maximum"):
+        a.predict(8, 0.0, 0.9, 5.0, api_name="/generation")
+    assert "max new tokens 2" in a.predict(2, 0.0, 0.9, 1.3, api_name="/generation")
+    counts = [int(re.search(r"(\d+) tokens,", c.predict("Tell me a long story.", [], api_name="/chat")[2]).group(1))
+              for c in (a, b)]
+    assert counts[0] <= 2 < counts[1] == engine.cfg.wake.max_new_tokens   # A's two tokens; B keeps the defaults

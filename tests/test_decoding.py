@@ -125,3 +125,25 @@ def test_sampling_respects_top_p_and_seed():
     b = [sample_next(logits, 1.0, 0.9, g2) for _ in range(20)]
     assert a == b and set(a) <= {0, 1}
     assert sample_next(logits, 0.0, 1.0, None) == 0
+
+
+def test_repetition_penalty_by_hand_and_against_a_loop():
+    from sleep_engine.decoding import apply_repetition_penalty
+    z = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_repetition_penalty(z, [0, 1, 1], 2.0)              # tokens 0 and 1 were said (1 twice: once counts)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]] and z.tolist() == [[2.0, -1.0, 0.5, 3.0]]
+    assert apply_repetition_penalty(z, [0], 1.0) is z
+    # a decoder whose favourite token never changes: greedy repeats it; the penalty moves on
+
+    class Stubborn:
+        max_len = 64
+
+        def begin(self):
+            pass
+
+        def feed(self, seq):
+            return torch.tensor([[0.0] * 7 + [1.0, 0.9, 0.8]])   # 7 leads, then 8, then 9
+    plain = list(generate_tokens(Stubborn(), [1, 2, 3], 6, set()))
+    penalised = list(generate_tokens(Stubborn(), [1, 2, 3, 7], 6, set(), repetition_penalty=1.5))
+    assert plain == [7] * 6
+    assert penalised[:3] == [7, 8, 9]   # the prompt's own 7 is not penalised, only the reply's
