@@ -59,7 +59,7 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
     g.add_argument("--max-new-tokens", type=int, default=d(256))
     g.add_argument("--temperature", type=float, default=d(0.0), help="0 = greedy (default)")
     g.add_argument("--repetition-penalty", type=float, default=d(WakeConfig.repetition_penalty), metavar="P",
-                   help="penalty on tokens the reply already said, 1 = off (default: %(default)s)")
+                   help=f"penalty on tokens the reply already said, 1 = off (default: {WakeConfig.repetition_penalty:g})")
     g.add_argument("--fast-every", type=int, default=d(2), metavar="N",
                    help="Wake's test-time learning: update the fast weights after every N chat turns "
                         "(and every taught text); 0 = off (default: 2)")
