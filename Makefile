@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat export-check clean
+.PHONY: setup run test bench stress long-chat export-check repetition-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ long-chat: setup
 # export of a slept embedded model, reloaded three ways (README "Take the slept model with you"); ~3 min
 export-check: setup
 	OMP_NUM_THREADS=1 $(BIN)/python tests/export_check.py 1
+
+# which repetition penalty stops Wake's loops without hurting answers (dev data; README "Generation"); ~12 min
+repetition-check: setup
+	$(BIN)/python tests/repetition_check.py 2
 
 bench: setup
 	$(BIN)/python launch.py bench wake --json

@@ -362,7 +362,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             number = engine.sleep(settings)
         except (ConfigError, NothingToConsolidate, RuntimeError, ValueError) as e:
             return _error(str(e))
-        return _ok(f"Sleep {number} started ({preset} preset). Chat is paused until it ends; Stop rolls it back.")
+        return _ok(f"Sleep {number} started ({preset} preset). You can keep chatting: replies come from the memory "
+                   "as it was before the sleep. Stop rolls the sleep back.")
 
     def stop_sleep():
         if engine.cancel():
@@ -396,11 +397,13 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                    len(engine.events.since(0)), status.get("sleeps")]
         progress = progress_html(status)
         if new_key == key:
-            return (key, gr.skip(), progress) + (gr.skip(),) * 8
+            return (key, gr.skip(), progress) + (gr.skip(),) * 10
         sleeps_changed = key is None or key[3] != new_key[3]
         choices = sleep_choices()
         pick = gr.update(choices=choices, value=choices[-1] if choices else None) if sleeps_changed else gr.skip()
-        return (new_key, header_html(), progress) + panels() + (tiers_table(request), pick)
+        sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
+        return ((new_key, header_html(), progress) + panels() + (tiers_table(request), pick)
+                + (gr.update(interactive=not sleeping), gr.update(interactive=sleeping)))
 
     # -- Inspect --------------------------------------------------------------------------------
     def sleep_choices():
@@ -622,7 +625,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         stop_sleep_btn.click(stop_sleep, None, sleep_notice, api_name="stop_sleep", concurrency_limit=None)
         gr.api(status_api, api_name="status")
 
-        live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, tiers, pick]
+        live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, tiers, pick,
+                sleep_btn, stop_sleep_btn]
         timer.tick(tick, key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
 
         inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]

@@ -132,6 +132,13 @@ def tier_rows(tiers: list[dict]) -> list[list]:
     return rows
 
 
+# the engine's phase names, as a person reads them
+PHASE_NAMES = {"starting": "starting", "probe_before": "testing what it knows (before)",
+               "consolidation": "consolidating into a new expert", "dreaming": "dreaming",
+               "reset": "clearing the fast weights", "probe_after": "testing what it knows (after)",
+               "checkpoint": "saving"}
+
+
 def progress_text(status: dict) -> str:
     if status.get("state") != "sleeping":
         if status.get("error"):
@@ -143,7 +150,7 @@ def progress_text(status: dict) -> str:
         if status.get("sleeps"):
             return f"Awake. The panels show sleep {status['sleeps']}, the last completed one (from its log)."
         return "Awake. No sleep yet: teach or chat, then Sleep now."
-    parts = [f"Sleep {status.get('sleep')}", f"phase: {status.get('phase')}"]
+    parts = [f"Sleep {status.get('sleep')}", PHASE_NAMES.get(status.get("phase"), str(status.get("phase")))]
     if status.get("step"):
         parts.append(f"step {status['step']}")
     parts.append(f"{100 * status.get('progress', 0.0):.0f}%")

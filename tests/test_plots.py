@@ -178,7 +178,7 @@ def test_header_tiers_progress_and_inspect_views():
                              "params": 4096}])[0][4].startswith("empty")
     text = views.progress_text({"state": "sleeping", "sleep": 2, "phase": "consolidation", "step": "3/14",
                                 "progress": 0.25, "eta_s": 30.0})
-    assert text == "Sleep 2 · phase: consolidation · step 3/14 · 25% · about 30s left"
+    assert text == "Sleep 2 · consolidating into a new expert · step 3/14 · 25% · about 30s left"
     assert "rolled back" in views.progress_text({"state": "awake", "cancelled": 2})
 
     m = manifest(2, [E0, E1], experts_added=["e1"], probe_accuracy_before={"1": 1.0, "2": 0.0},
