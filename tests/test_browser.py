@@ -98,8 +98,10 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
         page.locator("#more-settings textarea").fill(more)
     page.locator("#sleep-now").click()
     wait_text(page, "sleep-notice", "started")
-    wait_text(page, "progress-text", "phase:")
+    wait_text(page, "progress-text", "Sleep 1 ·")
     seen["progress_during"] = text_of(page, "progress-text")
+    page.wait_for_function("() => document.querySelector('#sleep-now').disabled", timeout=10_000)
+    seen["sleep_now_disabled_during"] = True       # a second click cannot start (or hang on) another sleep
     wait_text(page, "progress-text", "finished", timeout=sleep_timeout)
     page.wait_for_function("() => document.querySelectorAll('#panel-forgetting .js-plotly-plot').length > 0")
     page.wait_for_timeout(1500)   # one more timer tick so every panel has drawn
@@ -207,7 +209,8 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert "binary" in seen["binary_notice"]
     assert "exceed the maximum allowed size" in seen["oversize_text"]
     assert "gamma must be between 0.0 and 1.0" in seen["bad_setting_notice"]
-    assert "Sleep 1" in seen["progress_during"]
+    assert "Sleep 1" in seen["progress_during"] and "probe_" not in seen["progress_during"]   # human phase names
+    assert seen["sleep_now_disabled_during"]
     panels_with_data = [k for k, v in seen["panels"].items() if v > 0]
     assert len(panels_with_data) >= 5, seen["panels"]
     assert seen["progress_moved"][0] != seen["progress_moved"][1]
