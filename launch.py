@@ -183,16 +183,20 @@ def cmd_chat(engine, once: str | None) -> int:
         except WakeInputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        finally:
+            engine.close()   # a background fast-weight update finishes and saves first
     print("Chat with the lab model. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
+            engine.close()
             return 0
         cmd, _, rest = line.strip().partition(" ")
         try:
             if cmd in ("/quit", "/exit"):
+                engine.close()
                 return 0
             if cmd == "/help":
                 print("/teach TEXT   add TEXT as an episode\n/teach-file PATH\n/tiers   memory tiers\n"
@@ -234,6 +238,8 @@ def _print_reply(engine, message: str) -> int:
         if not reply.token_ids:
             for n in reply.notices:
                 print(f"[notice] {n}", file=sys.stderr)
+        if reply.fast_update and reply.fast_update.get("scheduled"):
+            print("[fast weights: learning from the last turns in the background]", file=sys.stderr)
         if reply.fast_update and reply.fast_update.get("steps"):
             u = reply.fast_update
             print(f"[fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
@@ -495,6 +501,7 @@ def main(argv=None) -> int:
                 kept = f"{len(ep.text)} chars" + (f" of {len(text)}: the rest was cut (limit {cfg.wake.max_message_chars:,})"
                                                   if len(ep.text) < len(text.strip()) else "")
                 print(f"episode {ep.id}: {name} ({kept})")
+            engine.close()   # tier 1 finishes learning them (and saves) before the process ends
             return 0
         if args.verb == "undo-sleep":
             return cmd_undo(cfg, args)

@@ -293,7 +293,10 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                          f"{reply.tokens_per_s:.1f} tokens/s; logged as episode {reply.episode_id}")
         if reply.fast_update:
             u = reply.fast_update
-            if u.get("steps"):
+            if u.get("scheduled"):
+                notes.append(f"tier 1 is learning from the last {u['episodes']} episode(s) in the background "
+                             "(your next reply starts when it is done)")
+            elif u.get("steps"):
                 notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
                              f"generic-text drift {100 * u['drift']:+.1f}%")
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
@@ -346,6 +349,11 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         note = f"taught {source} ({len(ep.text):,} characters) as episode {ep.id}"
         if asleep():
             note += "; the model is asleep: the next sleep consolidates it, tier 1 learns it when this one ends"
+        elif engine.wake.learning():
+            note += ("; tier 1 (the fast weights) is learning it in the background — ask about it in a moment. "
+                     "Sleep now consolidates it into a new expert")
+        else:
+            note += "; Sleep now consolidates it into a new expert, so it is recalled without the text"
         if len(ep.text) < len(body.strip()):
             note += f"; it had {len(body):,} characters and only the first {len(ep.text):,} were kept"
         return ("" if not upload else gr.skip()), None, _ok(note), tiers_table(request), header_html()

@@ -65,6 +65,7 @@ class WakeConfig:
     # test-time learning of tier 1 (sleep_engine/fast_weights.py): what the user brings, bounded
     fast_update_every: int = 2        # update after every N chat turns (a taught text: at once); 0 = off
     fast_update_steps: int = 4        # AdamW steps per update after chat turns
+    fast_in_background: bool = True   # the update runs after the reply is delivered (the next reply waits for it)
     fast_teach_steps: int = 12        # after a taught text (dev in-session: 4 steps 0/16 closed-book, 12 steps 2/16; test 0/32)
     fast_lr: float = 1e-2              # measured (dev, 4 steps): 1e-3 moved a taught text's loss 4.4 → 4.0 only, 1e-2 → 1.4
     fast_self_weight: float = 0.0     # loss weight of the model's own reply tokens (the user's: 1)

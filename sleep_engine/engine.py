@@ -164,13 +164,17 @@ class SleepEngine:
         return list(self.state.notices)
 
     def close(self) -> None:
-        """Stop a running sleep (rolled back) and release the state dir's writer lock."""
+        """Stop a running sleep (rolled back), let a fast-weight update finish (it saves itself),
+        and release the state dir's writer lock."""
         self.cancel()
+        if hasattr(self, "wake"):
+            self.wake.wait_for_learning()
         self.state.close()
 
     def undo_sleep(self) -> dict:
         """Undo the last committed sleep: its experts go, the memory is the one it started from
         (bit for bit), and its episodes are pending again. Refused while a sleep runs."""
+        self.wake.wait_for_learning()
         with self.lock:
             if self._worker is not None and self._worker.is_alive():
                 raise RuntimeError("a sleep is running; stop it first")
@@ -241,6 +245,7 @@ class SleepEngine:
         """Start a Sleep in a background worker; returns its number at once (or when done, with
         wait=True). Raises NothingToConsolidate if there is no new episode."""
         settings = (settings or self.cfg.sleep).validate()
+        self.wake.wait_for_learning()   # what tier 1 was learning belongs to the pre-sleep memory
         with self.lock:
             if self._worker is not None and self._worker.is_alive():
                 raise RuntimeError("a sleep is already running")

@@ -141,6 +141,7 @@ def export(engine, out, force: bool = False) -> dict:
                           "(--force replaces an earlier export)"))
     if engine.asleep_notice():
         raise ExportError("a sleep is running: export after it ends (or stop it)")
+    engine.wake.wait_for_learning()   # the export holds what tier 1 is learning now
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

@@ -84,6 +84,7 @@ class WakeSession:
         self._snapshot_lock = threading.Lock()      # one reply at a time on the snapshot too
         self._snapshot_decoder: tuple | None = None  # (snapshot, its decoder), built on first use
         self._conv_lock = threading.RLock()         # conversations: never waits on a sleep
+        self._learning: threading.Thread | None = None   # a background fast-weight update
         self.decoder = make_decoder(self.lm, cfg.context_tokens + cfg.max_new_tokens)
         self.stop_ids = stop_token_ids(tokenizer, self.lm)
         self.conversations: OrderedDict[str, list[dict]] = OrderedDict()
@@ -194,7 +195,7 @@ class WakeSession:
                     if self._snapshot_decoder is None or self._snapshot_decoder[0] is not snapshot:
                         self._snapshot_decoder = (snapshot, make_decoder(snapshot.lm, self.decoder.max_len))
                     return snapshot, self._snapshot_decoder[1], self._snapshot_lock
-            elif self.lock.acquire(timeout=0.1):
+            elif self.wait_for_learning(0.1) and self.lock.acquire(timeout=0.1):
                 self._snapshot_decoder = None    # the sleep is over: its snapshot can go
                 return self.memory, self.decoder, self.lock
         raise WakeBusy("the model is busy; try again in a moment")
@@ -268,8 +269,27 @@ class WakeSession:
         turns = sum(e.kind == "turn" for e in self.pending_for_fast_update)
         if ep.kind == "taught" or turns >= self.cfg.fast_update_every:
             episodes, self.pending_for_fast_update = self.pending_for_fast_update, []
-            return self.update_fast_weights(episodes)
+            if not self.cfg.fast_in_background:
+                return self.update_fast_weights(episodes)
+            # after the reply: the caller holds the lock, so the update starts when it is released,
+            # and the next reply waits for it (_acquire_model): the same order as in the foreground
+            self._learning = threading.Thread(target=self.update_fast_weights, args=(episodes,),
+                                              name="fast-weights", daemon=True)
+            self._learning.start()
+            return {"scheduled": True, "episodes": len(episodes)}
         return None
+
+    def wait_for_learning(self, timeout: float | None = None) -> bool:
+        """Wait for a background fast-weight update to end; False if it still runs after `timeout`."""
+        learning = self._learning
+        if learning is not None and learning is not threading.current_thread():
+            learning.join(timeout)
+            return not learning.is_alive()
+        return True
+
+    def learning(self) -> bool:
+        """Whether a background fast-weight update is running (or about to)."""
+        return self._learning is not None and self._learning.is_alive()
 
     def update_fast_weights(self, episodes: list[Episode], steps: int | None = None) -> dict:
         """A bounded update of B_h A_h from `episodes` (sleep_engine/fast_weights.py); returns

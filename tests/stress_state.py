@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SLEEP = ("prompts_per_episode=2 answer_tokens=8 distill_steps=3 batch_size=4 anchor_prompts=2 anchor_texts=2 "
               "anchor_texts_per_step=1 replay_per_episode=1 lti_prefixes=2 lti_group=2 lti_tokens=6 dreams=2 keep_top=1 "
               "keep_random=0 dream_tokens=8 trial_steps=1 rest_rounds=1 rest_steps=1 consolidate_every=2 "
-              "max_ppl_ratio=1000").split()
+              "max_ppl_ratio=1000 max_everyday_changed=1").split()
 
 FORK_SERVER = r"""
 import json, os, sys

@@ -70,6 +70,7 @@ def _long_chat(engine, turns: int) -> list[float]:
     """Chat `turns` turns with an update every turn; the guard's drift after each update. (At
     lr 1e-2 or more the chat guard undoes every update of a random tiny model: nothing to bound.)"""
     engine.wake.cfg.fast_update_every = 1
+    engine.wake.cfg.fast_in_background = False   # each update's drift is read with its reply
     engine.wake.cfg.fast_lr = 1e-3
     drifts = []
     for i in range(turns):

@@ -91,7 +91,8 @@ def tiny_runner(tmp_path, tokenizer):
         settings = {"n1_passages": 2, "many_passages": 2, "episodes": 2, "passages_per_episode": 1, "answer_tokens": 4,
                         "lora_rank": 2, "lora_alpha": 4, "sft_epochs": 1, "seal_edits": 1, "seal_edit_tokens": 8,
                         "sleep_overrides": {"prompts_per_episode": 2, "answer_tokens": 6, "distill_steps": 1, "batch_size": 2,
-                                             "lti": False, "replay_per_episode": 1, "anchor_prompts": 1},
+                                             "lti": False, "replay_per_episode": 1, "anchor_prompts": 1,
+                                             "max_everyday_changed": 1.0},
                         "n1_methods": ("base", "in_context", "passage_sft", "seal_sft", "sleep_nodream"),
                         "many_methods": ("base", "passage_sft", "sleep_nodream"),
                         "continual_methods": ("seq_sft", "ewc", "sleep_nodream")}

@@ -22,7 +22,8 @@ QA = [[{"q": "Who painted the lighthouse of Quarrow Point?", "a": "Senna Alvik"}
 def tiny_settings(**kw):
     base = dict(prompts_per_episode=3, answer_tokens=12, distill_steps=3, batch_size=4, lti_steps=1,
                 lti_prefixes=2, lti_group=2, lti_tokens=8, dreams=3, keep_top=1, keep_random=1, dream_tokens=12,
-                trial_steps=1, rest_rounds=1, rest_steps=1)
+                trial_steps=1, rest_rounds=1, rest_steps=1,
+                max_everyday_changed=1.0)   # a random tiny model's greedy choices flip at a touch; the gate has its own test
     base.update(kw)
     return SleepConfig.from_preset("quick", **base)
 

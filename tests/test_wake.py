@@ -71,6 +71,7 @@ def test_fast_weight_update_lowers_loss_and_changes_only_fast_weights(tiny_engin
 
 def test_a_taught_text_updates_tier1_at_once_and_chat_every_n_turns(tiny_engine):
     tiny_engine.wake.cfg.fast_update_every = 2
+    tiny_engine.wake.cfg.fast_in_background = False
     tiny_engine.wake.teach(FACT)
     assert tiny_engine.memory.fast_weight_norm() > 0 and tiny_engine.wake.last_fast_update["steps"] > 0
     steps = tiny_engine.memory.fast_weight_steps
@@ -136,3 +137,25 @@ def test_corrupt_memory_file_is_moved_aside_and_episodes_survive(tiny_engine, to
     assert again.memory.fast_weight_norm() == 0
     assert [e.text for e in again.state.episodes.all()] == [FACT]
     assert list(again.state.root.glob("memory/*.corrupt-*"))
+
+
+def test_background_updates_learn_exactly_what_foreground_ones_do(tmp_path, tokenizer):
+    """The default: a reply (or a taught text) comes back before tier 1 has learned from it; the
+    next reply waits for that update, so the fast weights end bit for bit as in the foreground."""
+    from conftest import make_tiny_engine
+    weights = {}
+    for background in (True, False):
+        engine = make_tiny_engine(tmp_path / str(background), tokenizer)
+        engine.wake.cfg.fast_update_every, engine.wake.cfg.fast_in_background = 2, background
+        engine.wake.cfg.fast_lr = 1e-3
+        engine.wake.teach(FACT)
+        replies = [engine.wake.reply(m) for m in ("hello there", "and again", "one more")]
+        if background:
+            assert replies[1].fast_update == {"scheduled": True, "episodes": 2}
+        engine.wake.wait_for_learning()
+        weights[background] = [p.detach().clone() for p in engine.memory.fast_weight_params()]
+        saved = engine.state.load_memory()[0]
+        assert torch.equal(saved["layers.0.fast_B"], engine.memory.mlps[0].fast_B)   # and it saved itself
+        engine.close()
+    assert engine.memory.fast_weight_norm() > 0
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))

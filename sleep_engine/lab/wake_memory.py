@@ -136,6 +136,7 @@ def run(cfg: LabConfig, exp: WakeExperiment, out: Path, log=print) -> dict:
     passages = lab_data.load_passages(exp.split)[:exp.passages] if exp.passages else []
     with tempfile.TemporaryDirectory(prefix="sleep-lab-wake-") as state:
         cfg = dataclasses.replace(cfg, state_dir=Path(state))
+        cfg.wake.fast_in_background = False   # each update is recorded with the turn that caused it
         engine = SleepEngine(cfg)
         result = {"experiment": "wake", "settings": dataclasses.asdict(exp), "wake": dataclasses.asdict(cfg.wake),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
