@@ -285,12 +285,11 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         except (WakeInputError, WakeBusy) as e:
             yield (history, message, _error(str(e))) + keep   # the message stays in the box
             return
-        notes = list(reply.notices)
-        if reply.stopped:
-            notes.append("stopped")
+        notes = list(reply.notices)   # a stopped reply says so there ("not kept as an episode: …")
         if reply.tokens_per_s:
             notes.append(f"{len(reply.token_ids)} tokens, first after {1000 * (reply.ttft_s or 0):.0f} ms, "
-                         f"{reply.tokens_per_s:.1f} tokens/s; logged as episode {reply.episode_id}")
+                         f"{reply.tokens_per_s:.1f} tokens/s" + (f"; logged as episode {reply.episode_id}"
+                                                                 if reply.episode_id else ""))
         if reply.fast_update:
             u = reply.fast_update
             if u.get("scheduled"):

@@ -176,9 +176,12 @@ class WakeSession:
                 reply.tokens_per_s = (len(reply.token_ids) - 1) / (elapsed - reply.ttft_s)
             turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
             self._set_conversation(session, self.conversations.get(session, []) + turn)
-            ep = self.episodes.append("turn", f"User: {message}\nAssistant: {reply.text}", messages=turn)
-            reply.episode_id = ep.id
-            reply.fast_update = self._after_episode(ep, asleep=memory is not self.memory)
+            if reply.stopped or not reply.text:   # a cut-off or empty reply teaches nothing true
+                reply.notices.append("not kept as an episode: the reply was " + ("stopped" if reply.stopped else "empty"))
+            else:
+                ep = self.episodes.append("turn", f"User: {message}\nAssistant: {reply.text}", messages=turn)
+                reply.episode_id = ep.id
+                reply.fast_update = self._after_episode(ep, asleep=memory is not self.memory)
         finally:
             lock.release()
         reply.done = True

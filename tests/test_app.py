@@ -1,5 +1,6 @@
 """The lab page through its HTTP API (gradio_client), on a tiny random-weight engine."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def test_chat_streams_a_reply_and_bad_input_changes_nothing(lab):
     assert history == [] and not any(engine.wake.conversations.values()) and "cleared" in notice
 
 
-def test_stop_ends_a_long_reply_and_keeps_what_was_said(lab):
+def test_stop_ends_a_long_reply_keeps_what_was_said_and_logs_no_episode(lab):
     engine, url = lab
     # a long reply within the decoder's preallocated cache (context + new tokens)
     engine.cfg.wake.context_tokens, engine.cfg.wake.max_new_tokens = 256, 1700
@@ -49,9 +50,10 @@ def test_stop_ends_a_long_reply_and_keeps_what_was_said(lab):
     job = client.submit("Tell me a long story", [], api_name="/chat")
     wait_for(lambda: len(job.outputs()) >= 2, what="the reply to start streaming")
     client.predict(api_name="/stop_reply")
-    _, _, notice, *_ = job.result(timeout=60)
-    assert "stopped" in notice and len(engine.state.episodes) == 1
-    assert 0 < int(notice.split("stopped · ")[1].split(" tokens")[0]) < 1700
+    history, _, notice, *_ = job.result(timeout=60)
+    assert "not kept as an episode: the reply was stopped" in notice and len(engine.state.episodes) == 0
+    said = int(re.search(r"(\d+) tokens,", notice).group(1))
+    assert 0 < said < 1700 and history[-1]["content"]       # the conversation keeps what was said
 
 
 def test_teach_adds_an_episode_and_refuses_bad_files(lab, tmp_path):

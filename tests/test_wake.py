@@ -159,3 +159,14 @@ def test_background_updates_learn_exactly_what_foreground_ones_do(tmp_path, toke
         engine.close()
     assert engine.memory.fast_weight_norm() > 0
     assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+
+def test_a_stopped_or_empty_reply_is_not_an_episode(tiny_engine):
+    import threading
+    stop = threading.Event()
+    stop.set()                                  # stopped before its first token: nothing said
+    r = tiny_engine.wake.reply("Tell me a story.", stop)
+    assert r.stopped and r.episode_id is None and "not kept as an episode" in r.notices[-1]
+    assert len(tiny_engine.state.episodes) == 0
+    ok = tiny_engine.wake.reply("Tell me a story.")
+    assert ok.episode_id == 1 if ok.text else ok.episode_id is None
