@@ -40,6 +40,13 @@ SETTINGS = [("distill_steps", "consolidation steps (0 = auto)"), ("dreams", "m d
 DREAM_WIDTHS = ["5%", "4%", "7%", "7%", "6%", "7%", "7%", "20%", "37%"]
 INT_SETTINGS = {"distill_steps", "dreams", "keep_top", "keep_random"}
 
+GUIDE = """**How the lab works, in three steps.**
+1. **Teach** a text (on the right) or just chat: each becomes an *episode*. Teach does not put the
+   text into the conversation; the fast weights (tier 1) pick it up within this session.
+2. **Sleep now** (Sleep tab) consolidates the new episodes into a new expert — a minute or a few.
+3. **Ask about it** without the text (Clear first): what is recalled now comes from the experts.
+   Inspect shows what each sleep learned and what it changed; *Undo last sleep* takes one back."""
+
 CSS = """
 #header .fields {display:flex; flex-wrap:wrap; gap:6px 18px; font-size:0.92em}
 #header .k {color:#777; margin-right:4px}
@@ -508,10 +515,14 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         gr.Markdown("## Sleep Lab")
         header = gr.HTML(elem_id="header")
         browser = gr.BrowserState(None, storage_key="sleep-lab-conversation")   # this browser's conversation id
+        guide_dismissed = gr.BrowserState(False, storage_key="sleep-lab-guide-dismissed")
         key = gr.State(None)
         timer = gr.Timer(1.0)
         with gr.Tabs():
             with gr.Tab("Wake", id="wake"):
+                with gr.Group() as guide:
+                    gr.Markdown(GUIDE, elem_id="guide")
+                    guide_ok = gr.Button("Got it", size="sm", elem_id="guide-ok")
                 with gr.Row():
                     with gr.Column(scale=3):
                         chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
@@ -658,6 +669,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             kept = tuple(own[f] for f in SAMPLING_FIELDS) if own else (gr.skip(),) * len(generation)
             return ((browser_id, history) + routing_outputs(None) + tick(None, request) + (gr.update(choices=report_choices()),)
                     + (_error("; ".join(notes)) if notes else gr.skip(),) + kept)
+        guide_ok.click(lambda: (True, gr.update(visible=False)), None, [guide_dismissed, guide], api_name=False)
+        demo.load(lambda dismissed: gr.update(visible=not dismissed), guide_dismissed, guide, api_name=False)
         demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice]
                   + generation, api_name=False, show_progress="hidden")
     return demo

@@ -53,6 +53,14 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     seen: dict = {}
     page.goto(url)
     wait_text(page, "header", "model")
+    # the first-run guide: shown once, dismissed for good (this browser's localStorage)
+    seen["guide_first"] = page.locator("#guide").is_visible() and "three steps" in text_of(page, "guide")
+    page.locator("#guide-ok").click()
+    page.wait_for_function("() => !document.querySelector('#guide-ok') || !document.querySelector('#guide-ok').checkVisibility()")
+    page.reload()
+    wait_text(page, "header", "model")
+    page.wait_for_timeout(500)
+    seen["guide_after_reload"] = page.locator("#guide").is_visible()
 
     # Wake: empty message → an error in the page, nothing sent
     page.locator("#send").click()
@@ -203,9 +211,11 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
             seen = walk_through(page, url, shots, PASSAGE, more=MORE)
         finally:
             browser.close()
+    assert seen["guide_first"] and not seen["guide_after_reload"]
     assert seen["empty_message_turns"] == 0
     assert "Hello! Who are you?" in seen["chat_text"] and seen["heatmap_traces"] == 1
     assert "episode 2" in seen["teach_notice"]            # the chat turn was episode 1
+    assert "Sleep now consolidates it" in seen["teach_notice"]   # what happens next
     assert "binary" in seen["binary_notice"]
     assert "exceed the maximum allowed size" in seen["oversize_text"]
     assert "gamma must be between 0.0 and 1.0" in seen["bad_setting_notice"]
