@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat export-check repetition-check clean
+.PHONY: setup run test bench stress long-chat export-check repetition-check asleep-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ export-check: setup
 # which repetition penalty stops Wake's loops without hurting answers (dev data; README "Generation"); ~12 min
 repetition-check: setup
 	$(BIN)/python tests/repetition_check.py 2
+
+# chat during a quick sleep on the embedded model: speed, pre-sleep answers, nothing lost (docs/reliability.md); ~5 min
+asleep-check: setup
+	$(BIN)/python tests/asleep_check.py 2
 
 bench: setup
 	$(BIN)/python launch.py bench wake --json

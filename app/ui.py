@@ -376,8 +376,25 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             number = engine.sleep(settings)
         except (ConfigError, NothingToConsolidate, RuntimeError, ValueError) as e:
             return _error(str(e))
-        return _ok(f"Sleep {number} started ({preset} preset). You can keep chatting: replies come from the memory "
-                   "as it was before the sleep. Stop rolls the sleep back.")
+        taken = ", ".join(str(i) for i in engine.status().get("episodes", []))
+        return _ok(f"Sleep {number} started ({preset} preset) on episode(s) {taken}. You can keep chatting: replies "
+                   "come from the memory as it was before the sleep. Stop rolls the sleep back.")
+
+    def change_episodes(action, text):
+        """Leave out, take back in or delete pending episodes; the table shows the result."""
+        try:
+            ids = views.parse_ids(text)
+            if action == "delete":
+                done, verb = engine.delete_episodes(ids), "deleted for good"
+            else:
+                done = engine.exclude_episodes(ids, excluded=action == "leave out")
+                verb = "left out of the next sleep" if action == "leave out" else "back in for the next sleep"
+        except (ValueError, RuntimeError) as e:
+            return {episodes_notice: _error(str(e))}
+        pending = [e.id for e in engine.pending_episodes()]
+        return {episodes_notice: _ok(f"episode(s) {', '.join(map(str, done))} {verb}; the next sleep takes "
+                                     + (", ".join(map(str, pending)) if pending else "nothing")),
+                episodes_df: views.episode_table(engine.episode_rows()), episode_ids: ""}
 
     def stop_sleep():
         if engine.cancel():
@@ -408,16 +425,17 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     def tick(key, request: gr.Request = None):
         status = engine.status()
         new_key = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
-                   len(engine.events.since(0)), status.get("sleeps")]
+                   len(engine.events.since(0)), status.get("sleeps"), len(engine.state.episodes)]
         progress = progress_html(status)
         if new_key == key:
-            return (key, gr.skip(), progress) + (gr.skip(),) * 10
+            return (key, gr.skip(), progress) + (gr.skip(),) * 11
         sleeps_changed = key is None or key[3] != new_key[3]
         choices = sleep_choices()
         pick = gr.update(choices=choices, value=choices[-1] if choices else None) if sleeps_changed else gr.skip()
         sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
         return ((new_key, header_html(), progress) + panels() + (tiers_table(request), pick)
-                + (gr.update(interactive=not sleeping), gr.update(interactive=sleeping)))
+                + (gr.update(interactive=not sleeping), gr.update(interactive=sleeping),
+                   views.episode_table(engine.episode_rows())))
 
     # -- Inspect --------------------------------------------------------------------------------
     def sleep_choices():
@@ -572,6 +590,16 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                     more = gr.Textbox(label="any other sleep setting, one key=value per line (as with the "
                                             "CLI's --set), e.g. dreaming=false or answer_tokens=48",
                                       lines=3, elem_id="more-settings")
+                with gr.Accordion("Episodes: what the next sleep consolidates", open=False, elem_id="episodes"):
+                    episodes_df = gr.Dataframe(headers=views.EPISODE_COLUMNS, interactive=False, wrap=True,
+                                               max_height=320, elem_id="episodes-table",
+                                               column_widths=["5%", "7%", "12%", "9%", "13%", "18%", "36%"])
+                    with gr.Row():
+                        episode_ids = gr.Textbox(label="episode ids, e.g. 3 or 5-7", scale=2, elem_id="episode-ids")
+                        leave_out_btn = gr.Button("Leave out", scale=0, elem_id="episodes-leave-out")
+                        take_in_btn = gr.Button("Take back in", scale=0, elem_id="episodes-take-in")
+                        delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="episodes-delete")
+                    episodes_notice = gr.HTML(elem_id="episodes-notice")
                 with gr.Row():
                     sleep_btn = gr.Button("Sleep now", variant="primary", elem_id="sleep-now")
                     stop_sleep_btn = gr.Button("Stop (roll back)", variant="stop", elem_id="stop-sleep")
@@ -641,10 +669,14 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         preset.change(preset_values, preset, fields, api_name=False)
         sleep_btn.click(start_sleep, [preset] + fields + [more], sleep_notice, api_name="sleep")
         stop_sleep_btn.click(stop_sleep, None, sleep_notice, api_name="stop_sleep", concurrency_limit=None)
+        episodes_out = [episodes_notice, episodes_df, episode_ids]
+        leave_out_btn.click(lambda t: change_episodes("leave out", t), episode_ids, episodes_out, api_name="leave_out")
+        take_in_btn.click(lambda t: change_episodes("take in", t), episode_ids, episodes_out, api_name="take_in")
+        delete_btn.click(lambda t: change_episodes("delete", t), episode_ids, episodes_out, api_name="delete_episodes")
         gr.api(status_api, api_name="status")
 
         live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, tiers, pick,
-                sleep_btn, stop_sleep_btn]
+                sleep_btn, stop_sleep_btn, episodes_df]
         timer.tick(tick, key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
 
         inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]

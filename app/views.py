@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from pathlib import Path
 
 # -- Wake: routing ----------------------------------------------------------------------------
@@ -206,6 +207,32 @@ def dream_table(dreams: list[dict]) -> list[list]:
     return [[d.get("round"), d.get("index"), d.get("grad_score"), "kept" if d.get("kept") else "rejected",
              d.get("reward"), d.get("metric_before"), d.get("metric_after"), d.get("prompt", ""), d.get("text", "")]
             for d in dreams]
+
+
+EPISODE_COLUMNS = ["id", "kind", "source", "characters", "when", "status", "text"]
+
+
+def episode_table(rows: list[dict]) -> list[list]:
+    """engine.episode_rows() as table rows (newest first: what the next sleep takes is on top)."""
+    return [[r["id"], r["kind"], r["source"], f"{r['chars']:,}", time.strftime("%Y-%m-%d %H:%M", time.localtime(r["time"])),
+             r["status"], r["preview"]] for r in reversed(rows)]
+
+
+def parse_ids(text: str | None) -> list[int]:
+    """'3, 5-7' → [3, 5, 6, 7]; ValueError with the bad part named."""
+    ids: set[int] = set()
+    for part in (text or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise ValueError(f"episode ids are numbers or ranges like 5-7; {part!r} is neither")
+        if sep and int(hi) - int(lo) > 100_000:
+            raise ValueError(f"the range {part} is too long")
+        ids.update(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    if not ids:
+        raise ValueError("name the episodes by id, e.g. 3 or 5-7")
+    return sorted(ids)
 
 
 def live_experts(events) -> list[dict]:

@@ -239,7 +239,53 @@ class SleepEngine:
         return self._snapshot if self._status.get("state") == "sleeping" else None
 
     def pending_episodes(self):
-        return self.state.episodes.since(self.state.consolidated_through())
+        """What the next sleep consolidates: the episodes after the last sleep's, less those left out."""
+        log = self.state.episodes
+        return [e for e in log.since(self.state.consolidated_through()) if e.id not in log.excluded]
+
+    # -- the episodes, reviewed before a sleep ------------------------------------------------
+    def episode_rows(self) -> list[dict]:
+        """Every episode with what became of it: consolidated by sleep N, pending, left out."""
+        by_sleep = {i: m.get("sleep") for m in self.state.sleep_manifests() for i in m.get("episode_ids", [])}
+        through, log = self.state.consolidated_through(), self.state.episodes
+        rows = []
+        for e in log.all():
+            if e.id in by_sleep:
+                status = f"consolidated by sleep {by_sleep[e.id]}"
+            elif e.id in log.excluded:
+                status = "left out" + (" (passed over by a sleep)" if e.id <= through else " of the next sleep")
+            else:
+                status = "pending" if e.id > through else "passed over"
+            rows.append({"id": e.id, "kind": e.kind, "source": e.source or ("chat" if e.kind == "turn" else "pasted"),
+                         "chars": len(e.text), "time": e.time, "status": status,
+                         "preview": " ".join(e.text.split())[:80]})
+        return rows
+
+    def _reviewable(self, ids) -> list[int]:
+        """The ids given, if each names an episode no sleep has consolidated yet (else ValueError)."""
+        if self.asleep_notice():
+            raise RuntimeError("a sleep is running: change the episodes after it ends")
+        known = {e.id for e in self.state.episodes.all()}
+        through = self.state.consolidated_through()
+        ids = sorted(set(ids))
+        bad = [i for i in ids if i not in known or i <= through]
+        if bad or not ids:
+            raise ValueError(f"no pending episode {', '.join(map(str, bad))}" if bad else "no episode named")
+        return ids
+
+    def exclude_episodes(self, ids, excluded: bool = True) -> list[int]:
+        """Leave pending episodes out of the next sleeps (or take them back in)."""
+        with self.lock:
+            ids = self._reviewable(ids)
+            self.state.episodes.set_excluded(ids, excluded)
+            return ids
+
+    def delete_episodes(self, ids) -> list[int]:
+        """Delete pending episodes from the log for good (their text is gone from the state dir)."""
+        with self.lock:
+            ids = self._reviewable(ids)
+            self.state.episodes.delete(ids)
+            return ids
 
     def sleep(self, settings: SleepConfig | None = None, wait: bool = False) -> int:
         """Start a Sleep in a background worker; returns its number at once (or when done, with
@@ -256,6 +302,7 @@ class SleepEngine:
             self._cancel.clear()
             self._snapshot = self.memory.twin()   # made before the worker changes anything
             self._status = {"state": "sleeping", "sleep": number, "phase": "starting", "progress": 0.0,
+                            "episodes": [e.id for e in pending],
                             "started": time.time(), "events": 0}
             self.events.start(self.state.running_dir(number) / "events.jsonl")
             self._worker = threading.Thread(target=self._sleep_worker, args=(number, pending, settings),
@@ -387,7 +434,8 @@ class SleepEngine:
 
         lm, tok = self.memory.lm, self.tokenizer
         committed = False
-        summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy()}
+        summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy(),
+                         "left_out": sorted(i for i in self.state.episodes.excluded if i > self.state.consolidated_through())}
         try:
             with self.lock, float_weights(lm):
                 older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]

@@ -119,6 +119,11 @@ class EpisodeLog:
         self.notices: list[str] = []
         self._max_id = 0     # the largest id in the file, set-aside lines included: a new id never repeats one
         self._episodes = self._read()
+        # beside the log: which episodes the user left out of sleeps, and the largest id ever given
+        # (so that an id stays unique after a delete)
+        self.flags_path = self.path.with_name("episode-flags.json")
+        self.excluded: set[int] = set()
+        self._read_flags()
 
     def _read(self) -> list[Episode]:
         if not self.path.exists():
@@ -174,6 +179,45 @@ class EpisodeLog:
         self._episodes.append(ep)
         self._max_id = ep.id
         return ep
+
+    def _read_flags(self) -> None:
+        try:
+            d = json.loads(self.flags_path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            self.notices.append(f"{self.flags_path.name} is unreadable: no episode is left out of sleeps")
+            return
+        if isinstance(d, dict):
+            self.excluded = {i for i in d.get("excluded", []) if isinstance(i, int) and not isinstance(i, bool)}
+            if isinstance(d.get("max_id"), int):
+                self._max_id = max(self._max_id, d["max_id"])
+
+    def _write_flags(self) -> None:
+        atomic_write_json(self.flags_path, {"excluded": sorted(self.excluded), "max_id": self._max_id})
+
+    def set_excluded(self, ids, excluded: bool) -> None:
+        """Leave episodes out of (or back into) the next sleeps."""
+        self.excluded = (self.excluded | set(ids)) if excluded else (self.excluded - set(ids))
+        self._write_flags()
+
+    def delete(self, ids) -> None:
+        """Remove episodes from the log for good: the file is rewritten without their lines
+        (atomically; unusable lines set aside earlier stay as they were)."""
+        ids = set(ids)
+        self._write_flags()          # the largest id first: a later append never reuses a deleted one
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                d = None
+            if not (isinstance(d, dict) and d.get("id") in ids and episode_problem(d) is None):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+        self._episodes = [e for e in self._episodes if e.id not in ids]
+        self.excluded -= ids
+        self._write_flags()
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

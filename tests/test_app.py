@@ -166,3 +166,20 @@ def test_test_time_learning_is_switched_from_the_page(lab):
     with pytest.raises(ConfigError, match="whole number"):
         engine.set_fast_learning(2.5)
     assert engine.cfg.wake.fast_update_every == 3
+
+
+def test_episodes_view_leaves_out_and_deletes_before_a_sleep(lab):
+    engine, url = lab
+    client = Client(url, verbose=False)
+    engine.wake.teach(PASSAGE, qa=QA)
+    engine.wake.teach("The lighthouse of Oskarvik is painted violet.")
+    notice, table, box = client.predict("2", api_name="/leave_out")
+    assert "left out of the next sleep; the next sleep takes 1" in notice and box == ""
+    assert [row[0] for row in table["data"]] == [2, 1] and table["data"][0][5] == "left out of the next sleep"
+    assert "no pending episode 7" in client.predict("7", api_name="/leave_out")[0]
+    assert "numbers or ranges" in client.predict("two", api_name="/delete_episodes")[0]
+    notice, table, _ = client.predict("2", api_name="/delete_episodes")
+    assert "deleted for good" in notice and [row[0] for row in table["data"]] == [1]
+    assert "on episode(s) 1." in client.predict("quick", *SETTINGS, api_name="/sleep")
+    wait_for(lambda: engine.status()["state"] == "awake" and engine.state.sleep_count() == 1, timeout=120,
+             what="the sleep to finish")

@@ -379,3 +379,24 @@ def test_cli_undo_sleep_and_one_model_however_its_path_is_written(tmp_path, embe
         assert json.loads(out.strip().splitlines()[-1]) == {"undone": 1, "sleeps": 0, "pending": [1], "experts": []}
     finally:
         server.close()
+
+
+def test_episodes_left_out_or_deleted_before_a_sleep(tiny_engine, tokenizer):
+    teach_two(tiny_engine)
+    third = tiny_engine.wake.teach("The lighthouse of Oskarvik is painted violet.")
+    assert [r["status"] for r in tiny_engine.episode_rows()] == ["pending"] * 3
+    assert tiny_engine.exclude_episodes([2]) == [2]
+    with pytest.raises(ValueError, match="no pending episode 9"):
+        tiny_engine.exclude_episodes([9])
+    tiny_engine.delete_episodes([third.id])
+    assert "Oskarvik" not in (tiny_engine.state.root / "episodes.jsonl").read_text()   # gone from disk
+    assert [e.id for e in tiny_engine.pending_episodes()] == [1]
+    tiny_engine.sleep(quick(), wait=True)
+    manifest = tiny_engine.state.sleep_manifests()[-1]
+    assert manifest["episode_ids"] == [1] and manifest["left_out"] == [2]       # the sleep says which
+    assert [r["status"] for r in tiny_engine.episode_rows()] == ["consolidated by sleep 1", "left out of the next sleep"]
+    with pytest.raises(ValueError, match="no pending episode 1"):
+        tiny_engine.delete_episodes([1])                  # what a sleep consolidated stays
+    again = reopen(tiny_engine, tokenizer)                 # all of it survives a restart, ids stay unique
+    assert again.wake.teach("A new fact.").id == 4 and again.state.episodes.excluded == {2}
+    again.close()
