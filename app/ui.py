@@ -627,10 +627,10 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 ins_dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
                                           wrap=True, max_height=300, column_widths=DREAM_WIDTHS)
                 ins_experts = gr.Dataframe(headers=["expert", "tier", "rank", "layers", "parameters",
-                                                    "tokens seen", "mean gate", "dominant tokens"],
+                                                    "tokens seen", "mean gate", "tokens where its gate led"],
                                            label="Experts added (usage over the replies this server has seen)",
                                            interactive=False)
-                ins_probes = gr.Dataframe(headers=["episode", "", "accuracy before", "accuracy after"],
+                ins_probes = gr.Dataframe(headers=["episode", "episode of", "accuracy before", "accuracy after"],
                                           label="Probe results (closed-book)", interactive=False)
                 with gr.Accordion("Export the model (launch.py export)", open=False, elem_id="export"):
                     with gr.Row():

@@ -366,7 +366,10 @@ def probe_rows(manifest: dict) -> list[list]:
     before = {str(k): v for k, v in (manifest.get("probe_accuracy_before") or {}).items()}
     after = {str(k): v for k, v in (manifest.get("probe_after") or manifest.get("probe_accuracy_after") or {}).items()}
     new = {str(e) for e in manifest.get("episode_ids", [])}
-    return [[int(k), "new" if k in new else "older", before.get(k), v] for k, v in sorted(after.items(), key=lambda kv: int(kv[0]))]
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.0f}%"
+    return [[int(k), "this sleep's" if k in new else "older", pct(before.get(k)), pct(v)]
+            for k, v in sorted(after.items(), key=lambda kv: int(kv[0]))]
 
 
 def expert_rows(manifest: dict, usage: UsageMeter | None = None) -> list[list]:
@@ -376,8 +379,9 @@ def expert_rows(manifest: dict, usage: UsageMeter | None = None) -> list[list]:
         if e["expert_id"] not in added and e.get("born") != manifest.get("sleep"):
             continue
         u = usage.stats(e["expert_id"]) if usage else {"tokens": 0, "mean_gate": None, "dominant_tokens": 0}
-        rows.append([e["expert_id"], e["tier"], e.get("rank"), len(e.get("layers", [])), e.get("params"),
-                     u["tokens"], None if u["mean_gate"] is None else round(u["mean_gate"], 4), u["dominant_tokens"]])
+        rows.append([e["expert_id"], e["tier"], e.get("rank"), len(e.get("layers", [])), human(e.get("params")),
+                     u["tokens"], "–" if u["mean_gate"] is None else f"{u['mean_gate']:.4f}",
+                     f"{u['dominant_tokens']} of {u['tokens']}"])
     return rows
 
 

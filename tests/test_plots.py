@@ -183,12 +183,12 @@ def test_header_tiers_progress_and_inspect_views():
 
     m = manifest(2, [E0, E1], experts_added=["e1"], probe_accuracy_before={"1": 1.0, "2": 0.0},
                  probe_after={"1": 0.5, "2": 0.75}, episode_ids=[2])
-    assert views.probe_rows(m) == [[1, "older", 1.0, 0.5], [2, "new", 0.0, 0.75]]
+    assert views.probe_rows(m) == [[1, "older", "100%", "50%"], [2, "this sleep's", "0%", "75%"]]
     usage = views.UsageMeter()
     usage.add(views.routing_view(Trace([0, 3], ["e0", "e1"], TRACE.steps), TOKENS))
     (row,) = views.expert_rows(m, usage)
-    assert row[0] == "e1" and row[5] == 3 and row[7] == 1
-    assert row[6] == pytest.approx(((0.1 + 0.3) / 2 + (0.4 + 0.8) / 2 + (0.5 + 0.1) / 2) / 3, abs=1e-4)
+    assert row[0] == "e1" and row[5] == 3 and row[7] == "1 of 3"
+    assert float(row[6]) == pytest.approx(((0.1 + 0.3) / 2 + (0.4 + 0.8) / 2 + (0.5 + 0.1) / 2) / 3, abs=1e-4)
     assert views.matrix_csv({"episodes": [1, 2], "R": [[1.0], [0.5, 0.75]]}).splitlines() == [
         "sleep,episode_1,episode_2", "1,1.0000,", "2,0.5000,0.7500"]
 
