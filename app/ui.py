@@ -472,6 +472,18 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                     "episode(s) are pending again; the memory is the one it started from."),
                 tiers_table(request), header_html())
 
+    def before_after(name, question):
+        """The selected sleep's memory before and after it, answering the same question."""
+        if not name:
+            return {ba_notice: _error("pick a past sleep first")}
+        try:
+            got = engine.before_after(int(name), question)
+        except (ValueError, WakeInputError) as e:
+            return {ba_notice: _error(str(e))}
+        return {ba_before: got["before"], ba_after: got["after"],
+                ba_notice: _ok(f"sleep {got['sleep']}: experts {', '.join(got['before_experts']) or 'none'} before, "
+                               f"{', '.join(got['after_experts'])} after; greedy, fast weights off")}
+
     def export_model(name):
         """Write the current model (base + memory + model card) under the exports folder."""
         name = (name or "").strip()
@@ -617,7 +629,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 growth_plot = gr.Plot(label="Expert growth", elem_id="panel-growth")
             with gr.Tab("Inspect", id="inspect"):
                 with gr.Row():
-                    pick = gr.Dropdown(choices=[], label="past sleep", elem_id="inspect-pick", scale=2)
+                    pick = gr.Dropdown(choices=[], label="past sleep", elem_id="inspect-pick", scale=2,
+                                       allow_custom_value=True)   # choices arrive with the timer; handlers check the name
                     refresh = gr.Button("Refresh", scale=0)
                     undo_btn = gr.Button("Undo last sleep", variant="stop", scale=0, elem_id="undo-sleep")
                     ev_dl = gr.DownloadButton("Event log (JSON lines)", elem_id="dl-events", scale=1)
@@ -632,6 +645,16 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                                            interactive=False)
                 ins_probes = gr.Dataframe(headers=["episode", "episode of", "accuracy before", "accuracy after"],
                                           label="Probe results (closed-book)", interactive=False)
+                with gr.Accordion("Before and after the selected sleep: one question, both memories",
+                                  open=False, elem_id="before-after"):
+                    with gr.Row():
+                        ba_question = gr.Textbox(label="question", scale=4, elem_id="ba-question",
+                                                 placeholder="e.g. Where is Velmora Ridge?")
+                        ba_btn = gr.Button("Ask both", scale=0, elem_id="ba-ask")
+                    with gr.Row():
+                        ba_before = gr.Textbox(label="memory before the sleep", interactive=False, elem_id="ba-before")
+                        ba_after = gr.Textbox(label="memory after the sleep", interactive=False, elem_id="ba-after")
+                    ba_notice = gr.HTML(elem_id="ba-notice")
                 with gr.Accordion("Export the model (launch.py export)", open=False, elem_id="export"):
                     with gr.Row():
                         export_name = gr.Textbox(value=lambda: time.strftime("slept-%Y%m%d-%H%M"), scale=3,
@@ -685,6 +708,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         refresh.click(inspect, pick, inspect_out, api_name=False)
         undo_btn.click(undo_sleep, None, [pick, inspect_notice, tiers, header], api_name="undo_sleep")
         export_btn.click(export_model, export_name, export_notice, api_name="export", concurrency_id="wake")
+        ba_btn.click(before_after, [pick, ba_question], [ba_before, ba_after, ba_notice], api_name="before_after")
 
         report_out = [report_table, report_fig_pick, report_fig, report_dl, report_notice]
         report_pick.change(open_report, report_pick, report_out, api_name="lab_report")

@@ -243,6 +243,26 @@ class SleepEngine:
         log = self.state.episodes
         return [e for e in log.since(self.state.consolidated_through()) if e.id not in log.excluded]
 
+    def before_after(self, number: int, question: str, max_new_tokens: int = 64) -> dict:
+        """The same question answered by the memory from just before sleep `number` and just
+        after it (its checkpoint; fast weights off), greedy, on a twin: the live model is untouched."""
+        from .wake import clean_text
+        question, _ = clean_text(question, "question", self.cfg.wake.max_message_chars)
+        try:
+            memories = self.state.sleep_memories(int(number))
+        except StateError as e:
+            raise ValueError(str(e)) from None
+        twin = self.memory.twin()
+        prompt = [chat_ids(self.tokenizer, question, self.cfg.wake.system_prompt or None)]
+        out = {"sleep": int(number), "question": question}
+        for name, (tensors, manifest) in zip(("before", "after"), memories):
+            twin.load_memory_state(tensors, manifest)
+            with twin.configured(fast_weights=False):
+                ids = generate_batch(twin.lm, self.tokenizer, prompt, max_new_tokens)[0]
+            out[name] = self.tokenizer.decode(ids, skip_special_tokens=True)
+            out[f"{name}_experts"] = [e["expert_id"] for e in manifest["experts"]]
+        return out
+
     # -- the episodes, reviewed before a sleep ------------------------------------------------
     def episode_rows(self) -> list[dict]:
         """Every episode with what became of it: consolidated by sleep N, pending, left out."""

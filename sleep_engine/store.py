@@ -466,6 +466,16 @@ class StateDir:
                 return SleepRecord(int(p.name), p, json.loads((p / "manifest.json").read_text()))
         return None
 
+    def sleep_memories(self, number: int) -> tuple[tuple, tuple]:
+        """(memory before, memory after) of committed sleep `number`, each (tensors, manifest)."""
+        d = self.root / "sleeps" / f"{number:04d}"
+        if d not in self.sleep_dirs():
+            raise StateError(f"no completed sleep {number}")
+        before, after = self._read_tensors(d / "before.safetensors"), self._read_tensors(d / "memory.safetensors")
+        if before is None or after is None:
+            raise StateError(f"sleep {number} has no readable memory from before it (made by an older Sleep Lab?)")
+        return before, after
+
     def _read_tensors(self, path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
         try:
             with safe_open(str(path), framework="pt") as f:

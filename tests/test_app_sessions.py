@@ -131,3 +131,18 @@ def test_generation_settings_are_per_browser_and_checked(lab):
     counts = [int(re.search(r"(\d+) tokens,", c.predict("Tell me a long story.", [], api_name="/chat")[2]).group(1))
               for c in (a, b)]
     assert counts[0] <= 2 < counts[1] == engine.cfg.wake.max_new_tokens   # A's two tokens; B keeps the defaults
+
+
+def test_inspect_before_and_after_answers_one_question_with_both_memories(lab):
+    from lab_app import PASSAGE, QA
+    from test_sleep import tiny_settings
+    engine, url = lab
+    client = Client(url, verbose=False)
+    assert "pick a past sleep" in client.predict(None, "Where?", api_name="/before_after")[2]
+    engine.wake.teach(PASSAGE, qa=QA)
+    engine.sleep(tiny_settings(dreaming=False, lti=False), wait=True)
+    number = engine.state.sleep_count()
+    before, after, notice = client.predict(f"{number:04d}", "Where is it?", api_name="/before_after")
+    assert f"sleep {number}" in notice and "fast weights off" in notice
+    assert isinstance(before, str) and isinstance(after, str)
+    assert "question is empty" in client.predict(f"{number:04d}", "  ", api_name="/before_after")[2]

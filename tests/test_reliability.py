@@ -400,3 +400,20 @@ def test_episodes_left_out_or_deleted_before_a_sleep(tiny_engine, tokenizer):
     again = reopen(tiny_engine, tokenizer)                 # all of it survives a restart, ids stay unique
     assert again.wake.teach("A new fact.").id == 4 and again.state.episodes.excluded == {2}
     again.close()
+
+
+def test_before_and_after_a_sleep_side_by_side(two_sleeps, tokenizer, tmp_path):
+    import shutil
+    state = tmp_path / "state"
+    shutil.copytree(two_sleeps, state)
+    engine = make_tiny_engine(tmp_path, tokenizer)
+    try:
+        live = [p.detach().clone() for p in engine.memory.lm.parameters()]
+        got = engine.before_after(2, "Where does the river flow?", max_new_tokens=6)
+        assert got["before_experts"] == ["e0"] and got["after_experts"] == ["e0", "e1"]
+        assert isinstance(got["before"], str) and isinstance(got["after"], str)
+        assert all(torch.equal(a, b) for a, b in zip(live, engine.memory.lm.parameters()))   # the live model untouched
+        with pytest.raises(ValueError, match="no completed sleep 7"):
+            engine.before_after(7, "hi")
+    finally:
+        engine.close()
