@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import RepetitionPenaltyLogitsProcessor
 
 from .memory import MemoryMLP
 
@@ -194,23 +195,6 @@ def stop_token_ids(tokenizer, lm) -> set[int]:
     return ids
 
 
-def apply_repetition_penalty(logits: torch.Tensor, previous: list[int], penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty (Keskar et al. 2019, as transformers applies it) on the tokens
-    of the reply so far: for each distinct previous token t,
-
-        z_t ← z_t / θ  if z_t > 0,   z_t ← z_t · θ  otherwise       (θ = penalty ≥ 1)
-
-    so a token already said is less likely to be said again. Only the reply counts (transformers
-    counts the prompt too): a question's own names stay free to be answered with."""
-    if penalty == 1.0 or not previous:
-        return logits
-    out = logits.clone()
-    idx = torch.tensor(sorted(set(previous)), device=logits.device)
-    z = out[..., idx]
-    out[..., idx] = torch.where(z > 0, z / penalty, z * penalty)
-    return out
-
-
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax(-1))
@@ -226,14 +210,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate_tokens(decoder, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int],
                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                     stop_event: threading.Event | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
-    """Yield new token ids until a stop token, the budget, the cache end or `stop_event`."""
+    """Yield new token ids until a stop token, the budget, the cache end or `stop_event`.
+
+    `repetition_penalty` θ > 1 is CTRL's (Keskar et al. 2019), on the reply's own tokens only: for
+    each token t already in the reply, z_t ← z_t/θ if z_t > 0 else z_t·θ. The prompt is not
+    counted (a question's names stay free to be answered with): transformers'
+    RepetitionPenaltyLogitsProcessor with prompt_ignore_length, so `generate` can do the same."""
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    penalty = (RepetitionPenaltyLogitsProcessor(float(repetition_penalty), prompt_ignore_length=len(prompt_ids))
+               if repetition_penalty != 1.0 else None)
     decoder.begin()
     seq = list(prompt_ids)
     for _ in range(min(max_new_tokens, decoder.max_len - len(seq))):
         if stop_event is not None and stop_event.is_set():
             return
-        logits = apply_repetition_penalty(decoder.feed(seq), seq[len(prompt_ids):], repetition_penalty)
+        logits = decoder.feed(seq)
+        if penalty is not None:
+            logits = penalty(torch.tensor([seq], device=logits.device), logits)
         tok = sample_next(logits, temperature, top_p, gen)
         if tok in stop_ids:
             return

@@ -128,6 +128,8 @@ def export_manifest(engine, memory_manifest: dict) -> dict:
     return {"format": "sleep-lab-export", "schema": EXPORT_SCHEMA, "created": time.time(),
             "base_model": engine.backbone.name, "quantize": engine.backbone.quantize,
             "memory_config": dataclasses.asdict(engine.cfg.memory), "memory": memory_manifest,
+            "wake": {k: getattr(engine.cfg.wake, k) for k in ("system_prompt", "temperature", "top_p",
+                                                              "repetition_penalty")},
             "sleeps": sleeps, "consolidated": consolidated,
             "pending_episodes": len(engine.pending_episodes())}
 
@@ -179,7 +181,10 @@ def model_card(m: dict) -> str:
              "## Load it", "",
              "- In the lab: `python launch.py --model THIS_DIR --state-dir NEW_STATE_DIR` (chat, teach, sleep on).",
              "- In Python: `from sleep_engine import load_pretrained; model = load_pretrained('THIS_DIR')` gives a "
-             "transformers model; `AutoTokenizer.from_pretrained('THIS_DIR')` its tokenizer.",
+             "transformers model; `AutoTokenizer.from_pretrained('THIS_DIR')` its tokenizer. The lab's Wake "
+             f"replies use the system prompt {m['wake']['system_prompt']!r} and repetition penalty "
+             f"{m['wake']['repetition_penalty']:g} on the reply's own tokens: in `generate`, "
+             "`logits_processor=[RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=len(prompt))]`.",
              "- Runtimes without input-gated experts (llama.cpp, Ollama, plain `AutoModelForCausalLM`) load the "
              "**base only**: the experts are not in their graph. Serve the slept model with "
              "`python launch.py serve --model THIS_DIR` (an OpenAI-compatible endpoint) instead.", "",

@@ -14,6 +14,7 @@ def main():
     from sleep_engine.lab.data import load_passages
     from sleep_engine.chat_format import encode_chat
     import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
     p = load_passages("dev")
     eng = SleepEngine(cfg)
     eng.wake.teach(p[0].text, qa=[{"q": q, "a": a} for q, a in p[0].qa])
@@ -35,7 +36,10 @@ def main():
         same = []
         for q, want in zip(prompts, lab):
             ids = torch.tensor([encode_chat(tok, [{"role": "system", "content": sys_prompt}, {"role": "user", "content": q}])])
-            got = lm.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            procs = [RepetitionPenaltyLogitsProcessor(cfg.wake.repetition_penalty, prompt_ignore_length=ids.shape[1])] \
+                if cfg.wake.repetition_penalty != 1 else []       # as the lab's Wake decodes
+            got = lm.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=tok.pad_token_id,
+                              logits_processor=procs)[0, ids.shape[1]:].tolist()
             same.append(got == want)
         out[f"load_pretrained[{mode or 'lab storage'}]"] = {"identical": same, "load_s": round(load_s, 1)}
         del lm

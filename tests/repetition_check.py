@@ -52,4 +52,5 @@ def main(penalties=(1.0, 1.1, 1.2, 1.3), threads: int = 2):
 
 
 if __name__ == "__main__":
-    main(threads=int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    main(penalties=tuple(float(a) for a in sys.argv[2:]) or (1.0, 1.1, 1.2, 1.3),
+         threads=int(sys.argv[1]) if len(sys.argv) > 1 else 2)

@@ -128,22 +128,22 @@ def test_sampling_respects_top_p_and_seed():
 
 
 def test_repetition_penalty_by_hand_and_against_a_loop():
-    from sleep_engine.decoding import apply_repetition_penalty
-    z = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    out = apply_repetition_penalty(z, [0, 1, 1], 2.0)              # tokens 0 and 1 were said (1 twice: once counts)
-    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]] and z.tolist() == [[2.0, -1.0, 0.5, 3.0]]
-    assert apply_repetition_penalty(z, [0], 1.0) is z
-    # a decoder whose favourite token never changes: greedy repeats it; the penalty moves on
-
-    class Stubborn:
+    class Fixed:                 # a decoder whose logits never change
         max_len = 64
+
+        def __init__(self, z):
+            self.z = torch.tensor([z])
 
         def begin(self):
             pass
 
         def feed(self, seq):
-            return torch.tensor([[0.0] * 7 + [1.0, 0.9, 0.8]])   # 7 leads, then 8, then 9
-    plain = list(generate_tokens(Stubborn(), [1, 2, 3], 6, set()))
-    penalised = list(generate_tokens(Stubborn(), [1, 2, 3, 7], 6, set(), repetition_penalty=1.5))
-    assert plain == [7] * 6
-    assert penalised[:3] == [7, 8, 9]   # the prompt's own 7 is not penalised, only the reply's
+            return self.z.clone()
+    # by hand, θ = 2: z = [2, -1, 0.5, 3] after token 3 was said → [2, -1, 0.5, 1.5]: 0 now leads
+    assert list(generate_tokens(Fixed([2.0, -1.0, 0.5, 3.0]), [9], 2, set(), repetition_penalty=2.0)) == [3, 0]
+    # a negative logit is multiplied (−1 → −2 < −1.5), not divided (−0.5 would still lead)
+    assert list(generate_tokens(Fixed([-1.0, -1.5, -3.0]), [9], 2, set(), repetition_penalty=2.0)) == [0, 1]
+    # greedy repeats its favourite; the penalty moves on; the prompt's own tokens are not counted
+    plain = list(generate_tokens(Fixed([0.0] * 7 + [1.0, 0.9, 0.8]), [1, 2, 3], 6, set()))
+    penalised = list(generate_tokens(Fixed([0.0] * 7 + [1.0, 0.9, 0.8]), [1, 2, 3, 7], 6, set(), repetition_penalty=1.5))
+    assert plain == [7] * 6 and penalised[:3] == [7, 8, 9]

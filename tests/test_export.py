@@ -59,16 +59,23 @@ def test_export_folder_is_self_describing_and_pickle_free(slept):
     assert slept["result"]["experts"] == 1 and slept["result"]["sleeps"] == 1
 
 
+def lab_generate(lm, ids, n, penalty):
+    """transformers' generate as the lab's Wake decodes: greedy, the penalty on the reply's own tokens."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+    procs = [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ids.shape[1])] if penalty != 1 else []
+    return lm.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, logits_processor=procs)[0, ids.shape[1]:].tolist()
+
+
 def test_load_pretrained_generates_the_lab_tokens(slept, tokenizer):
     lm = load_pretrained(slept["out"])
-    ids = torch.tensor([prompt_ids(tokenizer, slept["engine"].cfg)])
+    cfg = slept["engine"].cfg
+    ids = torch.tensor([prompt_ids(tokenizer, cfg)])
     want = slept["reply"]
-    got = lm.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    assert got == want
+    assert json.loads((slept["out"] / EXPORT_FILE).read_text())["wake"]["repetition_penalty"] == cfg.wake.repetition_penalty
+    assert lab_generate(lm, ids, len(want), cfg.wake.repetition_penalty) == want
     lm.sleep_lab_memory.remove_experts(lm.sleep_lab_memory.expert_ids())   # control: the memory is what mattered
     lm.sleep_lab_memory.reset_fast_weights()
-    plain = lm.generate(ids, max_new_tokens=len(want), do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    assert plain != want
+    assert lab_generate(lm, ids, len(want), cfg.wake.repetition_penalty) != want
 
 
 def test_model_dir_reopens_in_the_lab_with_nothing_lost(slept, tokenizer):
