@@ -58,6 +58,9 @@ def make_tiny_engine(root: Path, tokenizer):
     cfg = LabConfig(model="tiny", state_dir=root / "state", cache_dir=root / "cache", quantize="none")
     cfg.wake.max_new_tokens = 8
     cfg.wake.fast_update_every = 0
+    # a random tiny model's favourite tokens are newlines; penalised, it often stops at once (an
+    # empty reply, not an episode): its replies stay as they were (the penalty has its own tests)
+    cfg.wake.repetition_penalty = 1.0
     return SleepEngine(cfg, backbone=bb)
 
 

@@ -22,6 +22,7 @@ def slept(tmp_path_factory, tokenizer):
     that a reply with and without it differ; exported once."""
     root = tmp_path_factory.mktemp("export")
     engine = make_tiny_engine(root, tokenizer)
+    engine.cfg.wake.repetition_penalty = 1.1     # the default Wake decoding, which generate must reproduce
     engine.wake.teach(TEXTS[0], qa=QA[0])
     engine.sleep(quick(), wait=True)
     g = torch.Generator().manual_seed(1)
