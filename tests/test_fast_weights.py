@@ -151,10 +151,29 @@ def test_lab_wake_settings_kept_share_and_a_short_long_chat(tiny_engine):
 
     tiny_engine.wake.cfg.fast_update_every = 1
     tiny_engine.wake.cfg.fast_lr = 1e-3   # at the default a random tiny model's every update is undone by the guard
-    result = wm.long_chat(tiny_engine, exp, [("What colour is snow?", "white")], "Plain text. " * 20, lambda s: None)
+    questions, generic = [("What colour is snow?", "white")], "Plain text. " * 20
+    fresh = wm.general_check(tiny_engine, questions, generic, fast_weights=False)
+    result = wm.long_chat(tiny_engine, exp, questions, generic, fresh, lambda s: None)
     assert [c["turn"] for c in result["curve"]] == [2, 4] and result["updates"] == 4
     assert len(tiny_engine.state.episodes) == 4 and result["final"]["fast_norm"] > 0
     assert result["worst"]["kept"] == min(c["kept"] for c in result["curve"])
+
+
+def test_lab_wake_sleeps_after_the_chat_take_its_turns_and_score_every_passage_taught_so_far(tiny_engine):
+    from sleep_engine.lab import data
+    from sleep_engine.lab import wake_memory as wm
+    from test_sleep import tiny_settings
+    exp = wm.WakeExperiment(sleeps=2, passages_per_sleep=1)
+    questions, generic = [("What colour is snow?", "white")], "Plain text. " * 20
+    fresh = wm.general_check(tiny_engine, questions, generic, fast_weights=False)
+    tiny_engine.wake.reply("Tell me about the sea.")   # a chat turn before the sleeps: the first one takes it
+    passages = data.load_passages("dev")[:2]
+    rounds = wm.sleeps_after_chat(tiny_engine, exp, tiny_settings(), passages, questions, generic, fresh,
+                                  lambda s: None)["rounds"]
+    assert [r["episodes"] for r in rounds] == [2, 1] and [r["error"] for r in rounds] == [None, None]
+    assert [r["closed_book"]["n"] for r in rounds] == [len(passages[0].qa), len(passages[0].qa) + len(passages[1].qa)]
+    assert tiny_engine.state.sleep_count() == 2 and not tiny_engine.pending_episodes()
+    assert all(0 <= r["kept"] <= 1 and r["interference"]["wrong"] <= r["closed_book"]["n"] for r in rounds)
 
 
 def test_a_non_finite_loss_leaves_tier1_as_it_was(tiny_engine):

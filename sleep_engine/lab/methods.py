@@ -181,7 +181,7 @@ class SleepMethod(Learner):
                 e.wake.teach(p.text, source=p.id)   # the passage only: no QA (the engine builds cloze probes)
             number = e.sleep(settings)
             try:
-                summary = self._follow(e, number)
+                summary = follow_sleep(e, number, self.progress)
             except KeyboardInterrupt:
                 e.cancel()   # the engine rolls the model back; the runner keeps finished methods
                 raise
@@ -195,29 +195,32 @@ class SleepMethod(Learner):
                 "phases": phases, "sleeps": sleeps, "quantize": e.backbone.quantize, "tiers": self.tiers,
                 "settings": vars(settings)}
 
-    def _follow(self, e, number) -> dict:
-        summary = None
-        for ev in e.subscribe():
-            d = ev.data
-            if ev.kind == "phase":
-                self.progress(f"sleep {number}: {d['name']}")
-            elif ev.kind == "loss":
-                self.progress(f"sleep {number}: {d['phase']} {d['step']}/{d['total']}")
-            elif ev.kind == "error":
-                raise RuntimeError(f"sleep failed: {d['message']}")
-            elif ev.kind == "done":
-                summary = d["summary"]
-        if e._worker is not None:
-            e._worker.join()
-        if summary is None:
-            raise RuntimeError(f"sleep {number} ended without a summary ({e.status()})")
-        return summary
-
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()   # releases the state dir's writer lock at once, not at garbage collection
             self.engine = None
             gc.collect()
+
+
+def follow_sleep(engine, number: int, progress=lambda text: None) -> dict:
+    """Wait for sleep `number` to end, reporting its phases and steps; its summary, or RuntimeError
+    when it failed or was refused (the engine has rolled the memory back then)."""
+    summary = None
+    for ev in engine.subscribe():
+        d = ev.data
+        if ev.kind == "phase":
+            progress(f"sleep {number}: {d['name']}")
+        elif ev.kind == "loss":
+            progress(f"sleep {number}: {d['phase']} {d['step']}/{d['total']}")
+        elif ev.kind == "error":
+            raise RuntimeError(f"sleep failed: {d['message']}")
+        elif ev.kind == "done":
+            summary = d["summary"]
+    if engine._worker is not None:
+        engine._worker.join()
+    if summary is None:
+        raise RuntimeError(f"sleep {number} ended without a summary ({engine.status()})")
+    return summary
 
 
 def make_learner(name: str, lab: LabConfig, exp: ExperimentConfig, shared_factory, state_root: Path,

@@ -5,7 +5,12 @@
 2. Long chat: `turns` turns of ordinary chat (assets/chat_prompts.txt) with test-time learning as
    configured, the model's own replies included, then, in the same session after a clear, the
    everyday questions and generic perplexity with tier 1 on vs the fresh model (tier 1 off).
-Both parts run on one engine in a throw-away state dir; nothing is slept.
+3. Sleeps after the chat (the promise as a user meets it): `sleeps` rounds of teaching
+   `passages_per_sleep` further passages and sleeping; each sleep consolidates whatever the
+   session holds (the chat turns too). After each: closed-book answers about everything taught
+   so far, how often a wrong one names another taught passage, and the everyday questions and
+   generic perplexity against the fresh model.
+All parts run on one engine in a throw-away state dir, in this order.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import ASSETS
-from ..config import ConfigError, LabConfig, WakeConfig
+from ..config import ConfigError, LabConfig, SleepConfig, WakeConfig
 from . import data as lab_data
 from .scoring import wilson
 
@@ -31,6 +36,9 @@ class WakeExperiment:
     turns: int = 200           # ordinary chat turns (0 = skip part 2)
     reply_tokens: int = 48     # cap per chat reply (a 135M model often runs to any cap)
     checkpoints: str = "20,40,60,80,100,120,140,160,180"   # also measure after these many turns
+    sleeps: int = 0            # part 3: rounds of teach + sleep after the chat (0 = skip)
+    passages_per_sleep: int = 2   # taught before each of those sleeps (passages after part 1's)
+    sleep_preset: str = "quick"
 
     def update(self, values: dict) -> dict:
         """Take this experiment's keys from `values`; return the rest (wake settings)."""
@@ -67,7 +75,7 @@ def general_check(engine, questions, generic: str, fast_weights: bool) -> dict:
         replies = answer(lm, tok, [q for q, _ in questions], None, 32)
         ppl = perplexity(lm, tok, generic)
     per = [is_correct(r, a) for (_, a), r in zip(questions, replies)]
-    return {"ppl": ppl, "correct": sum(per), "per_question": per}
+    return {"ppl": ppl, "correct": sum(per), "per_question": per, "replies": replies}
 
 
 def in_session_gain(engine, passages, log) -> dict:
@@ -93,9 +101,8 @@ def in_session_gain(engine, passages, log) -> dict:
     return result
 
 
-def long_chat(engine, exp: WakeExperiment, questions, generic: str, log) -> dict:
+def long_chat(engine, exp: WakeExperiment, questions, generic: str, fresh: dict, log) -> dict:
     engine.memory.reset_fast_weights()
-    fresh = general_check(engine, questions, generic, fast_weights=False)
     marks = {int(c) for c in exp.checkpoints.split(",") if c.strip()} | {exp.turns}
     curve, updates, t0 = [], [], time.perf_counter()
     engine.wake.cfg.max_new_tokens = exp.reply_tokens
@@ -129,21 +136,69 @@ def _kept(g: dict, fresh: dict) -> float:
     return sum(g["per_question"][i] for i in right) / max(len(right), 1)
 
 
+def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions, generic: str, fresh: dict,
+                      log) -> dict:
+    from ..probes import interference
+    from .methods import follow_sleep
+    from .scoring import evaluate, items_of
+    rounds, taught, k = [], [], exp.passages_per_sleep
+    for i in range(exp.sleeps):
+        group = passages[i * k:(i + 1) * k]
+        for p in group:
+            engine.wake.teach(p.text, source=p.id)
+        taught += group
+        pending, t0 = len(engine.pending_episodes()), time.perf_counter()
+        try:
+            summary, error = follow_sleep(engine, engine.sleep(settings)), None
+        except RuntimeError as e:   # refused or failed: rolled back, its episodes stay pending
+            summary, error = {}, str(e)
+        seconds = round(time.perf_counter() - t0, 1)
+        engine.wake.clear()
+        recall = evaluate(engine.memory.lm, engine.tokenizer, items_of(taught), semantic=False)
+        mixed = interference(recall["answers"], {p.id: p.text for p in taught})
+        g = general_check(engine, questions, generic, fast_weights=True)
+        rounds.append({"sleep": i + 1, "passages": [p.id for p in group], "episodes": pending, "seconds": seconds,
+                       "error": error, "closed_book": {"correct": recall["correct"], "n": recall["n"],
+                                                       "ci95": wilson(recall["correct"], recall["n"])},
+                       "interference": {k2: mixed[k2] for k2 in ("wrong", "from_other_passage", "rate")},
+                       "interference_examples": mixed["examples"][:5],
+                       "everyday": g["correct"], "kept": _kept(g, fresh), "drift": g["ppl"] / fresh["ppl"] - 1,
+                       "everyday_changed": summary.get("everyday_changed"),
+                       "gate_selectivity": summary.get("gate_selectivity"),
+                       "wrong_everyday": [{"q": q, "reply": r} for (q, a), r, ok, was in
+                                          zip(questions, g["replies"], g["per_question"], fresh["per_question"])
+                                          if was and not ok]})
+        log(f"sleep {i + 1} ({pending} episodes, {seconds:.0f}s{', ' + error if error else ''}): closed-book "
+            f"{recall['correct']}/{recall['n']}, wrong answers naming another passage {mixed['from_other_passage']}/"
+            f"{mixed['wrong']}; everyday {g['correct']}/{len(questions)} (fresh {fresh['correct']}, kept "
+            f"{100 * rounds[-1]['kept']:.0f}%), ppl {100 * rounds[-1]['drift']:+.2f}%")
+    return {"preset": exp.sleep_preset, "settings": vars(settings), "rounds": rounds}
+
+
 def run(cfg: LabConfig, exp: WakeExperiment, out: Path, log=print) -> dict:
     from ..engine import SleepEngine
     questions = lab_data.general_questions()
     generic = lab_data.generic_text()
-    passages = lab_data.load_passages(exp.split)[:exp.passages] if exp.passages else []
+    split = lab_data.load_passages(exp.split)
+    passages = split[:exp.passages]
+    later = split[exp.passages:exp.passages + exp.sleeps * exp.passages_per_sleep]
+    if len(later) < exp.sleeps * exp.passages_per_sleep:
+        raise ConfigError(f"split {exp.split!r} has {len(split)} passages: not enough for {exp.passages} taught "
+                          f"to tier 1 and {exp.sleeps} sleeps of {exp.passages_per_sleep}")
     with tempfile.TemporaryDirectory(prefix="sleep-lab-wake-") as state:
         cfg = dataclasses.replace(cfg, state_dir=Path(state))
         cfg.wake.fast_in_background = False   # each update is recorded with the turn that caused it
         engine = SleepEngine(cfg)
         result = {"experiment": "wake", "settings": dataclasses.asdict(exp), "wake": dataclasses.asdict(cfg.wake),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        fresh = general_check(engine, questions, generic, fast_weights=False)
         if passages:
             result["in_session"] = in_session_gain(engine, passages, log)
         if exp.turns:
-            result["long_chat"] = long_chat(engine, exp, questions, generic, log)
+            result["long_chat"] = long_chat(engine, exp, questions, generic, fresh, log)
+        if exp.sleeps:
+            settings = SleepConfig.from_preset(exp.sleep_preset)
+            result["sleeps"] = sleeps_after_chat(engine, exp, settings, later, questions, generic, fresh, log)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "wake.json"
     path.write_text(json.dumps(result, indent=1, default=str))
