@@ -400,14 +400,16 @@ class Consolidator:
         return generalized_jsd_loss(s_logits, t_logits, beta=self.cfg.beta)
 
     def on_policy(self, batch: list[Example], new_id: str) -> list[Example]:
-        """Replace the teacher's answer by the student's own sample in a fraction λ of the batch."""
+        """Replace the teacher's answer by the student's own sample in a fraction λ of the batch
+        (GKD's on-policy half): the same tokens then follow the teacher's prompt, so `divergence`
+        scores the teacher on what the student would say."""
         chats = [i for i, e in enumerate(batch) if e.prompt]   # plain-text anchors have no prompt to answer
         k = min(round(self.cfg.lmbda * len(batch)), len(chats))
         if k == 0:
             return batch
         chosen = self.rng.sample(chats, k)
         prompts = [batch[i].student[:len(batch[i].student) - batch[i].n_answer] for i in chosen]
-        with self.memory.configured(fast_weights=False):
+        with self.memory.configured(muted=self.student_muted, fast_weights=False):   # the student's own view
             samples = generate_batch(self.lm, self.tok, prompts, self.cfg.answer_tokens, temperature=0.7,
                                      seed=self.rng.randrange(1 << 30))
         batch = list(batch)

@@ -262,6 +262,36 @@ def test_every_seeding_step_carries_plain_text_anchors(tiny_engine):
     assert {id(b[-1]) for b in seen} == {id(t) for t in texts}   # the anchors take turns
 
 
+def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_them(tiny_engine, monkeypatch):
+    from sleep_engine import consolidation as C
+    memory, tok = tiny_engine.memory, tiny_engine.tokenizer
+    new_id = memory.add_expert(tier=2, born=1)
+    seeder = C.Consolidator(memory, tok, tiny_settings(lmbda=1.0, batch_size=2, answer_tokens=6),
+                            lambda *a, **k: None, lambda: None)
+    q = "Who painted the lighthouse?"
+    student, teacher = C.chat_ids(tok, q), C.chat_ids(tok, q, C.CONTEXT_SYSTEM.format(notes=TEXTS[0]))
+    zeros = torch.zeros(3, memory.lm.config.vocab_size)
+    given = [C.Example(student + [5, 6, 7], teacher + [5, 6, 7], 3, q, "x", zeros) for _ in range(2)]
+    batch = seeder.on_policy(given, new_id)
+    assert batch is not given
+    for e in batch:   # the answer is now the student's sample, after both prompts
+        sample = e.student[len(student):]
+        assert e.student[:len(student)] == student and e.teacher == teacher + sample
+        assert sample and sample != [5, 6, 7] and e.n_answer == len(sample) and e.teacher_logits is None
+    seen = {}
+    monkeypatch.setattr(C, "generalized_jsd_loss", lambda s, t, beta: seen.update(s=s, t=t) or (s - t).pow(2).mean())
+    seeder.divergence(batch, new_id)
+    with torch.no_grad(), memory.configured(muted=[new_id]):   # the teacher, its episode in context
+        want = C._forward_answer_logits(memory.lm, [e.teacher for e in batch], [e.n_answer for e in batch], seeder.pad)
+    assert torch.allclose(seen["t"], want) and seen["s"].shape == want.shape
+    # and seed() samples every step at λ = 1: no kept teacher answer reaches the divergence
+    batches = []
+    monkeypatch.setattr(seeder, "divergence", lambda b, nid: (batches.append(b), (seen.clear(), torch.zeros((), requires_grad=True))[1])[1])
+    seeder.cfg.lti, seeder.cfg.distill_steps, seeder.cfg.gate_loss = False, 2, 0.0
+    seeder.seed(given, new_id)
+    assert len(batches) == 2 and all(e.teacher_logits is None for b in batches for e in b if e.prompt)
+
+
 def test_auto_step_count_follows_the_chat_prompts_not_the_text_anchors(tiny_engine):
     from sleep_engine.consolidation import Consolidator, Example, distill_steps
     cfg = tiny_settings(distill_steps=0, distill_epochs=2.0, batch_size=4, lti=False)
