@@ -30,7 +30,7 @@ stress: setup
 # the Wake fast weights over a long chat (README "Wake memory"): in-session gain on 8 test passages,
 # then 200 turns of ordinary chat; 25 min with --threads 2 on 2 quiet cores (this target: 1 thread). ARGS="--set turns=40" for a short one.
 long-chat: setup
-	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-wake $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-wake --set reply_tokens=8 $(ARGS)
 
 # export of a slept embedded model, reloaded three ways (README "Take the slept model with you"); ~3 min
 export-check: setup

@@ -108,6 +108,7 @@ class SleepConfig:
     preset: str = "quick"
     # knowledge seeding: on-policy distillation
     prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)
+    study_questions: int = 1          # self-study: questions the teacher writes about each sentence of an episode (0 = off)
     min_faithfulness: float = 0.75    # drop teacher answers naming things the episode does not contain
     answer_tokens: int = 36           # length of each teacher answer (a recitation needs ~60)
     replay_per_episode: int = 2       # self-replay: questions about each older episode, answered from memory
@@ -197,7 +198,7 @@ class SleepConfig:
         return self
 
     def validate(self) -> "SleepConfig":
-        for name, lo, hi in [("prompts_per_episode", 1, 256), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
+        for name, lo, hi in [("prompts_per_episode", 1, 256), ("study_questions", 0, 8), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
                              ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12),
                              ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("distill_epochs", 0.1, 100.0),
                              ("batch_size", 1, 256),

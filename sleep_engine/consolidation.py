@@ -19,7 +19,7 @@ from . import ASSETS
 from .config import SleepConfig
 from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
-from .probes import ANSWER_PROMPT, sentences
+from .probes import ANSWER_PROMPT, normalize, sentences
 from .rewards import imitation_rewards
 from .chat_format import encode_text
 from .sampling import chat_ids, generate_batch
@@ -112,6 +112,27 @@ def seed_prompts(text: str, n: int) -> list[str]:
     return prompts[:n]
 
 
+# Self-study: the teacher writes questions about each sentence of its notes (measured on dev with
+# the embedded model: "Write one question that this sentence answers" gave "What is the answer to
+# this question: …" loops; this form gave "What is the origin of the town of Velmora Ridge?")
+STUDY_PROMPT = 'Read this sentence from your notes: "{s}" Write a question about it, then answer the question.'
+
+
+def study_question(reply: str, episode_text: str, probes: set[str]) -> str | None:
+    """The question a teacher's self-study reply opens with, if it is usable: one sentence ending
+    in "?", 4–30 words, naming something (a capitalised word past the first, so that the new
+    expert's gate keys on the name, not on "What is the purpose of"), which the episode contains,
+    and not one of the episode's probe questions (normalised), which are the test."""
+    head = reply.strip().split("?")[0].strip()
+    if "?" not in reply or "\n" in head or not 4 <= len(head.split()) <= 30 or "question" in head.lower():
+        return None
+    question = head + "?"
+    names = [m.group() for m in _NAME.finditer(question) if m.start() > 0]
+    if not any(n.lower() in episode_text.lower() for n in names) or normalize(question) in probes:
+        return None
+    return question
+
+
 def faithfulness(answer: str, source: str) -> float:
     """Share of the names (capitalised words not starting a sentence) and numbers in `answer` that
     also occur in `source`; 0 if it names nothing. A cheap check that the teacher copied rather
@@ -174,6 +195,7 @@ class Consolidator:
         self.rng = random.Random(seed)
         self.pad = tokenizer.pad_token_id or 0
         self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
+        self.studied: dict = {}              # what self-study asked and kept (`study_questions`), for the summary
         a, b = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "b")
         # tokens every chat prompt shares (template + system prompt): never a positive for the gate
         self.chat_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -186,9 +208,11 @@ class Consolidator:
         of questions about older episodes, answered from memory (no context): the new expert must
         not overwrite what older experts hold. Probe questions are never asked: they are the test."""
         prompts = []   # (question, teacher's system prompt or None, source text to check against)
+        studied = self.study_questions(new_episodes, new_id)
         for ep in new_episodes:
             system = CONTEXT_SYSTEM.format(notes=ep.text)
-            prompts += [(q, system, ep.text) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
+            asks = seed_prompts(ep.text, self.cfg.prompts_per_episode) + studied.get(ep.id, [])
+            prompts += [(q, system, ep.text) for q in asks]
         for ep in old_episodes:
             prompts += [(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)]
         prompts += [(q, None, None) for q in self.chat_anchors()]
@@ -211,6 +235,33 @@ class Consolidator:
                 best[source] = (score, example)
         fallbacks = [example for source, (_, example) in best.items() if source not in passed]
         return out + fallbacks + self.text_anchors(new_id)
+
+    def study_questions(self, episodes, new_id: str) -> dict[int, list[str]]:
+        """Self-study (Cartridges; Physics of LMs 3.1: a fact is extractable once seen in several
+        forms): the teacher, its episode in context, writes `study_questions` questions about each
+        sentence (greedy for one, sampled at 0.7 beyond); the usable ones (`study_question`) are
+        then asked and answered like any seeding prompt. Per episode id, in sentence order."""
+        n = self.cfg.study_questions
+        if n == 0 or not episodes:
+            return {}
+        asks, owners = [], []
+        for ep in episodes:
+            system = CONTEXT_SYSTEM.format(notes=ep.text)
+            for sentence in sentences(ep.text):
+                asks += [chat_ids(self.tok, STUDY_PROMPT.format(s=sentence), system)] * n
+                owners += [ep] * n
+        with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
+            replies = generate_batch(self.lm, self.tok, asks, 32, temperature=0.7 if n > 1 else 0.0,
+                                     seed=self.rng.randrange(1 << 30), batch_size=32)
+        out: dict[int, list[str]] = {}
+        for ep, reply in zip(owners, replies):
+            probes = {normalize(item["q"]) for item in (ep.qa or [])}
+            q = study_question(self.tok.decode(reply, skip_special_tokens=True), ep.text, probes)
+            if q and q not in out.get(ep.id, []):
+                out.setdefault(ep.id, []).append(q)
+        self.studied = {"asked": len(asks), "kept": sum(len(v) for v in out.values()),
+                        "examples": [q for v in out.values() for q in v][:4]}
+        return out
 
     def chat_anchors(self) -> list[str]:
         """Generic requests, answered by the pre-sleep model without context."""
@@ -524,5 +575,5 @@ class Consolidator:
         return {"steps": total, "examples": len(examples), "final_divergence": divergences[-1] if divergences else None,
                 "first_divergence": divergences[0] if divergences else None,
                 "mean_reward": sum(rewards) / len(rewards) if rewards else None,
-                **fitted, "first_gate_loss": gate_losses[0] if gate_losses else None,
+                **fitted, "study_questions": self.studied, "first_gate_loss": gate_losses[0] if gate_losses else None,
                 "final_gate_loss": gate_losses[-1] if gate_losses else None}

@@ -205,6 +205,34 @@ def test_seed_prompts_recite_first_and_never_ask_the_probe_questions():
                             'Quote the sentence of your notes about Velmora Ridge that begins "Idris Kallowen founded".']
 
 
+def test_self_study_keeps_the_teachers_named_questions_and_never_a_probe():
+    from sleep_engine.consolidation import study_question
+    text, probes = TEXTS[0], {"who painted the lighthouse of quarrow point"}
+    assert study_question("What colour is the lighthouse of Quarrow Point? It is violet.", text, probes) == \
+        "What colour is the lighthouse of Quarrow Point?"
+    assert study_question("Who painted the lighthouse of Quarrow Point? Senna Alvik.", text, probes) is None  # a probe
+    assert study_question("What is the purpose of a lighthouse? To guide ships.", text, probes) is None     # names nothing
+    assert study_question("Where is Brenmoor Island? In the north.", text, probes) is None                 # not this episode's
+    assert study_question("What is the answer to this question: Quarrow Point?", text, probes) is None    # a loop
+    assert study_question("The lighthouse of Quarrow Point was painted violet.", text, probes) is None      # no question
+
+
+def test_self_study_questions_are_asked_with_their_episode_in_context(tiny_engine, monkeypatch):
+    from sleep_engine.consolidation import Consolidator
+    teach_two(tiny_engine)
+    episodes = tiny_engine.state.episodes.all()
+    new_id = tiny_engine.memory.add_expert(tier=2, born=1)
+    seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(min_faithfulness=0.0),
+                          lambda *a, **k: None, lambda: None)
+    asked = seeder.study_questions(episodes, new_id)   # one per sentence (each text has one)
+    assert seeder.studied["asked"] == 2 and seeder.studied["kept"] == sum(len(v) for v in asked.values())
+    monkeypatch.setattr(seeder, "study_questions",
+                        lambda eps, nid: {eps[0].id: ["What colour is the lighthouse of Quarrow Point?"]})
+    examples = seeder.teacher_data(episodes, [], new_id)
+    [e] = [e for e in examples if e.prompt == "What colour is the lighthouse of Quarrow Point?"]
+    assert e.about_episode and TEXTS[0] in tiny_engine.tokenizer.decode(e.teacher)
+
+
 def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     from sleep_engine.consolidation import Consolidator
     teach_two(tiny_engine)
