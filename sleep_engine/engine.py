@@ -11,6 +11,7 @@ import math
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +85,68 @@ def configure_torch(cfg: LabConfig) -> None:
     # tiny denormal floats made a CPU run ~9x slower in the pilot (docs/DESIGN.md §11)
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
+
+
+class SleepRun:
+    """One sleep's bookkeeping: its events, progress and time left, phase timings, the numerical
+    guard and cancellation. Each phase runs as `with run.phase(name): ...`."""
+    # share of a sleep's time per phase, for progress and time left (measured, quick and full
+    # presets on 2 CPU cores: consolidation 70–75%, dreaming 10–17%, probes 4–10% each)
+    WEIGHTS = {"probe_before": 0.06, "consolidation": 0.72, "dreaming": 0.14, "probe_after": 0.06, "checkpoint": 0.02}
+
+    def __init__(self, engine: "SleepEngine", number: int, cfg: SleepConfig):
+        self.engine, self.number, self.cfg = engine, number, cfg
+        weights = dict(self.WEIGHTS, dreaming=self.WEIGHTS["dreaming"] if cfg.dreaming else 0.0)
+        self.weights = {k: v / sum(weights.values()) for k, v in weights.items()}
+        self.done = 0.0                       # share of the sleep finished (phases done)
+        self.phases: dict[str, float] = {}    # seconds per finished phase
+        self.committed = False                # past the commit point: nothing is rolled back
+
+    def memory_params(self):
+        return [p for mlp in self.engine.memory.mlps.values() for n, p in mlp.named_parameters()
+                if not n.startswith("base.")]
+
+    def guard(self, where: str, step=None) -> None:
+        """NaN/inf in any memory weight stops the sleep (after every phase, before the commit)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.memory_params()):
+            raise NumericalFault(where, step, "a memory weight is NaN or infinite")
+
+    def check(self) -> None:
+        if self.engine._cancel.is_set():
+            raise Cancelled()
+
+    def emit(self, kind: str, **data) -> None:
+        """Publish an event; a training step's report also moves the progress and is checked for a
+        non-finite number or an exploding gradient."""
+        status = self.engine._status
+        self.engine.events.emit(kind, self.number, **data)
+        if kind == "loss" and data.get("total"):
+            status["progress"] = self.done + self.weights["consolidation"] * data["step"] / data["total"]
+            status["step"] = f"{data['step']}/{data['total']}"
+        if kind in ("loss", "dream"):
+            where, step = data.get("phase") or status.get("phase", "?"), data.get("step", data.get("index"))
+            bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
+                raise NumericalFault(where, step, f"{bad[0]} is {data[bad[0]]}")
+            grads = [p.grad.detach().float() for p in self.memory_params() if p.grad is not None]
+            if grads:
+                norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+                if not math.isfinite(norm) or norm > self.cfg.max_grad_norm:
+                    raise NumericalFault(where, step, f"gradient norm {norm:.3g} (max_grad_norm {self.cfg.max_grad_norm:g})")
+
+    @contextmanager
+    def phase(self, name: str):
+        """Run one phase: cancel point, status and event before; guard, timing and progress after."""
+        self.check()
+        self.engine._status.update(phase=name, step=None)
+        self.emit("phase", name=name)
+        t0 = time.perf_counter()
+        yield
+        self.guard(name)
+        self.phases[name] = round(time.perf_counter() - t0, 2)
+        self.done += self.weights.get(name, 0)
+        self.engine._status["progress"] = self.done
+        self.emit("timing", phase=name, seconds=self.phases[name])
 
 
 class SleepEngine:
@@ -401,177 +464,150 @@ class SleepEngine:
         return out
 
     def _sleep_worker(self, number: int, pending, cfg: SleepConfig) -> None:
-        snapshot = self.memory.memory_state()
-        snapshot = ({k: v.clone() for k, v in snapshot[0].items()}, snapshot[1])
-        phases: dict[str, float] = {}
-        # share of a sleep's time per phase, for progress and time left (measured, quick and full
-        # presets on 2 CPU cores: consolidation 70–75%, dreaming 10–17%, probes 4–10% each)
-        weights = {"probe_before": 0.06, "consolidation": 0.72, "dreaming": 0.14 if cfg.dreaming else 0.0,
-                   "probe_after": 0.06, "checkpoint": 0.02}
-        weights = {k: v / sum(weights.values()) for k, v in weights.items()}
-        done_frac = [0.0]
-
-        def memory_params():
-            return [p for mlp in self.memory.mlps.values() for n, p in mlp.named_parameters() if not n.startswith("base.")]
-
-        def guard(where, step=None):
-            """NaN/inf in any memory weight stops the sleep (after every phase, before the commit)."""
-            if not all(bool(torch.isfinite(p).all()) for p in memory_params()):
-                raise NumericalFault(where, step, "a memory weight is NaN or infinite")
-
-        def emit(kind, **data):
-            self.events.emit(kind, number, **data)
-            if kind == "loss" and data.get("total"):
-                self._status["progress"] = done_frac[0] + weights["consolidation"] * data["step"] / data["total"]
-                self._status["step"] = f"{data['step']}/{data['total']}"
-            if kind in ("loss", "dream"):   # every training step reports here: the numerical guard
-                where, step = data.get("phase") or self._status.get("phase", "?"), data.get("step", data.get("index"))
-                bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
-                if bad:
-                    raise NumericalFault(where, step, f"{bad[0]} is {data[bad[0]]}")
-                grads = [p.grad.detach().float() for p in memory_params() if p.grad is not None]
-                if grads:
-                    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-                    if not math.isfinite(norm) or norm > cfg.max_grad_norm:
-                        raise NumericalFault(where, step, f"gradient norm {norm:.3g} (max_grad_norm {cfg.max_grad_norm:g})")
-
-        def check():
-            if self._cancel.is_set():
-                raise Cancelled()
-
-        def phase(name):
-            check()
-            self._status.update(phase=name, step=None)
-            emit("phase", name=name)
-            return time.perf_counter()
-
-        def finish(name, t0):
-            guard(name)
-            phases[name] = round(time.perf_counter() - t0, 2)
-            done_frac[0] += weights.get(name, 0)
-            self._status["progress"] = done_frac[0]
-            emit("timing", phase=name, seconds=phases[name])
-
-        lm, tok = self.memory.lm, self.tokenizer
-        committed = False
+        """One sleep, a flat sequence of phases (docs/DESIGN.md §4–6); `SleepRun` times, guards and
+        cancels them. Nothing is kept unless every phase and the sanity gate pass."""
+        run = SleepRun(self, number, cfg)
+        tensors, manifest = self.memory.memory_state()
+        snapshot = ({k: v.clone() for k, v in tensors.items()}, manifest)
         summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy(),
                          "left_out": sorted(i for i in self.state.episodes.excluded if i > self.state.consolidated_through())}
         try:
-            with self.lock, float_weights(lm):
+            with self.lock, float_weights(self.memory.lm):
                 older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]
-                new_probes = [p for e in pending for p in episode_probes(e)]
-                old_probes = [p for e in older for p in episode_probes(e)]
+                probes = ([p for e in pending for p in episode_probes(e)], [p for e in older for p in episode_probes(e)])
                 generic = GENERIC_TEXT.read_text()
-                t0 = phase("probe_before")
-                with self.memory.configured(fast_weights=False):
-                    summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
-                    summary["general_ppl_before"] = perplexity(lm, tok, generic)
-                    summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
-                everyday = self.wake.fast.reference_chats()["guard"]   # the pre-sleep model's own answers
-                everyday_before = self.wake.fast.guard_reading(False)
-                summary.update(self._teacher_check(summary["general_ppl_before"], generic, cfg))
-                if not summary["teacher_fast_weights"]:
-                    emit("notice", message=summary["teacher_note"])
-                finish("probe_before", t0)
-
-                t0 = phase("consolidation")
-                tier2 = [e for e in self.memory.experts() if e.tier == 2]
-                if cfg.expansion or not tier2:
-                    new_id = self.memory.add_expert(tier=2, born=number, gate_bias=cfg.gate_bias_init)
-                else:
-                    new_id = tier2[-1].expert_id
-                info = next(e for e in self.memory.experts() if e.expert_id == new_id)
-                emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=number)
-                seeder = Consolidator(self.memory, tok, cfg, emit, check, seed=self.cfg.seed + number,
-                                      teacher_fast_weights=summary["teacher_fast_weights"])
-                examples = seeder.teacher_data(pending, older, new_id)
-                summary["consolidation"] = seeder.seed(examples, new_id)
-                finish("consolidation", t0)
-
+                with run.phase("probe_before"):
+                    everyday = self._probe_before(run, probes, generic, cfg, summary)
+                with run.phase("consolidation"):
+                    new_id = self._consolidate(run, pending, older, cfg, summary)
+                summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
                 if cfg.dreaming:
-                    t0 = phase("dreaming")
-                    # τ = closed-book likelihood of the episodes' own facts (cloze items from their
-                    # text), not the probe QA: those are the test and must not steer training.
-                    facts = [p for e in pending for p in cloze_probes(e.id, e.text, limit=6)]
-                    summary["dreams"] = Dreamer(self.memory, tok, cfg, emit, check,
-                                                seed=self.cfg.seed + number).run(pending, facts, new_id)
-                    finish("dreaming", t0)
-                else:
-                    summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
-
-                t0 = phase("reset")
-                self.memory.reset_fast_weights()
-                if number % cfg.consolidate_every == 0 and self.memory.cfg.tiers >= 3:
-                    summary["tier_consolidation"] = self._consolidate_tier(number, older + list(pending), cfg, emit, check)
-                finish("reset", t0)
-
-                t0 = phase("probe_after")
-                after = closed_book_accuracy(lm, tok, new_probes + old_probes)
-                summary["probe_accuracy_after"] = after
-                summary["general_ppl_after"] = perplexity(lm, tok, generic)
-                summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
-                summary.update(everyday_change(everyday_before, self.wake.fast.read(everyday, fast_weights=False)))
-                summary["gate_selectivity"] = self.gate_selectivity({new_id: [e.id for e in pending]})
-                all_ids = [e.id for e in older] + [e.id for e in pending]
-                summary["probe_after"] = {str(i): after.get(i, 0.0) for i in all_ids}
-                emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
-                     before=summary["probe_accuracy_before"])
-                finish("probe_after", t0)
-                # the sanity gate: a sleep that wrecks everyday text is not committed
-                ppl_b, ppl_a = summary["general_ppl_before"], summary["general_ppl_after"]
-                if not math.isfinite(ppl_a):
-                    raise NumericalFault("probe_after", None, f"general perplexity after is {ppl_a}")
-                if ppl_a > cfg.max_ppl_ratio * ppl_b:
-                    raise SleepRefused(f"general perplexity rose from {ppl_b:.2f} to {ppl_a:.2f} (×{ppl_a / ppl_b:.2f}, "
-                                       f"more than max_ppl_ratio = {cfg.max_ppl_ratio:g}); the sleep was not "
-                                       "committed and the memory is as it was before it")
-                if summary["everyday_changed"] > cfg.max_everyday_changed:
-                    raise SleepRefused(f"the sleep changed {100 * summary['everyday_changed']:.0f}% of the model's "
-                                       f"everyday answers (more than max_everyday_changed = {cfg.max_everyday_changed:g}); "
-                                       "it was not committed and the memory is as it was before it")
-
-                t0 = phase("checkpoint")
-                guard("checkpoint")
-                summary["experts_added"] = [new_id] if cfg.expansion or not tier2 else []
-                summary["consolidated_through"] = pending[-1].id
-                summary["phases"] = phases
-                tensors, manifest = self.memory.memory_state()
-                manifest["model"] = self.backbone.name
-                before = (snapshot[0], dict(snapshot[1], model=self.backbone.name))
-                self.state.commit_sleep(number, tensors, manifest, summary, before=before)   # the commit point
-                committed = True
-                try:   # not needed for a restart (it loads the sleep's own memory then); keeps current fresh
-                    self.state.save_memory(tensors, manifest)
-                except OSError as e:
-                    log.warning("sleep %d is committed; saving memory/current failed: %s", number, e)
-                finish("checkpoint", t0)
+                    with run.phase("dreaming"):
+                        summary["dreams"] = self._dream(run, pending, new_id, cfg)
+                with run.phase("reset"):
+                    self.memory.reset_fast_weights()
+                    if number % cfg.consolidate_every == 0 and self.memory.cfg.tiers >= 3:
+                        summary["tier_consolidation"] = self._consolidate_tier(number, older + list(pending), cfg,
+                                                                               run.emit, run.check)
+                with run.phase("probe_after"):
+                    self._probe_after(run, probes, generic, everyday, {new_id: [e.id for e in pending]}, summary)
+                self._sanity_gate(summary, cfg)
+                with run.phase("checkpoint"):
+                    self._checkpoint(run, pending, snapshot, summary)
                 self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
-                emit("done", summary=summary)
+                run.emit("done", summary=summary)
         except Cancelled:
             self._rollback(snapshot)
             self._status = {"state": "awake", "cancelled": number}
             self.events.emit("cancelled", number)
         except Exception as e:  # noqa: BLE001 - reported to the UI, model rolled back
-            message = f"{type(e).__name__}: {e}"
-            if committed:   # after the commit point nothing is rolled back: the sleep happened
-                log.exception("sleep %d committed; a step after the commit failed", number)
-                self._status = {"state": "awake", "last_sleep": number, "progress": 1.0,
-                                "warning": f"sleep {number} is committed, but {message}"}
-                self.events.emit("done", number, summary=dict(summary, warning=message))
-            else:
-                if not isinstance(e, (NumericalFault, SleepRefused)):
-                    log.exception("sleep %d failed", number)
-                self._rollback(snapshot)
-                where = {"phase": getattr(e, "phase", self._status.get("phase")),
-                         "step": getattr(e, "step", self._status.get("step"))}
-                self._status = {"state": "awake", "error": message, **where}
-                self.events.emit("error", number, message=message, fatal=True,
-                                 reason="sanity gate" if isinstance(e, SleepRefused) else
-                                 "numerical fault" if isinstance(e, NumericalFault) else "error", **where)
+            self._sleep_failed(run, e, snapshot, summary)
         finally:
             self._snapshot = None
             self.events.close()
             self.memory.freeze_all()
+
+    def _probe_before(self, run: "SleepRun", probes, generic: str, cfg: SleepConfig, summary: dict):
+        """Closed-book probes and generic perplexity before (tier 1 off), the pre-sleep model's own
+        everyday answers (the sanity gate compares against them), and the teacher check."""
+        lm, tok = self.memory.lm, self.tokenizer
+        new_probes, old_probes = probes
+        with self.memory.configured(fast_weights=False):
+            summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
+            summary["general_ppl_before"] = perplexity(lm, tok, generic)
+            summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
+        everyday = self.wake.fast.reference_chats()["guard"]
+        everyday_before = self.wake.fast.guard_reading(False)
+        summary.update(self._teacher_check(summary["general_ppl_before"], generic, cfg))
+        if not summary["teacher_fast_weights"]:
+            run.emit("notice", message=summary["teacher_note"])
+        return everyday, everyday_before
+
+    def _consolidate(self, run: "SleepRun", pending, older, cfg: SleepConfig, summary: dict) -> str:
+        """A new tier-2 expert (or, without expansion, the newest one) learns the episodes."""
+        tier2 = [e for e in self.memory.experts() if e.tier == 2]
+        if cfg.expansion or not tier2:
+            new_id = self.memory.add_expert(tier=2, born=run.number, gate_bias=cfg.gate_bias_init)
+        else:
+            new_id = tier2[-1].expert_id
+        summary["experts_added"] = [new_id] if cfg.expansion or not tier2 else []
+        info = next(e for e in self.memory.experts() if e.expert_id == new_id)
+        run.emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=run.number)
+        seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
+                              teacher_fast_weights=summary["teacher_fast_weights"])
+        summary["consolidation"] = seeder.seed(seeder.teacher_data(pending, older, new_id), new_id)
+        return new_id
+
+    def _dream(self, run: "SleepRun", pending, new_id: str, cfg: SleepConfig) -> dict:
+        # τ = closed-book likelihood of the episodes' own facts (cloze items from their text), not
+        # the probe QA: those are the test and must not steer training
+        facts = [p for e in pending for p in cloze_probes(e.id, e.text, limit=6)]
+        return Dreamer(self.memory, self.tokenizer, cfg, run.emit, run.check,
+                       seed=self.cfg.seed + run.number).run(pending, facts, new_id)
+
+    def _probe_after(self, run: "SleepRun", probes, generic: str, everyday, current: dict, summary: dict) -> None:
+        lm, tok = self.memory.lm, self.tokenizer
+        new_probes, old_probes = probes
+        after = closed_book_accuracy(lm, tok, new_probes + old_probes)
+        summary["probe_accuracy_after"] = after
+        summary["general_ppl_after"] = perplexity(lm, tok, generic)
+        summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
+        chats, before = everyday
+        summary.update(everyday_change(before, self.wake.fast.read(chats, fast_weights=False)))
+        summary["gate_selectivity"] = self.gate_selectivity(current)
+        ids = [e.id for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()] + \
+            summary["episode_ids"]   # the older episodes, then this sleep's: a row of R
+        summary["probe_after"] = {str(i): after.get(i, 0.0) for i in ids}
+        run.emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
+                 before=summary["probe_accuracy_before"])
+
+    @staticmethod
+    def _sanity_gate(summary: dict, cfg: SleepConfig) -> None:
+        """A sleep that wrecks everyday text or everyday answers is not committed."""
+        ppl_b, ppl_a = summary["general_ppl_before"], summary["general_ppl_after"]
+        if not math.isfinite(ppl_a):
+            raise NumericalFault("probe_after", None, f"general perplexity after is {ppl_a}")
+        if ppl_a > cfg.max_ppl_ratio * ppl_b:
+            raise SleepRefused(f"general perplexity rose from {ppl_b:.2f} to {ppl_a:.2f} (×{ppl_a / ppl_b:.2f}, "
+                               f"more than max_ppl_ratio = {cfg.max_ppl_ratio:g}); the sleep was not "
+                               "committed and the memory is as it was before it")
+        if summary["everyday_changed"] > cfg.max_everyday_changed:
+            raise SleepRefused(f"the sleep changed {100 * summary['everyday_changed']:.0f}% of the model's "
+                               f"everyday answers (more than max_everyday_changed = {cfg.max_everyday_changed:g}); "
+                               "it was not committed and the memory is as it was before it")
+
+    def _checkpoint(self, run: "SleepRun", pending, snapshot, summary: dict) -> None:
+        run.guard("checkpoint")
+        summary["consolidated_through"] = pending[-1].id
+        summary["phases"] = run.phases
+        tensors, manifest = self.memory.memory_state()
+        manifest["model"] = self.backbone.name
+        before = (snapshot[0], dict(snapshot[1], model=self.backbone.name))
+        self.state.commit_sleep(run.number, tensors, manifest, summary, before=before)   # the commit point
+        run.committed = True
+        try:   # not needed for a restart (it loads the sleep's own memory then); keeps current fresh
+            self.state.save_memory(tensors, manifest)
+        except OSError as e:
+            log.warning("sleep %d is committed; saving memory/current failed: %s", run.number, e)
+
+    def _sleep_failed(self, run: "SleepRun", e: Exception, snapshot, summary: dict) -> None:
+        """Before the commit point: roll back and report why; after it, the sleep happened."""
+        number, message = run.number, f"{type(e).__name__}: {e}"
+        if run.committed:
+            log.exception("sleep %d committed; a step after the commit failed", number)
+            self._status = {"state": "awake", "last_sleep": number, "progress": 1.0,
+                            "warning": f"sleep {number} is committed, but {message}"}
+            self.events.emit("done", number, summary=dict(summary, warning=message))
+            return
+        if not isinstance(e, (NumericalFault, SleepRefused)):
+            log.exception("sleep %d failed", number)
+        self._rollback(snapshot)
+        where = {"phase": getattr(e, "phase", self._status.get("phase")),
+                 "step": getattr(e, "step", self._status.get("step"))}
+        self._status = {"state": "awake", "error": message, **where}
+        self.events.emit("error", number, message=message, fatal=True,
+                         reason="sanity gate" if isinstance(e, SleepRefused) else
+                         "numerical fault" if isinstance(e, NumericalFault) else "error", **where)
 
     def _teacher_check(self, ppl_without: float, generic: str, cfg: SleepConfig) -> dict:
         """Sleep's teacher keeps tier 1 only if tier 1 does not make it worse on generic text
