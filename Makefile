@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat export-check repetition-check asleep-check clean
+.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ stress: setup
 # then 200 turns of ordinary chat; 25 min with --threads 2 on 2 quiet cores (this target: 1 thread). ARGS="--set turns=40" for a short one.
 long-chat: setup
 	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-wake --set reply_tokens=8 $(ARGS)
+
+# the promise as a user meets it (README "Wake memory"): 40 chat turns, then 3 rounds of (teach 2 test
+# passages, quick sleep), each followed by recall, interference and everyday questions against a fresh model; ~40 min
+user-check: setup
+	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-user --set passages=0 --set turns=40 --set checkpoints= --set sleeps=3 $(ARGS)
 
 # export of a slept embedded model, reloaded three ways (README "Take the slept model with you"); ~3 min
 export-check: setup

@@ -27,7 +27,7 @@ from .lab.data import general_questions
 from .memory import MemoryModel
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
                      cloze_probes, episode_probes, forgetting, gate_selectivity, perplexity, question_gates)
-from .sampling import chat_ids, generate_batch
+from .sampling import cancel_points, chat_ids, generate_batch
 from .store import StateDir, StateError
 from .wake import DEFAULT_SESSION, WakeSession
 
@@ -472,7 +472,7 @@ class SleepEngine:
         summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy(),
                          "left_out": sorted(i for i in self.state.episodes.excluded if i > self.state.consolidated_through())}
         try:
-            with self.lock, float_weights(self.memory.lm):
+            with self.lock, float_weights(self.memory.lm), cancel_points(run.check):
                 older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]
                 probes = ([p for e in pending for p in episode_probes(e)], [p for e in older for p in episode_probes(e)])
                 generic = GENERIC_TEXT.read_text()

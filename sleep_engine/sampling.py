@@ -1,9 +1,37 @@
 """Batched sampling for Sleep (teacher answers, student completions, dreams)."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .config import SYSTEM_PROMPT
+
+_thread = threading.local()
+
+
+@contextmanager
+def cancel_points(check):
+    """Inside the block, every `generate_batch` of this thread calls `check()` after each new
+    token; `check` raises to stop (a sleep's Stop then lands within a token, not after a whole
+    batch of teacher answers). Other threads (chat during a sleep) are not affected."""
+    saved = getattr(_thread, "check", None)
+    _thread.check = check
+    try:
+        yield
+    finally:
+        _thread.check = saved
+
+
+class _CheckEachToken(StoppingCriteria):
+    def __init__(self, check):
+        self.check = check
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.check()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: str = "") -> list[int]:
@@ -37,6 +65,9 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
         kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False}
+        check = getattr(_thread, "check", None)
+        if check is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_CheckEachToken(check)])
         res = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                           pad_token_id=pad, eos_token_id=sorted(stops), output_logits=return_logits,
                           return_dict_in_generate=True, **kwargs)

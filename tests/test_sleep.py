@@ -368,3 +368,28 @@ def test_chat_and_teach_while_asleep_use_the_pre_sleep_memory_and_wait_for_the_n
     assert [e.id for e in engine.pending_episodes()] == [during.episode_id, taught.id]   # for the next sleep, once
     assert [e.id for e in engine.wake.pending_for_fast_update] == [during.episode_id, taught.id]
     assert engine.asleep_snapshot() is None
+
+
+def test_a_stop_lands_within_a_token_of_generation_and_only_in_the_sleeps_thread(tiny_engine):
+    import threading
+
+    from sleep_engine.engine import Cancelled
+    from sleep_engine.sampling import cancel_points, chat_ids, generate_batch
+    lm, tok = tiny_engine.memory.lm, tiny_engine.tokenizer
+    prompts = [chat_ids(tok, "Tell me about the sea.")] * 2
+    calls = []
+
+    def check():
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled), cancel_points(check):
+        generate_batch(lm, tok, prompts, 40)
+    assert len(calls) == 3                     # stopped at the third new token, not after 40
+    with cancel_points(check):                 # a chat in another thread meanwhile is never stopped
+        other = threading.Thread(target=generate_batch, args=(lm, tok, prompts, 8), name="chat")
+        other.start()
+        other.join()
+    generate_batch(lm, tok, prompts, 8)        # and after the block, nothing is checked
+    assert "chat" not in calls and len(calls) == 3
