@@ -157,6 +157,8 @@ def progress_text(status: dict) -> str:
     parts.append(f"{100 * status.get('progress', 0.0):.0f}%")
     if status.get("eta_s") is not None:
         parts.append(f"about {status['eta_s']:.0f}s left")
+    elif status.get("state") == "sleeping":
+        parts.append("time left: after the first training step")
     return " · ".join(parts)
 
 

@@ -87,6 +87,26 @@ def configure_torch(cfg: LabConfig) -> None:
     torch.manual_seed(cfg.seed)
 
 
+def seconds_left(weights: dict[str, float], phases: dict[str, float], step_seconds: list[float], steps_left: int,
+                 in_phase_s: float) -> float | None:
+    """Time left of a sleep from what it measured, or None while there is nothing to go on.
+
+        distilling:   left = n_left·t̃ + (t_c + n_left·t̃)·r        t̃ = median step time so far
+        after it:     left = max(0, T_c·r − t_after)               T_c = consolidation's seconds
+        r = (w_dreaming + w_probe_after + w_checkpoint) / w_consolidation   (phase shares, WEIGHTS)
+
+    t_c: seconds spent in consolidation so far; t_after: seconds since it ended. Before the first
+    distillation step (probes, teacher answers) nothing says how long the steps will take: None.
+    """
+    r = sum(weights.get(k, 0.0) for k in ("dreaming", "probe_after", "checkpoint")) / weights["consolidation"]
+    if "consolidation" in phases:
+        return max(0.0, phases["consolidation"] * r - in_phase_s)
+    if not step_seconds:
+        return None
+    per = sorted(step_seconds)[len(step_seconds) // 2]
+    return steps_left * per + (in_phase_s + steps_left * per) * r
+
+
 class SleepRun:
     """One sleep's bookkeeping: its events, progress and time left, phase timings, the numerical
     guard and cancellation. Each phase runs as `with run.phase(name): ...`."""
@@ -101,6 +121,13 @@ class SleepRun:
         self.done = 0.0                       # share of the sleep finished (phases done)
         self.phases: dict[str, float] = {}    # seconds per finished phase
         self.committed = False                # past the commit point: nothing is rolled back
+        self.step_seconds: list[float] = []   # consolidation's measured step times (for time left)
+        self.steps_left = 0
+        self.mark = time.perf_counter()       # when consolidation started, then when it ended
+
+    def seconds_left(self) -> float | None:
+        return seconds_left(self.weights, self.phases, self.step_seconds, self.steps_left,
+                            time.perf_counter() - self.mark)
 
     def memory_params(self):
         return [p for mlp in self.engine.memory.mlps.values() for n, p in mlp.named_parameters()
@@ -120,9 +147,11 @@ class SleepRun:
         non-finite number or an exploding gradient."""
         status = self.engine._status
         self.engine.events.emit(kind, self.number, **data)
-        if kind == "loss" and data.get("total"):
+        if kind == "loss" and data.get("total") and data.get("phase") == "consolidation":
             status["progress"] = self.done + self.weights["consolidation"] * data["step"] / data["total"]
             status["step"] = f"{data['step']}/{data['total']}"
+            self.step_seconds.append(data.get("seconds") or 0.0)
+            self.steps_left = data["total"] - data["step"]
         if kind in ("loss", "dream"):
             where, step = data.get("phase") or status.get("phase", "?"), data.get("step", data.get("index"))
             bad = [k for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -141,9 +170,13 @@ class SleepRun:
         self.engine._status.update(phase=name, step=None)
         self.emit("phase", name=name)
         t0 = time.perf_counter()
+        if name == "consolidation":
+            self.mark = t0
         yield
         self.guard(name)
         self.phases[name] = round(time.perf_counter() - t0, 2)
+        if name == "consolidation":
+            self.mark = time.perf_counter()
         self.done += self.weights.get(name, 0)
         self.engine._status["progress"] = self.done
         self.emit("timing", phase=name, seconds=self.phases[name])
@@ -171,6 +204,7 @@ class SleepEngine:
         self._cancel = threading.Event()
         self._status: dict = {"state": "awake"}
         self._snapshot: MemoryModel | None = None   # the pre-sleep memory, while a sleep runs
+        self._run: SleepRun | None = None             # the running sleep's bookkeeping (time left)
         try:
             self._restore()
         except BaseException:
@@ -406,9 +440,10 @@ class SleepEngine:
     def status(self) -> dict:
         st = dict(self._status)
         st["events"] = len(self.events.since(0)) if st.get("state") == "sleeping" else st.get("events", 0)
-        if st.get("state") == "sleeping" and st.get("progress", 0) > 0.02:
-            elapsed = time.time() - st["started"]
-            st["eta_s"] = round(elapsed * (1 - st["progress"]) / st["progress"], 1)
+        run = self._run
+        if st.get("state") == "sleeping" and run is not None:
+            left = run.seconds_left()   # None until the first distillation step says how long steps take
+            st["eta_s"] = None if left is None else round(left, 1)
         st["sleeps"] = self.state.sleep_count()
         return st
 
@@ -466,7 +501,7 @@ class SleepEngine:
     def _sleep_worker(self, number: int, pending, cfg: SleepConfig) -> None:
         """One sleep, a flat sequence of phases (docs/DESIGN.md §4–6); `SleepRun` times, guards and
         cancels them. Nothing is kept unless every phase and the sanity gate pass."""
-        run = SleepRun(self, number, cfg)
+        run = self._run = SleepRun(self, number, cfg)
         tensors, manifest = self.memory.memory_state()
         snapshot = ({k: v.clone() for k, v in tensors.items()}, manifest)
         summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy(),

@@ -393,3 +393,15 @@ def test_a_stop_lands_within_a_token_of_generation_and_only_in_the_sleeps_thread
         other.join()
     generate_batch(lm, tok, prompts, 8)        # and after the block, nothing is checked
     assert "chat" not in calls and len(calls) == 3
+
+
+def test_time_left_follows_measured_step_times_and_does_not_run_away():
+    from sleep_engine.engine import SleepRun, seconds_left
+    w = {k: v / sum(SleepRun.WEIGHTS.values()) for k, v in SleepRun.WEIGHTS.items()}
+    r = (w["dreaming"] + w["probe_after"] + w["checkpoint"]) / w["consolidation"]   # 0.22 / 0.72
+    assert seconds_left(w, {}, [], 0, 40.0) is None                     # teacher still writing: no guess
+    # 4 steps done at 2, 3, 10, 3 s (median 3), 6 left, 30 s into consolidation
+    assert seconds_left(w, {}, [2, 3, 10, 3], 6, 30.0) == pytest.approx(6 * 3 + (30 + 18) * r)
+    # consolidation took 72 s: the rest is 22 s at these shares; 5 s into it, 17 s; then it floors at 0
+    assert seconds_left(w, {"consolidation": 72.0}, [3] * 10, 0, 5.0) == pytest.approx(72 * r - 5)
+    assert seconds_left(w, {"consolidation": 72.0}, [3] * 10, 0, 500.0) == 0.0
