@@ -240,12 +240,14 @@ class Consolidator:
         """Self-study (Cartridges; Physics of LMs 3.1: a fact is extractable once seen in several
         forms): the teacher, its episode in context, writes `study_questions` questions about each
         sentence (greedy for one, sampled at 0.7 beyond); the usable ones (`study_question`) are
-        then asked and answered like any seeding prompt. Per episode id, in sentence order."""
+        then asked and answered like any seeding prompt. Per episode id, in sentence order. Taught
+        texts only: a chat turn's text is mostly the model's own reply."""
         n = self.cfg.study_questions
-        if n == 0 or not episodes:
+        taught = [ep for ep in episodes if ep.kind == "taught"]
+        if n == 0 or not taught:
             return {}
         asks, owners = [], []
-        for ep in episodes:
+        for ep in taught:
             system = CONTEXT_SYSTEM.format(notes=ep.text)
             for sentence in sentences(ep.text):
                 asks += [chat_ids(self.tok, STUDY_PROMPT.format(s=sentence), system)] * n
