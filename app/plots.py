@@ -167,9 +167,14 @@ def forgetting_fig(view: dict) -> go.Figure:
 
 
 def growth_fig(data: dict) -> go.Figure:
-    """Experts per tier after each sleep (stacked bars), parameters added, experts per layer."""
+    """Experts per tier after each sleep (stacked bars), parameters added; per layer and expert the
+    update size ‖BA‖ (every layer gets one expert per sleep, so a count per layer is one flat block;
+    older state dirs without norms show that count)."""
+    norms = data.get("norms") or {}
+    by_norm = bool(norms.get("experts"))
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], specs=[[{"secondary_y": True}, {}]],
-                        subplot_titles=("experts per tier · parameters added", "experts per layer"))
+                        subplot_titles=("experts per tier · parameters added",
+                                        "update size ‖BA‖ per layer and expert" if by_norm else "experts per layer"))
     _base(fig, "Expert growth over sleeps", "growth", height=320)
     if not data["sleeps"]:
         return _empty(fig, "No experts yet: each sleep adds one low-rank expert per layer.")
@@ -180,9 +185,15 @@ def growth_fig(data: dict) -> go.Figure:
                              marker_color=TIER_COLORS.get(t, "#999")), row=1, col=1, secondary_y=False)
     fig.add_trace(go.Scatter(x=x, y=data["params_added"], name="parameters added", mode="lines+markers",
                              line={"color": "#ef553b"}), row=1, col=1, secondary_y=True)
-    fig.add_trace(go.Heatmap(z=data["experts_per_layer"], x=x, y=[str(layer) for layer in data["layers"]],
-                             colorscale="Greens", showscale=False,
-                             hovertemplate="%{x}<br>layer %{y}: %{z} experts<extra></extra>"), row=1, col=2)
+    if by_norm:
+        fig.add_trace(go.Heatmap(z=norms["z"], x=norms["experts"], y=[str(layer) for layer in norms["layers"]],
+                                 colorscale="Greens", showscale=False,
+                                 hovertemplate="expert %{x}, layer %{y}: ‖BA‖ = %{z:.3g}<extra></extra>"), row=1, col=2)
+        fig.update_xaxes(title_text="expert", type="category", row=1, col=2)
+    else:
+        fig.add_trace(go.Heatmap(z=data["experts_per_layer"], x=x, y=[str(layer) for layer in data["layers"]],
+                                 colorscale="Greens", showscale=False,
+                                 hovertemplate="%{x}<br>layer %{y}: %{z} experts<extra></extra>"), row=1, col=2)
     fig.update_layout(barmode="stack")
     fig.update_yaxes(title_text="experts", row=1, col=1, secondary_y=False)
     fig.update_yaxes(title_text="parameters", row=1, col=1, secondary_y=True, showgrid=False, rangemode="tozero")

@@ -242,8 +242,9 @@ def live_experts(events) -> list[dict]:
 
 
 def growth(manifests: list[dict], running: dict | None = None) -> dict:
-    """Experts per tier and per layer after each completed sleep, and parameters added by each.
-    `running` = {"sleep": n, "experts": [expert events]} adds the sleep in progress."""
+    """Experts per tier and per layer after each completed sleep, and parameters added by each;
+    each expert's update size ‖BA‖ per layer after the last one (`norms`, where the manifests
+    record it). `running` = {"sleep": n, "experts": [expert events]} adds the sleep in progress."""
     sleeps, per_tier, per_layer, added = [], [], [], []
     layers: set[int] = set()
     prev_params = 0
@@ -277,7 +278,11 @@ def growth(manifests: list[dict], running: dict | None = None) -> dict:
         per_layer.append(lay)
         added.append(params)
     all_tiers = sorted({t for d in per_tier for t in d})
-    return {"sleeps": sleeps, "tiers": all_tiers, "layers": sorted(layers),
+    last = [e for e in (manifests[-1].get("memory", {}).get("experts", []) if manifests else []) if e.get("layer_norms")]
+    norm_layers = sorted({layer for e in last for layer in e["layers"]})
+    norms = {"experts": [e["expert_id"] for e in last], "layers": norm_layers,   # after the last completed sleep
+             "z": [[dict(zip(e["layers"], e["layer_norms"])).get(layer) for e in last] for layer in norm_layers]}
+    return {"sleeps": sleeps, "tiers": all_tiers, "layers": sorted(layers), "norms": norms,
             "experts_per_tier": {t: [d.get(t, 0) for d in per_tier] for t in all_tiers},
             "experts_per_layer": [[d.get(layer, 0) for d in per_layer] for layer in sorted(layers)],
             "params_added": added, "running": bool(running and running.get("experts"))}

@@ -146,6 +146,7 @@ class ExpertInfo:
     rank: int
     layers: list[int]
     params: int        # over all its layers, gates included
+    layer_norms: list[float] = field(default_factory=list)   # ‖B A‖_F per layer (same order): where it learned
 
 
 @dataclass
@@ -236,6 +237,9 @@ class MemoryModel:
                 info = infos.setdefault(e.expert_id, ExpertInfo(e.expert_id, e.tier, e.born, e.rank, [], 0))
                 info.layers.append(layer)
                 info.params += e.num_params()
+                with torch.no_grad():   # ‖BA‖_F² = Σ (AAᵀ ⊙ BᵀB): rank × rank, cheap
+                    a, b = e.A.float(), e.B.float()
+                    info.layer_norms.append(round(float(((a @ a.T) * (b.T @ b)).sum().clamp(min=0).sqrt()), 5))
         return list(infos.values())
 
     def experts_by_tier(self) -> dict[int, list[ExpertInfo]]:

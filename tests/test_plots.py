@@ -145,8 +145,30 @@ def test_growth_counts_experts_per_tier_and_layer_and_parameters_added():
     assert list(t2.y) == [1, 2, 0, 1] and list(t3.y) == [0, 0, 1, 1] and fig.layout.barmode == "stack"
     assert list(t2.x)[-1] == "sleep 4 (running)"
     assert list(added.y) == [100, 100, -100, 50] and added.yaxis == "y2"
-    assert [list(r) for r in heat.z] == [[1, 2, 1, 2], [1, 2, 1, 1]]
+    assert [list(r) for r in heat.z] == [[1, 2, 1, 2], [1, 2, 1, 1]]   # manifests without norms: counts
     assert not plots.growth_fig(views.growth([])).data
+    # with norms recorded: the last sleep's ‖BA‖ per layer (rows) and expert (columns)
+    normed = [manifest(1, [dict(E0, layer_norms=[0.5, 0.25]), dict(E1, layer_norms=[0.0, 2.0])])]
+    g = views.growth(normed)
+    assert g["norms"] == {"experts": ["e0", "e1"], "layers": [0, 3], "z": [[0.5, 0.0], [0.25, 2.0]]}
+    heat = plots.growth_fig(g).data[-1]
+    assert list(heat.x) == ["e0", "e1"] and [list(r) for r in heat.z] == [[0.5, 0.0], [0.25, 2.0]]
+
+
+def test_expert_info_records_the_update_size_per_layer():
+    import torch
+
+    from conftest import tiny_llama
+    from sleep_engine.config import MemoryConfig
+    from sleep_engine.memory import MemoryModel
+    memory = MemoryModel(tiny_llama(), MemoryConfig())
+    eid = memory.add_expert(tier=2, born=1)
+    assert memory.experts()[0].layer_norms == [0.0, 0.0]          # B = 0 at birth: no update yet
+    e = memory.expert_modules(eid)[1]
+    with torch.no_grad():
+        e.B.normal_()
+    assert memory.experts()[0].layer_norms[0] == 0.0
+    assert abs(memory.experts()[0].layer_norms[1] - float((e.B @ e.A).norm())) < 1e-3
 
 
 def test_every_figure_keeps_zoom_across_redraws():
