@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check clean
+.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ repetition-check: setup
 # chat during a quick sleep on the embedded model: speed, pre-sleep answers, nothing lost (docs/reliability.md); ~5 min
 asleep-check: setup
 	$(BIN)/python tests/asleep_check.py 2
+
+# how long Stop takes: a quick sleep stopped after 2–55 s (probes, teacher answers, steps); ~4 min
+stop-check: setup
+	$(BIN)/python tests/stop_check.py 2
 
 bench: setup
 	$(BIN)/python launch.py bench wake --json
