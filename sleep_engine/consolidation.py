@@ -566,6 +566,7 @@ class Consolidator:
                 if gl is not None:
                     loss = loss + cfg.gate_loss * gl
                     gate_losses.append(float(gl.detach()))
+                self.check()   # between forward and backward too: a step is seconds long on a CPU
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
