@@ -420,7 +420,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         return (plots.consolidation_fig(views.loss_series(events)), views.sample_rows(events),
                 plots.dreams_scatter(dreams), views.dream_table(dreams),
                 plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
-                plots.growth_fig(views.growth(manifests, running)))
+                plots.growth_fig(views.growth(manifests, running)),
+                views.locality_table(manifests[-1] if manifests else None))
 
     def tick(key, request: gr.Request = None):
         status = engine.status()
@@ -428,7 +429,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                    len(engine.events.since(0)), status.get("sleeps"), len(engine.state.episodes)]
         progress = progress_html(status)
         if new_key == key:
-            return (key, gr.skip(), progress) + (gr.skip(),) * 11
+            return (key, gr.skip(), progress) + (gr.skip(),) * 12
         sleeps_changed = key is None or key[3] != new_key[3]
         choices = sleep_choices()
         pick = gr.update(choices=choices, value=choices[-1] if choices else None) if sleeps_changed else gr.skip()
@@ -626,6 +627,9 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 dream_df = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False, wrap=True,
                                         max_height=300, elem_id="panel-dream-table", column_widths=DREAM_WIDTHS)
                 forget_plot = gr.Plot(label="Forgetting", elem_id="panel-forgetting")
+                locality_df = gr.Dataframe(headers=views.LOCALITY_COLUMNS, interactive=False, wrap=True,
+                                           label="Locality: each expert's mean gate after the last sleep (it should "
+                                                 "open on its own episodes' questions only)", elem_id="panel-locality")
                 growth_plot = gr.Plot(label="Expert growth", elem_id="panel-growth")
             with gr.Tab("Inspect", id="inspect"):
                 with gr.Row():
@@ -698,8 +702,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         delete_btn.click(lambda t: change_episodes("delete", t), episode_ids, episodes_out, api_name="delete_episodes")
         gr.api(status_api, api_name="status")
 
-        live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, tiers, pick,
-                sleep_btn, stop_sleep_btn, episodes_df]
+        live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, locality_df,
+                tiers, pick, sleep_btn, stop_sleep_btn, episodes_df]
         timer.tick(tick, key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
 
         inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]

@@ -369,6 +369,23 @@ def selectivity_rows(manifest: dict) -> list[tuple[str, str]]:
     return rows
 
 
+LOCALITY_COLUMNS = ["expert", "its episodes", "gate on their questions", "on everyday questions",
+                    "everyday ÷ own (target ≤ 0.1)", "on other episodes' questions"]
+
+
+def locality_table(manifest: dict | None) -> list[list]:
+    """Each expert's gate selectivity after the last completed sleep, as rows of LOCALITY_COLUMNS."""
+    def num(x, fmt=".3f"):
+        return "–" if x is None else format(x, fmt)
+    rows = []
+    for eid, s in ((manifest or {}).get("gate_selectivity") or {}).items():
+        ratio = s.get("everyday_over_own")
+        verdict = "" if s.get("meets_target") is None else (" ✓" if s["meets_target"] else " ✗")
+        rows.append([eid, ", ".join(map(str, s.get("episodes", []))), num(s.get("own")), num(s.get("everyday")),
+                     ("–" if ratio is None else f"{ratio:.2f}×{verdict}"), num(s.get("other"))])
+    return rows
+
+
 def probe_rows(manifest: dict) -> list[list]:
     before = {str(k): v for k, v in (manifest.get("probe_accuracy_before") or {}).items()}
     after = {str(k): v for k, v in (manifest.get("probe_after") or manifest.get("probe_accuracy_after") or {}).items()}

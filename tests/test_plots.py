@@ -223,3 +223,14 @@ def test_event_log_on_disk_feeds_the_same_views(tmp_path):
     assert len(events) == len(EVENTS)
     assert views.loss_series(events)["divergence"] == [0.5, 0.3, 0.2]
     assert views.read_events(tmp_path / "missing.jsonl") == []
+
+
+def test_locality_table_shows_each_experts_gates_and_the_target():
+    m = {"gate_selectivity": {"e0": {"episodes": [1, 2], "own": 0.4, "everyday": 0.02, "other": 0.1,
+                                     "everyday_over_own": 0.05, "meets_target": True},
+                              "e1": {"episodes": [3], "own": 0.2, "everyday": 0.05, "other": None,
+                                     "everyday_over_own": 0.25, "meets_target": False}}}
+    assert views.locality_table(m) == [["e0", "1, 2", "0.400", "0.020", "0.05× ✓", "0.100"],
+                                       ["e1", "3", "0.200", "0.050", "0.25× ✗", "–"]]
+    assert views.locality_table(None) == [] and views.locality_table({}) == []
+    assert len(views.LOCALITY_COLUMNS) == len(views.locality_table(m)[0])
