@@ -407,7 +407,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         return json.loads(json.dumps(st, default=str))
 
     # -- live panels (timer) --------------------------------------------------------------------
-    def panels():
+    def panels() -> dict:
         events = engine.events.since(0)
         dirs = engine.state.sleep_dirs()
         if not events and dirs:   # a fresh server: show the last completed sleep from its log on disk
@@ -417,26 +417,27 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         running = ({"sleep": status.get("sleep"), "experts": views.live_experts(events)}
                    if status.get("state") == "sleeping" else None)
         dreams = views.dream_rows(events)
-        return (plots.consolidation_fig(views.loss_series(events)), views.sample_rows(events),
-                plots.dreams_scatter(dreams), views.dream_table(dreams),
-                plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
-                plots.growth_fig(views.growth(manifests, running)),
-                views.locality_table(manifests[-1] if manifests else None))
+        return {cons_plot: plots.consolidation_fig(views.loss_series(events)), samples: views.sample_rows(events),
+                dream_plot: plots.dreams_scatter(dreams), dream_df: views.dream_table(dreams),
+                forget_plot: plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
+                growth_plot: plots.growth_fig(views.growth(manifests, running)),
+                locality_df: views.locality_table(manifests[-1] if manifests else None)}
 
-    def tick(key, request: gr.Request = None):
+    def tick(seen, request: gr.Request = None) -> dict:
+        """Every second: the progress line; the rest only when something changed since `seen`."""
         status = engine.status()
-        new_key = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
-                   len(engine.events.since(0)), status.get("sleeps"), len(engine.state.episodes)]
-        progress = progress_html(status)
-        if new_key == key:
-            return (key, gr.skip(), progress) + (gr.skip(),) * 12
-        sleeps_changed = key is None or key[3] != new_key[3]
-        choices = sleep_choices()
-        pick = gr.update(choices=choices, value=choices[-1] if choices else None) if sleeps_changed else gr.skip()
+        now = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
+               len(engine.events.since(0)), status.get("sleeps"), len(engine.state.episodes)]
+        out = {progress: progress_html(status)}
+        if now == seen:
+            return out
+        if seen is None or seen[3] != now[3]:   # a sleep finished or was undone: the Inspect list follows
+            choices = sleep_choices()
+            out[pick] = gr.update(choices=choices, value=choices[-1] if choices else None)
         sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
-        return ((new_key, header_html(), progress) + panels() + (tiers_table(request), pick)
-                + (gr.update(interactive=not sleeping), gr.update(interactive=sleeping),
-                   views.episode_table(engine.episode_rows())))
+        return {**out, **panels(), panel_key: now, header: header_html(), tiers: tiers_table(request),
+                sleep_btn: gr.update(interactive=not sleeping), stop_sleep_btn: gr.update(interactive=sleeping),
+                episodes_df: views.episode_table(engine.episode_rows())}
 
     # -- Inspect --------------------------------------------------------------------------------
     def sleep_choices():
@@ -547,7 +548,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         header = gr.HTML(elem_id="header")
         browser = gr.BrowserState(None, storage_key="sleep-lab-conversation")   # this browser's conversation id
         guide_dismissed = gr.BrowserState(False, storage_key="sleep-lab-guide-dismissed")
-        key = gr.State(None)
+        panel_key = gr.State(None)   # what the panels last showed (tick redraws on change)
         timer = gr.Timer(1.0)
         with gr.Tabs():
             with gr.Tab("Wake", id="wake"):
@@ -702,9 +703,9 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         delete_btn.click(lambda t: change_episodes("delete", t), episode_ids, episodes_out, api_name="delete_episodes")
         gr.api(status_api, api_name="status")
 
-        live = [key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot, locality_df,
-                tiers, pick, sleep_btn, stop_sleep_btn, episodes_df]
-        timer.tick(tick, key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
+        live = [panel_key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot,
+                locality_df, tiers, pick, sleep_btn, stop_sleep_btn, episodes_df]
+        timer.tick(tick, panel_key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
 
         inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]
         pick.change(inspect, pick, inspect_out, api_name=False)
@@ -725,10 +726,14 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             browser_id = sessions.attach(request, browser_id)
             history = engine.wake.conversation(sessions.key(request))
             notes = engine.notices()
-            own = sampling.get(sessions.key(request))   # a reload keeps this browser's generation settings
-            kept = tuple(own[f] for f in SAMPLING_FIELDS) if own else (gr.skip(),) * len(generation)
-            return ((browser_id, history) + routing_outputs(None) + tick(None, request) + (gr.update(choices=report_choices()),)
-                    + (_error("; ".join(notes)) if notes else gr.skip(),) + kept)
+            own = sampling.get(sessions.key(request))
+            out = {browser: browser_id, chatbot: history, **dict(zip([heat, strip, load], routing_outputs(None))),
+                   **tick(None, request), report_pick: gr.update(choices=report_choices())}
+            if notes:
+                out[inspect_notice] = _error("; ".join(notes))
+            if own:   # a reload keeps this browser's generation settings
+                out.update({c: own[f] for c, f in zip(generation, SAMPLING_FIELDS)})
+            return out
         guide_ok.click(lambda: (True, gr.update(visible=False)), None, [guide_dismissed, guide], api_name=False)
         demo.load(lambda dismissed: gr.update(visible=not dismissed), guide_dismissed, guide, api_name=False)
         demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice]
