@@ -547,12 +547,17 @@ class SleepEngine:
         everyday answers (the sanity gate compares against them), and the teacher check."""
         lm, tok = self.memory.lm, self.tokenizer
         new_probes, old_probes = probes
-        with self.memory.configured(fast_weights=False):
+        with self.memory.configured(fast_weights=False):   # a Stop may land between any two readings
             summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
+            run.check()
             summary["general_ppl_before"] = perplexity(lm, tok, generic)
+            run.check()
             summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
+        run.check()
         everyday = self.wake.fast.reference_chats()["guard"]
+        run.check()
         everyday_before = self.wake.fast.guard_reading(False)
+        run.check()
         summary.update(self._teacher_check(summary["general_ppl_before"], generic, cfg))
         if not summary["teacher_fast_weights"]:
             run.emit("notice", message=summary["teacher_note"])
@@ -585,10 +590,14 @@ class SleepEngine:
         new_probes, old_probes = probes
         after = closed_book_accuracy(lm, tok, new_probes + old_probes)
         summary["probe_accuracy_after"] = after
+        run.check()
         summary["general_ppl_after"] = perplexity(lm, tok, generic)
+        run.check()
         summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
+        run.check()
         chats, before = everyday
         summary.update(everyday_change(before, self.wake.fast.read(chats, fast_weights=False)))
+        run.check()
         summary["gate_selectivity"] = self.gate_selectivity(current)
         ids = [e.id for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()] + \
             summary["episode_ids"]   # the older episodes, then this sleep's: a row of R
