@@ -3,7 +3,6 @@ replies during it are the pre-sleep model's, what the snapshot costs. `make asle
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,17 +20,10 @@ def replies(engine, tag):
 
 
 def main(threads: int = 2):
-    import launch
-    from sleep_engine.config import LabConfig, SleepConfig
-    root = Path("/tmp/sleep-lab-asleep-check")
-    import shutil
-    shutil.rmtree(root, ignore_errors=True)
-    cfg = LabConfig(threads=threads, state_dir=root).validate()
-    cfg.wake.fast_update_every = 0
-    launch.quiet_libraries(cfg)
-    from sleep_engine.engine import SleepEngine
+    from check_setup import fresh_engine
+    from sleep_engine.config import SleepConfig
     from sleep_engine.lab.data import load_passages
-    engine = SleepEngine(cfg)
+    engine = fresh_engine("asleep-check", threads)
     p = load_passages("dev")
     try:
         engine.wake.teach(p[0].text)

@@ -2,7 +2,6 @@
 and stopped after different delays (so in different phases); each stop's latency, the phase it
 hit, and whether the memory came back bit for bit. `make stop-check`."""
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -15,16 +14,10 @@ DELAYS = [2, 6, 12, 20, 35, 55]   # seconds after Sleep now: probes, teacher ans
 
 
 def main(threads: int = 2):
-    import launch
-    from sleep_engine.config import LabConfig, SleepConfig
-    root = Path("/tmp/sleep-lab-stop-check")
-    shutil.rmtree(root, ignore_errors=True)
-    cfg = LabConfig(threads=threads, state_dir=root).validate()
-    cfg.wake.fast_update_every = 0
-    launch.quiet_libraries(cfg)
-    from sleep_engine.engine import SleepEngine
+    from check_setup import fresh_engine
+    from sleep_engine.config import SleepConfig
     from sleep_engine.lab.data import load_passages
-    engine = SleepEngine(cfg)
+    engine = fresh_engine("stop-check", threads)
     rows = []
     try:
         for p in load_passages("dev")[:2]:
