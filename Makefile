@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check clean
+.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check budget-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ repetition-check: setup
 # chat during a quick sleep on the embedded model: speed, pre-sleep answers, nothing lost (docs/reliability.md); ~5 min
 asleep-check: setup
 	$(BIN)/python tests/asleep_check.py 2
+
+# do the presets keep their word: quick and full sleeps over 2 and 10 episodes, timed, with what the budget cut (README); ~25 min
+budget-check: setup
+	$(BIN)/python tests/budget_check.py 2
 
 # how long Stop takes: a quick sleep stopped after 2–55 s (probes, teacher answers, steps); ~4 min
 stop-check: setup

@@ -36,7 +36,8 @@ EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")   # a folder name, 
 UPLOAD_LIMIT = 1 << 20       # bytes per uploaded text file (the server refuses larger uploads too)
 SETTINGS = [("distill_steps", "consolidation steps (0 = auto)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
             ("keep_random", "b random kept"), ("gamma", "γ (semantic vs edit reward)"),
-            ("alpha", "α (divergence vs reward)"), ("lmbda", "λ (student-sampled fraction)")]
+            ("alpha", "α (divergence vs reward)"), ("lmbda", "λ (student-sampled fraction)"),
+            ("budget_s", "time budget, s (0 = none)")]
 DREAM_WIDTHS = ["5%", "4%", "7%", "7%", "6%", "7%", "7%", "20%", "37%"]
 INT_SETTINGS = {"distill_steps", "dreams", "keep_top", "keep_random"}
 
@@ -377,7 +378,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         except (ConfigError, NothingToConsolidate, RuntimeError, ValueError) as e:
             return _error(str(e))
         taken = ", ".join(str(i) for i in engine.status().get("episodes", []))
-        return _ok(f"Sleep {number} started ({preset} preset) on episode(s) {taken}. You can keep chatting: replies "
+        budget = f", within {settings.budget_s:g} s" if settings.budget_s else ", no time budget"
+        return _ok(f"Sleep {number} started ({preset} preset{budget}) on episode(s) {taken}. You can keep chatting: replies "
                    "come from the memory as it was before the sleep. Stop rolls the sleep back.")
 
     def change_episodes(action, text):

@@ -106,6 +106,9 @@ class WakeConfig:
 class SleepConfig:
     """One Sleep: consolidation (docs/DESIGN.md §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
+    # a preset is a time budget: a sleep fits its teacher's writing and its steps into budget_s
+    # seconds of wall time, measured as it runs (0 = no budget: the recipe as written, for the lab)
+    budget_s: float = 90.0
     # knowledge seeding: on-policy distillation
     prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)
     study_questions: int = 1          # self-study: questions the teacher writes about each sentence of an episode (0 = off)
@@ -167,7 +170,7 @@ class SleepConfig:
 
     PRESETS = {
         "quick": {},
-        "full": {"prompts_per_episode": 16, "answer_tokens": 48, "batch_size": 8, "lti_group": 4,
+        "full": {"budget_s": 360.0, "prompts_per_episode": 16, "answer_tokens": 48, "batch_size": 8, "lti_group": 4,
                  "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 8,
                  "distill_epochs": 5.0, "lti_steps": 2, "lti_prefixes": 4, "dreams": 6, "keep_top": 2,
                  "keep_random": 1, "dream_tokens": 48, "trial_steps": 2, "rest_rounds": 2, "rest_steps": 2},
@@ -201,6 +204,7 @@ class SleepConfig:
         for name, lo, hi in [("prompts_per_episode", 1, 256), ("study_questions", 0, 8), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
                              ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12),
                              ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("distill_epochs", 0.1, 100.0),
+                             ("budget_s", 0.0, 86_400.0),
                              ("batch_size", 1, 256),
                              ("lr", 1e-7, 1.0), ("beta", 0.0, 1.0), ("lmbda", 0.0, 1.0), ("alpha", 0.0, 1.0),
                              ("teacher_max_drift", 0.0, 10.0),

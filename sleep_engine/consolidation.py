@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ASSETS
+from .budget import NEVER, Deadline, steps_that_fit
 from .config import SleepConfig
 from .losses import generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
@@ -149,6 +150,15 @@ def faithfulness(answer: str, source: str) -> float:
     return sum(f in lowered for f in facts) / len(facts)
 
 
+def round_robin(streams: list[list]) -> list:
+    """The lists interleaved: the first item of each, then the second of each, and so on, so that
+    any prefix holds the first items of every list (a sleep out of time still teaches each episode)."""
+    out = []
+    for i in range(max((len(s) for s in streams), default=0)):
+        out += [s[i] for s in streams if i < len(s)]
+    return out
+
+
 def distill_steps(cfg: SleepConfig, pool_size: int) -> int:
     """Distillation steps of one sleep: `cfg.distill_steps` if set, else `distill_epochs` passes
     over the `pool_size` prompts (episode, replay and chat-anchor answers), so a sleep after four
@@ -188,9 +198,11 @@ class Consolidator:
     """Knowledge seeding of one new expert. `emit(kind, **data)` reports; `check()` raises on cancel."""
 
     def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0,
-                 teacher_fast_weights: bool = True):
+                 teacher_fast_weights: bool = True, writing: Deadline = NEVER, training: Deadline = NEVER):
         self.memory, self.lm, self.tok, self.cfg = memory, memory.lm, tokenizer, cfg
         self.teacher_fast = teacher_fast_weights   # off when tier 1 fails the engine's teacher check
+        self.writing, self.training = writing, training   # the sleep's time budget (budget.py)
+        self.written: dict = {}                             # prompts asked and answered within it
         self.emit, self.check = emit, check
         self.rng = random.Random(seed)
         self.pad = tokenizer.pad_token_id or 0
@@ -207,19 +219,12 @@ class Consolidator:
         episode does not contain are dropped (`min_faithfulness`). Self-replay asks the same kind
         of questions about older episodes, answered from memory (no context): the new expert must
         not overwrite what older experts hold. Probe questions are never asked: they are the test."""
-        prompts = []   # (question, teacher's system prompt or None, source text to check against)
-        studied = self.study_questions(new_episodes, new_id)
-        for ep in new_episodes:
-            system = CONTEXT_SYSTEM.format(notes=ep.text)
-            asks = seed_prompts(ep.text, self.cfg.prompts_per_episode) + studied.get(ep.id, [])
-            prompts += [(q, system, ep.text) for q in asks]
-        for ep in old_episodes:
-            prompts += [(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)]
-        prompts += [(q, None, None) for q in self.chat_anchors()]
+        prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_id))
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
         with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
-                                             return_logits=True, batch_size=32)
+                                             return_logits=True, batch_size=32, deadline=self.writing)
+        self.written = {"prompts": len(prompts), "answered": len(answers)}
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
         for (q, _, source), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
@@ -236,6 +241,20 @@ class Consolidator:
         fallbacks = [example for source, (_, example) in best.items() if source not in passed]
         return out + fallbacks + self.text_anchors(new_id)
 
+    def teacher_prompts(self, new_episodes, old_episodes, studied: dict[int, list[str]]) -> list[tuple]:
+        """(question, teacher's system prompt or None, source text to check against), most needed
+        first, since a sleep out of time keeps a prefix: the chat anchors (what must not change),
+        then the taught episodes' prompts round-robin (each episode's recitation before anyone's
+        second prompt), then self-replay of older episodes and chat turns, round-robin."""
+        def about(ep):
+            system = CONTEXT_SYSTEM.format(notes=ep.text)
+            return [(q, system, ep.text) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)
+                    + studied.get(ep.id, [])]
+        replay = [[(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)] for ep in old_episodes]
+        return ([(q, None, None) for q in self.chat_anchors()]
+                + round_robin([about(ep) for ep in new_episodes if ep.kind == "taught"])
+                + round_robin(replay + [about(ep) for ep in new_episodes if ep.kind != "taught"]))
+
     def study_questions(self, episodes, new_id: str) -> dict[int, list[str]]:
         """Self-study (Cartridges; Physics of LMs 3.1: a fact is extractable once seen in several
         forms): the teacher, its episode in context, writes `study_questions` questions about each
@@ -246,22 +265,19 @@ class Consolidator:
         taught = [ep for ep in episodes if ep.kind == "taught"]
         if n == 0 or not taught:
             return {}
-        asks, owners = [], []
-        for ep in taught:
-            system = CONTEXT_SYSTEM.format(notes=ep.text)
-            for sentence in sentences(ep.text):
-                asks += [chat_ids(self.tok, STUDY_PROMPT.format(s=sentence), system)] * n
-                owners += [ep] * n
+        per_episode = [[(ep, chat_ids(self.tok, STUDY_PROMPT.format(s=sentence), CONTEXT_SYSTEM.format(notes=ep.text)))
+                        for sentence in sentences(ep.text) for _ in range(n)] for ep in taught]
+        owners, asks = zip(*round_robin(per_episode)) if any(per_episode) else ((), ())
         with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
-            replies = generate_batch(self.lm, self.tok, asks, 32, temperature=0.7 if n > 1 else 0.0,
-                                     seed=self.rng.randrange(1 << 30), batch_size=32)
+            replies = generate_batch(self.lm, self.tok, list(asks), 32, temperature=0.7 if n > 1 else 0.0,
+                                     seed=self.rng.randrange(1 << 30), batch_size=32, deadline=self.writing)
         out: dict[int, list[str]] = {}
         for ep, reply in zip(owners, replies):
             probes = {normalize(item["q"]) for item in (ep.qa or [])}
             q = study_question(self.tok.decode(reply, skip_special_tokens=True), ep.text, probes)
             if q and q not in out.get(ep.id, []):
                 out.setdefault(ep.id, []).append(q)
-        self.studied = {"asked": len(asks), "kept": sum(len(v) for v in out.values()),
+        self.studied = {"asked": len(asks), "answered": len(replies), "kept": sum(len(v) for v in out.values()),
                         "examples": [q for v in out.values() for q in v][:4]}
         return out
 
@@ -525,9 +541,9 @@ class Consolidator:
         texts = [e for e in examples if not e.prompt]
         if not pool:
             pool, texts = texts, []
-        total = distill_steps(cfg, len(pool)) + (cfg.lti_steps if cfg.lti else 0)
+        planned = total = distill_steps(cfg, len(pool)) + (cfg.lti_steps if cfg.lti else 0)
         lti_at = set(range(total - cfg.lti_steps, total)) if cfg.lti else set()
-        divergences, rewards = [], []
+        divergences, rewards, seconds = [], [], []
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
         gate_on = cfg.gate_loss > 0
@@ -541,7 +557,7 @@ class Consolidator:
             gate_on = False
         gate_losses: list[float] = []
         try:
-            for step in range(total):
+            for step in range(planned):
                 self.check()
                 t0 = time.perf_counter()
                 if len(order) < cfg.batch_size:
@@ -571,11 +587,17 @@ class Consolidator:
                 loss.backward()
                 opt.step()
                 divergences.append(float(div.detach()))
+                seconds.append(time.perf_counter() - t0)
+                total = steps_that_fit(step + 1, total, seconds, self.training.left())
+                if cfg.lti and step + 1 < total:   # imitation keeps its place at the end of a shortened run
+                    lti_at = set(range(max(step + 1, total - cfg.lti_steps), total))
                 self.emit("loss", phase=phase, step=step + 1, total=total, divergence=divergences[-1],
-                          reward=reward, seconds=round(time.perf_counter() - t0, 3))
+                          reward=reward, seconds=round(seconds[-1], 3))
+                if step + 1 >= total:
+                    break
         finally:
             self.memory.freeze_all()
-        return {"steps": total, "examples": len(examples), "final_divergence": divergences[-1] if divergences else None,
+        return {"steps": len(divergences), "planned_steps": planned, "examples": len(examples), **self.written, "final_divergence": divergences[-1] if divergences else None,
                 "first_divergence": divergences[0] if divergences else None,
                 "mean_reward": sum(rewards) / len(rewards) if rewards else None,
                 **fitted, "study_questions": self.studied, "first_gate_loss": gate_losses[0] if gate_losses else None,

@@ -18,8 +18,9 @@ import torch
 
 from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
+from .budget import NEVER, Deadline, split_budget
 from .config import ConfigError, LabConfig, SleepConfig
-from .consolidation import Consolidator, Example, seed_prompts
+from .consolidation import Consolidator, Example, round_robin, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
@@ -124,10 +125,24 @@ class SleepRun:
         self.step_seconds: list[float] = []   # consolidation's measured step times (for time left)
         self.steps_left = 0
         self.mark = time.perf_counter()       # when consolidation started, then when it ended
+        self.deadline = Deadline.after(cfg.budget_s or None)   # the preset's time budget, from now
+
+    def deadlines(self, dreaming_next: bool, tier_step: bool) -> tuple[Deadline, Deadline]:
+        """(writing, training) deadlines for the teacher's answers and the steps of the part about
+        to start, from the time left and what the later phases need (budget.split_budget)."""
+        if self.deadline.at is None:
+            return NEVER, NEVER
+        share = split_budget(self.deadline.left(), self.phases.get("probe_before", 0.0), dreaming_next, tier_step)
+        return Deadline.after(share["writing"]), Deadline.after(share["writing"] + share["training"])
 
     def seconds_left(self) -> float | None:
-        return seconds_left(self.weights, self.phases, self.step_seconds, self.steps_left,
-                            time.perf_counter() - self.mark)
+        """From the measured steps; with a time budget, never past its end."""
+        guess = seconds_left(self.weights, self.phases, self.step_seconds, self.steps_left,
+                             time.perf_counter() - self.mark)
+        if self.deadline.at is None:
+            return guess
+        budget_left = max(0.0, self.deadline.left())
+        return budget_left if guess is None else min(guess, budget_left)
 
     def memory_params(self):
         return [p for mlp in self.engine.memory.mlps.values() for n, p in mlp.named_parameters()
@@ -516,14 +531,16 @@ class SleepEngine:
                 with run.phase("consolidation"):
                     new_id = self._consolidate(run, pending, older, cfg, summary)
                 summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
-                if cfg.dreaming:
+                if cfg.dreaming and run.deadline.passed():
+                    summary["dreams"]["skipped"] = "the sleep's time budget was spent"
+                    run.emit("notice", message=f"no dreaming this time: the {cfg.budget_s:g} s budget is spent")
+                elif cfg.dreaming:
                     with run.phase("dreaming"):
                         summary["dreams"] = self._dream(run, pending, new_id, cfg)
                 with run.phase("reset"):
                     self.memory.reset_fast_weights()
-                    if number % cfg.consolidate_every == 0 and self.memory.cfg.tiers >= 3:
-                        summary["tier_consolidation"] = self._consolidate_tier(number, older + list(pending), cfg,
-                                                                               run.emit, run.check)
+                    if self._tier_step_due(number, cfg):
+                        summary["tier_consolidation"] = self._consolidate_tier(run, older + list(pending), cfg)
                 with run.phase("probe_after"):
                     self._probe_after(run, probes, generic, everyday, {new_id: [e.id for e in pending]}, summary)
                 self._sanity_gate(summary, cfg)
@@ -573,8 +590,9 @@ class SleepEngine:
         summary["experts_added"] = [new_id] if cfg.expansion or not tier2 else []
         info = next(e for e in self.memory.experts() if e.expert_id == new_id)
         run.emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=run.number)
+        writing, training = run.deadlines(cfg.dreaming, self._tier_step_due(run.number, cfg))
         seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
-                              teacher_fast_weights=summary["teacher_fast_weights"])
+                              teacher_fast_weights=summary["teacher_fast_weights"], writing=writing, training=training)
         summary["consolidation"] = seeder.seed(seeder.teacher_data(pending, older, new_id), new_id)
         return new_id
 
@@ -671,26 +689,33 @@ class SleepEngine:
         with self.lock:
             self.memory.load_memory_state(*snapshot)
 
-    def _consolidate_tier(self, number, episodes, cfg, emit, check) -> dict:
+    def _tier_step_due(self, number: int, cfg: SleepConfig) -> bool:
+        return number % cfg.consolidate_every == 0 and self.memory.cfg.tiers >= 3 and \
+            any(e.tier == 2 for e in self.memory.experts())
+
+    def _consolidate_tier(self, run: "SleepRun", episodes, cfg) -> dict:
         """Tier 2 → tier 3: a new slow expert learns from the model with its tier-2 experts
         (teacher) to answer without them (student); then the tier-2 experts are removed. The
         anchors of consolidation come along: without them one tier step moved everyday text by
         +25% perplexity (measured, lab knowledge 3-tier)."""
         tier2 = [e.expert_id for e in self.memory.experts() if e.tier == 2]
-        if not tier2:
-            return {}
-        new_id = self.memory.add_expert(tier=3, born=number, gate_bias=cfg.gate_bias_init)
-        emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
-        seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), emit, check,
-                              seed=number)
+        new_id = self.memory.add_expert(tier=3, born=run.number, gate_bias=cfg.gate_bias_init)
+        run.emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
+        writing, training = run.deadlines(dreaming_next=False, tier_step=False)
+        seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), run.emit,
+                              run.check, seed=run.number, writing=writing, training=training)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
-        asks = [q for e in episodes for q in seed_prompts(e.text, cfg.prompts_per_episode)]   # never the probes
-        n_episode = len(asks)   # the slow expert's gate opens on these, stays closed on the anchors
-        asks += seeder.chat_anchors()
+        # the anchors first (the slow expert's gate stays closed on them), then every episode's
+        # prompts round-robin, taught ones first: a budget keeps a prefix. Never the probes.
+        anchors = seeder.chat_anchors()
+        asks = anchors + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind == "taught"]) \
+            + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind != "taught"])
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
-            answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens)
-        examples = [Example(p + a, p + a, len(a), q, "", about_episode=i < n_episode)
+            answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens, batch_size=32,
+                                     deadline=writing)
+        seeder.written = {"prompts": len(prompts), "answered": len(answers)}
+        examples = [Example(p + a, p + a, len(a), q, "", about_episode=i >= len(anchors))
                     for i, (q, p, a) in enumerate(zip(asks, prompts, answers)) if a]
         examples += seeder.text_anchors(new_id)
         result = seeder.seed(examples, new_id, phase="tier consolidation") if examples else {}

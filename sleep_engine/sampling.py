@@ -47,10 +47,13 @@ def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: 
 
 @torch.no_grad()
 def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0, batch_size: int = 16, return_logits: bool = False):
+                   top_p: float = 1.0, seed: int = 0, batch_size: int = 16, return_logits: bool = False,
+                   deadline=None):
     """New token ids for each prompt (left-padded batches through transformers' generate),
     cut at the first end-of-turn token. With return_logits, also the logits that produced each
-    kept token ((n, vocab) bfloat16 per prompt): a teacher's distributions come for free."""
+    kept token ((n, vocab) bfloat16 per prompt): a teacher's distributions come for free.
+    With a `deadline` (budget.Deadline) no batch starts after it: the answers cover a prefix of
+    `prompts` (at least the first batch), so callers put what matters most first."""
     from .decoding import stop_token_ids
     stops = stop_token_ids(tokenizer, lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -59,6 +62,8 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     logits_out: list[torch.Tensor] = []
     torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
+        if i and deadline is not None and deadline.passed():
+            break
         chunk = prompts[i:i + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)

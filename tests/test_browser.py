@@ -106,6 +106,7 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
         page.locator("#more-settings textarea").fill(more)
     page.locator("#sleep-now").click()
     wait_text(page, "sleep-notice", "started")
+    seen["start_notice"] = text_of(page, "sleep-notice")
     wait_text(page, "progress-text", "Sleep 1 ·")
     seen["progress_during"] = text_of(page, "progress-text")
     page.wait_for_function("() => document.querySelector('#sleep-now').disabled", timeout=10_000)
@@ -119,6 +120,7 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
                       "growth": plot_traces(page, "panel-growth"),
                       "samples": table_rows(page, "panel-samples"),
                       "dream table": table_rows(page, "panel-dream-table")}
+    seen["locality"] = page.locator("#panel-locality tbody tr").first.inner_text()
     page.screenshot(path=str(shots / "sleep.png"), full_page=True)
 
     # a second sleep: progress moves, a reload re-attaches, Stop rolls back
@@ -221,6 +223,9 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert "gamma must be between 0.0 and 1.0" in seen["bad_setting_notice"]
     assert "Sleep 1" in seen["progress_during"] and "probe_" not in seen["progress_during"]   # human phase names
     assert seen["sleep_now_disabled_during"]
+    assert "within 90 s" in seen["start_notice"]           # the quick preset is a time budget
+    # the locality table: the new expert e0, its episodes (the chat turn and the taught text) and gate numbers
+    assert seen["locality"].split()[:2] == ["e0", "1,"] and "×" in seen["locality"], seen["locality"]
     panels_with_data = [k for k, v in seen["panels"].items() if v > 0]
     assert len(panels_with_data) >= 5, seen["panels"]
     assert seen["progress_moved"][0] != seen["progress_moved"][1]

@@ -90,7 +90,7 @@ lines = st.lists(st.tuples(st.sampled_from(FIELDS) | st.text(max_size=10), st.sa
 
 @settings(max_examples=N * 2, deadline=None)
 @given(more=lines, fields=st.lists(st.one_of(st.none(), st.integers(-5, 600), st.floats(allow_nan=True, allow_subnormal=False),
-                                            st.text(max_size=5)), min_size=7, max_size=7))
+                                            st.text(max_size=5)), min_size=len(ui.SETTINGS), max_size=len(ui.SETTINGS)))
 def test_sleep_settings_lines_give_a_valid_config_or_one_clear_error(more, fields):
     try:
         cfg = ui.sleep_settings("quick", fields, more)

@@ -405,3 +405,87 @@ def test_time_left_follows_measured_step_times_and_does_not_run_away():
     # consolidation took 72 s: the rest is 22 s at these shares; 5 s into it, 17 s; then it floors at 0
     assert seconds_left(w, {"consolidation": 72.0}, [3] * 10, 0, 5.0) == pytest.approx(72 * r - 5)
     assert seconds_left(w, {"consolidation": 72.0}, [3] * 10, 0, 500.0) == 0.0
+
+
+# -- a preset is a time budget (issue 15) ------------------------------------------------------
+def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps():
+    import math
+    from sleep_engine.budget import split_budget, steps_that_fit
+    # 80 s left, probes took 10 s: reserve 12 + 2 + 9.6 (dreaming) = 23.6; avail 56.4
+    s = split_budget(80.0, 10.0, dreaming=True, tier_step=False)
+    assert s["reserve"] == pytest.approx(23.6) and s["tier"] == 0
+    assert s["writing"] == pytest.approx(0.35 * 56.4) and s["training"] == pytest.approx(0.65 * 56.4)
+    t = split_budget(80.0, 10.0, dreaming=False, tier_step=True)   # no dreaming; a tier step takes half
+    assert t["reserve"] == pytest.approx(14.0) and t["tier"] == pytest.approx(33.0)
+    assert t["writing"] + t["training"] == pytest.approx(33.0)
+    assert split_budget(5.0, 10.0, True, False)["training"] == 0.0   # overspent: nothing, never negative
+    assert split_budget(math.inf, 10.0, True, True)["training"] == math.inf   # no budget
+    # 3 steps done at 1, 4, 2 s (median 2): 7 s left fits 3 more, so 6 of the planned 10
+    assert steps_that_fit(3, 10, [1, 4, 2], 7.0) == 6
+    assert steps_that_fit(3, 5, [1, 4, 2], 100.0) == 5        # never more than planned
+    assert steps_that_fit(3, 10, [1, 4, 2], -5.0) == 3        # out of time: stop where it is
+    assert steps_that_fit(0, 10, [], 1.0) == 10               # nothing measured yet: the plan
+
+
+def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_keeps_every_episode(tiny_engine):
+    from sleep_engine.consolidation import Consolidator, round_robin
+    from sleep_engine.store import Episode
+    assert round_robin([[1, 2, 3], [4], [5, 6]]) == [1, 4, 5, 2, 6, 3]
+    seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(anchor_prompts=2),
+                          lambda *a, **k: None, lambda: None)
+    taught = [Episode(i, "taught", t) for i, t in enumerate(TEXTS)]
+    turn = Episode(5, "turn", "User: Tell me about Orrin Valley.\nAssistant: Orrin Valley has a choir.")
+    old = Episode(0, "taught", "The Velmora Ridge observatory opened in 1911.")
+    prompts = seeder.teacher_prompts(taught + [turn], [old], {0: ["Who painted Quarrow Point?"]})
+    sources = [src for _, _, src in prompts]
+    assert sources[:2] == [None, None]                        # the chat anchors
+    assert sources[2:4] == TEXTS and sources[4:6] == TEXTS     # taught episodes take turns
+    taught_end = max(i for i, s in enumerate(sources) if s in TEXTS)
+    assert all(s not in TEXTS for s in sources[taught_end + 1:])   # replay and chat turns come after
+    rest = prompts[taught_end + 1:]
+    assert rest[0][1] is None and "Velmora" in rest[0][0]      # replay first in its round, without context
+    assert rest[1][2] == turn.text                             # then the chat turn, its text in context
+    assert ("Who painted Quarrow Point?", prompts[2][1], TEXTS[0]) in prompts   # self-study joins its episode
+
+
+def test_teacher_writing_stops_at_its_deadline_after_the_first_batch(tiny_engine):
+    from sleep_engine.budget import Deadline
+    from sleep_engine.sampling import generate_batch
+    tok = tiny_engine.tokenizer
+    prompts = [chat_ids(tok, f"Question {i}?") for i in range(5)]
+    lm = tiny_engine.memory.lm
+    assert len(generate_batch(lm, tok, prompts, 3, batch_size=2)) == 5
+    assert len(generate_batch(lm, tok, prompts, 3, batch_size=2, deadline=Deadline(at=0.0))) == 2
+
+
+def test_a_seed_out_of_time_trains_fewer_steps_and_keeps_imitation_last(tiny_engine, monkeypatch):
+    from sleep_engine import consolidation as C
+    new_id = tiny_engine.memory.add_expert(tier=2, born=1)
+    events = []
+    seeder = C.Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(distill_steps=6, gate_loss=0.0),
+                            lambda kind, **d: events.append(d) if kind == "loss" else None, lambda: None)
+    logits = lambda n: torch.zeros(n, tiny_engine.memory.lm.config.vocab_size)   # noqa: E731
+    q = "Who painted the lighthouse of Quarrow Point?"
+    chats = [C.Example(chat_ids(tiny_engine.tokenizer, q) + [5, 6], chat_ids(tiny_engine.tokenizer, q) + [5, 6], 2,
+                       q, TEXTS[0], logits(2)) for _ in range(3)]
+    monkeypatch.setattr(C, "steps_that_fit", lambda done, planned, secs, left: min(planned, 3))   # the clock says 3
+    result = seeder.seed(chats, new_id)
+    assert result["planned_steps"] == 7 and result["steps"] == 3 == len(events)
+    assert [e["total"] for e in events] == [3, 3, 3]
+    assert [e["reward"] is not None for e in events] == [False, False, True]   # imitation is still the last step
+
+
+def test_a_sleep_over_its_budget_still_commits_with_fewer_steps_and_says_what_it_skipped(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(budget_s=0.01, distill_steps=5), wait=True)
+    done = tiny_engine.events.since(0)[-1]
+    assert done.kind == "done", done.data
+    summary = done.data["summary"]
+    assert summary["consolidation"]["planned_steps"] == 6 and summary["consolidation"]["steps"] == 1
+    assert summary["dreams"]["skipped"] and summary["dreams"]["generated"] == 0
+    assert tiny_engine.state.sleep_count() == 1
+    # without a budget (the lab's setting) the recipe runs as written
+    tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
+    tiny_engine.sleep(tiny_settings(budget_s=0.0, distill_steps=5), wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    assert summary["consolidation"]["steps"] == 6 and summary["dreams"]["generated"] > 0

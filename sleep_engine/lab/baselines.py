@@ -57,10 +57,13 @@ class LoraTrainer:
         total = sum(((p - a) ** 2 * f).sum() for p, a, f in zip(self.params, self.anchor, self.fisher))
         return 0.5 * self.ewc_lambda * total / sum(p.numel() for p in self.params)
 
-    def train(self, texts: list[str], epochs: int, on_epoch=None, rng_seed: int | None = None) -> dict:
-        """AdamW, `epochs` passes over `texts` in a seeded shuffled order, `exp.sft_batch` texts per
+    def train(self, texts: list[str], epochs: int, on_epoch=None, rng_seed: int | None = None,
+              lr: float | None = None) -> dict:
+        """AdamW at `lr` (default `exp.sft_lr`: the learner passes its own, which a frontier point
+        sets), `epochs` passes over `texts` in a seeded shuffled order, `exp.sft_batch` texts per
         step. `on_epoch(epoch, train_s)` runs outside the timed region (time-to-accuracy curve)."""
-        opt = torch.optim.AdamW(self.params, lr=self.exp.sft_lr, weight_decay=0.0)
+        lr = self.exp.sft_lr if lr is None else lr
+        opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         rng = random.Random(self.seed if rng_seed is None else rng_seed)
         self.lm.train()
         train_s, losses, penalties = 0.0, [], []
@@ -87,7 +90,8 @@ class LoraTrainer:
                     self.lm.train()
         finally:
             self.lm.eval()
-        out = {"steps": len(losses), "train_s": round(train_s, 2), "loss_first": losses[0] if losses else None,
+        out = {"epochs": epochs, "lr": lr, "steps": len(losses), "train_s": round(train_s, 2),
+               "loss_first": losses[0] if losses else None,
                "loss_last": losses[-1] if losses else None}
         if penalties:
             out["ewc_penalty_max"] = max(penalties)

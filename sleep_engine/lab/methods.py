@@ -92,7 +92,7 @@ class PassageSFT(BaseModel):
         t0 = time.perf_counter()
         texts, info = self.sequences(passages)
         gen_s = time.perf_counter() - t0
-        res = self.t.train(texts, epochs or self.exp.sft_epochs, on_epoch=on_epoch)
+        res = self.t.train(texts, epochs or self.exp.sft_epochs, on_epoch=on_epoch, lr=self.exp.sft_lr)
         after = self.after_episode(texts)
         return {"seconds": round(gen_s + res["train_s"] + after, 2), "sequences": len(texts), **info, **res}
 
@@ -146,7 +146,9 @@ class SleepMethod(Learner):
         self.resets = 0
 
     def settings(self) -> SleepConfig:
-        over = {**self.exp.sleep_overrides, "dreaming": self.dreaming}
+        # no time budget: a lab sleep runs its recipe as written, so results do not depend on the
+        # machine's speed or load (the app's presets fit a budget instead)
+        over = {"budget_s": 0.0, **self.exp.sleep_overrides, "dreaming": self.dreaming}
         if self.consolidate_every is not None:
             over["consolidate_every"] = self.consolidate_every
         return SleepConfig.from_preset(self.exp.sleep_preset, **over)

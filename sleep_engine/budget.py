@@ -1,0 +1,55 @@
+"""A sleep's time budget (`SleepConfig.budget_s`): a preset promises a wall time, so the teacher's
+writing and the training steps are sized, as the sleep runs, to what is left (docs/DESIGN.md §4)."""
+from __future__ import annotations
+
+import math
+import time
+
+
+class Deadline:
+    """A moment on `time.perf_counter()`'s clock, or never (no budget)."""
+
+    def __init__(self, at: float | None = None):
+        self.at = at
+
+    @classmethod
+    def after(cls, seconds: float | None) -> "Deadline":
+        return cls(time.perf_counter() + seconds if seconds is not None else None)
+
+    def left(self) -> float:
+        return math.inf if self.at is None else self.at - time.perf_counter()
+
+    def passed(self) -> bool:
+        return self.left() <= 0
+
+
+NEVER = Deadline()
+
+
+def split_budget(left_s: float, probe_s: float, dreaming: bool, tier_step: bool) -> dict[str, float]:
+    """Seconds for each part of a sleep's rest, when consolidation starts with `left_s` left:
+
+        reserve  = 1.2·probe_s + 2 + (0.12·left_s if dreaming)   the phases after consolidation
+        avail    = max(0, left_s − reserve)
+        tier     = avail / 2 if a tier step is due, else 0      tier 2 → tier 3 (every F sleeps)
+        writing  = 0.35·(avail − tier)                          the teacher's answers
+        training = avail − tier − writing                       the distillation steps
+
+    probe_s: what the probes before took (the probes after read the same and a little more).
+    Shares measured on the quick preset, 2 cores (README "Sleep presets are time budgets")."""
+    if not math.isfinite(left_s):
+        return {"reserve": 0.0, "writing": math.inf, "training": math.inf, "tier": math.inf if tier_step else 0.0}
+    reserve = 1.2 * probe_s + 2.0 + (0.12 * left_s if dreaming else 0.0)
+    avail = max(0.0, left_s - reserve)
+    tier = avail / 2 if tier_step else 0.0
+    writing = 0.35 * (avail - tier)
+    return {"reserve": reserve, "writing": writing, "training": avail - tier - writing, "tier": tier}
+
+
+def steps_that_fit(done: int, planned: int, step_seconds: list[float], left_s: float) -> int:
+    """Total steps once `done` ran: the plan, or fewer when the median step time says the rest
+    would not fit in `left_s` seconds; at least `done` (and 1)."""
+    if not step_seconds or not math.isfinite(left_s):
+        return planned
+    per = sorted(step_seconds)[len(step_seconds) // 2]
+    return max(done, 1, min(planned, done + int(max(0.0, left_s) // max(per, 1e-6))))
