@@ -11,7 +11,7 @@
     python launch.py export --out DIR     the slept model as a folder (transformers layout + memory + model card)
     python launch.py serve                an OpenAI-compatible endpoint (/v1/chat/completions, /v1/models)
     python launch.py bench wake [--json]  Wake speed: lab model vs plain transformers
-    python launch.py lab knowledge|continual|speed|wake [--quick] [--json] [--out DIR] [--methods M…] [--resume]
+    python launch.py lab knowledge|continual|speed|frontier|wake [--quick] [--json] [--out DIR] [--methods M…] [--resume]
                                           experiments against baselines; JSON + HTML report
 
 Every verb takes --state-dir and --model and works on the memory saved there.
@@ -120,11 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default="",
                        help="also measure these quantize modes with a quality check, e.g. none,bf16,int8,int4")
     bench.add_argument("--no-cold", action="store_true", help="skip the cold/warm start measurement")
-    lab = sub.add_parser("lab", help="experiments: knowledge incorporation, continual learning, speed")
+    lab = sub.add_parser("lab", help="experiments: knowledge incorporation, continual learning, speed, "
+                                     "accuracy against damage")
     _common(lab, sub=True)
-    lab.add_argument("experiment", choices=["knowledge", "continual", "speed", "wake"],
-                     help="wake = what the fast weights gain in a session and cost over a long chat")
-    lab.add_argument("--quick", action="store_true", help="the small preset (knowledge ≤ 15 min on 2 cores)")
+    lab.add_argument("experiment", choices=["knowledge", "continual", "speed", "frontier", "wake"],
+                     help="frontier = every method swept over its main knob: accuracy against damage "
+                          "(sweeps: --set frontier_sweeps=JSON); wake = what the fast weights gain in a session "
+                          "and cost over a long chat")
+    lab.add_argument("--quick", action="store_true",
+                     help="the small preset (knowledge ≤ 15 min, frontier ≤ 30 min on 2 cores)")
     lab.add_argument("--json", action="store_true", help="end with one JSON summary on the last line")
     lab.add_argument("--out", default="reports/lab", help="output directory (default: %(default)s)")
     lab.add_argument("--methods", nargs="+", metavar="METHOD",

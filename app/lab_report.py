@@ -6,13 +6,15 @@ import html
 import json
 from pathlib import Path
 
-from sleep_engine.lab.report import label, table
+from sleep_engine.lab.report import EXPERIMENTS, label, table
 
 from . import lab_figures as F
 
 
 def figures(result: dict) -> list:
     kind = result["experiment"]
+    if kind == "frontier":
+        return [F.frontier_figure(result)]
     if kind == "knowledge":
         out = []
         for key, title in (("n1", "n=1: one passage at a time, fresh state"), ("many", "n=many: all passages together")):
@@ -34,6 +36,13 @@ def figures(result: dict) -> list:
 
 
 def _md_to_html(md: str) -> str:
+    """The tables (and lines of text between them) of `sleep_engine.lab.report`, blocks split by a
+    blank line."""
+    return "\n".join(_table_html(b) if b.startswith("|") else f"<p>{html.escape(b)}</p>"
+                     for b in (block.strip() for block in md.split("\n\n")) if b)
+
+
+def _table_html(md: str) -> str:
     rows = [r for r in md.splitlines() if r.startswith("|") and not set(r) <= set("|-")]
     cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
     head = "".join(f"<th>{c}</th>" for c in cells[0])
@@ -64,8 +73,8 @@ def load_report(path) -> dict:
     path = Path(path)
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(result, dict) or result.get("experiment") not in ("knowledge", "continual", "speed"):
-            raise ValueError("not a lab result (no knowledge/continual/speed experiment in it)")
+        if not isinstance(result, dict) or result.get("experiment") not in EXPERIMENTS:
+            raise ValueError(f"not a lab result (no {'/'.join(EXPERIMENTS)} experiment in it)")
         view = {"result": result, "table": table(result), "figures": figures(result)}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"cannot open lab report {path.name}: {e}") from None

@@ -11,6 +11,9 @@ LABELS = {"base": "base (closed-book)", "in_context": "in-context (ceiling)", "p
           "sleep_nodream": "Sleep, no dreaming", "sleep_2tier": "Sleep, 2-tier", "sleep_3tier": "Sleep, 3-tier"}
 
 
+EXPERIMENTS = ("knowledge", "continual", "speed", "frontier")   # the lab results a report is drawn for
+
+
 def label(method: str) -> str:
     return LABELS.get(method, method)
 
@@ -69,8 +72,51 @@ def speed_table(result: dict) -> str:
     return "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def _summary_cells(s: dict) -> list[str]:
+    best, matched, anyhow = s["best_within_budget"], s["time_matched"], s["time_any"]
+    return [f"{_pct(best['accuracy'])} ({best['correct']}/{best['n']})" if best else "none within budget",
+            best["label"] if best else "–",
+            f"{_s(matched['seconds'])} ({matched['label']})" if matched else "never",
+            f"{_s(anyhow['seconds'])} ({anyhow['label']})" if anyhow else "never",
+            f"{len(s['on_front']['ppl_change'])} / {len(s['on_front']['everyday_lost'])} of {s['points']}"]
+
+
+def _point_cells(p: dict, front: set) -> list[str]:
+    if "accuracy" not in p:
+        return [p["label"], f"failed: {p.get('error', '?')}", "–", "–", "–", "–"]
+    lo, hi = p["ci"]
+    kept = (f"{_pct(p['everyday_kept'])} ({p['everyday_still_right']}/{p['everyday_right_before']})"
+            if p.get("everyday_kept") is not None else "–")
+    on = [axis for axis, damage in (("drift", "ppl_change"), ("everyday", "everyday_lost")) if damage in front]
+    return [p["label"], f"{_pct(p['accuracy'])} ({p['correct']}/{p['n']}) [{100 * lo:.1f}–{100 * hi:.1f}]",
+            f"{100 * p['ppl_change']:+.1f}%", kept, _s(p["seconds"]), ", ".join(on) or "–"]
+
+
+def frontier_table(result: dict) -> str:
+    """Two tables: per method the two summary numbers (best accuracy within the damage budget;
+    learning seconds to the target accuracy within that budget, and at any damage), then a row
+    per point; a line names the points reused from earlier runs."""
+    b, t = result["budget"], result["target"]
+    goal = _pct(t["accuracy"])
+    lines = [f"Damage budget: perplexity drift ≤ {100 * b['max_drift']:+.1f}% and ≥ {_pct(b['min_kept'])} of the "
+             f"everyday questions kept. Target accuracy {goal} ({t['from']}).", "",
+             f"| method | best accuracy within budget | at | learn s to {goal} within budget | "
+             f"learn s to {goal} at any damage | on the front (drift / everyday) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label(n)} | " + " | ".join(_summary_cells(s)) + " |" for n, s in result["summary"].items()]
+    lines += ["", "| method | setting | accuracy [95% CI] | ppl drift | everyday kept | learn s | on the front |",
+              "|---|---|---|---|---|---|---|"]
+    fronts = {(m, i): {d for d, members in result["front"].items() if [m, i] in members}
+              for m, pts in result["points"].items() for i in range(len(pts))}
+    for n, pts in result["points"].items():
+        lines += [f"| {label(n)} | " + " | ".join(_point_cells(p, fronts[(n, i)])) + " |" for i, p in enumerate(pts)]
+    if result.get("reused"):
+        lines += ["", "Reused from earlier runs (same settings): " + "; ".join(result["reused"]) + "."]
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
-    return {"knowledge": knowledge_table, "continual": continual_table, "speed": speed_table}[result["experiment"]](result)
+    return {"knowledge": knowledge_table, "continual": continual_table, "speed": speed_table,
+            "frontier": frontier_table}[result["experiment"]](result)
 
 
 def list_reports(directory) -> list[dict]:
@@ -84,7 +130,7 @@ def list_reports(directory) -> list[dict]:
             d = json.loads(j.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(d, dict) and d.get("experiment") in ("knowledge", "continual", "speed"):
+        if isinstance(d, dict) and d.get("experiment") in EXPERIMENTS:
             out.append({"html": str(h), "json": str(j), "experiment": d["experiment"], "date": d.get("date"),
                         "preset": d.get("settings", {}).get("preset"), "mtime": h.stat().st_mtime})
     return sorted(out, key=lambda r: -r["mtime"])

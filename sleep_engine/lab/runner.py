@@ -23,7 +23,7 @@ from ..probes import interference
 from ..store import atomic_write_json
 from . import data as lab_data
 from .locality import selectivity
-from .methods import Baselines, Learner, make_learner
+from .methods import Baselines, Learner, SleepMethod, make_learner
 from .scoring import drift, evaluate, general_ability, items_of, matrix_metrics
 from .settings import ExperimentConfig, settings_hash
 
@@ -102,8 +102,11 @@ class Runner:
     def key(self, experiment: str, method: str, passages) -> dict:
         skip = ("state_dir", "cache_dir", "threads") + (() if method.startswith("sleep") else ("sleep", "memory", "wake"))
         lab = {k: v for k, v in self.lab.to_dict().items() if k not in skip}   # baselines ignore Sleep's settings
+        # the frontier's own settings matter to its points only (Runner.frontier_key): results of the
+        # other experiments keep their hashes, so --resume still finds them
+        exp = {k: v for k, v in self.exp.to_dict().items() if not k.startswith("frontier_")}
         return {"experiment": experiment, "method": method, "data": lab_data.fingerprint(passages),
-                "exp": self.exp.to_dict(), "lab": lab}
+                "exp": exp, "lab": lab}
 
     def cached(self, path: Path, key: dict, compute) -> dict:
         """The result at `path` if resuming and its settings hash matches; else compute and save it."""
@@ -313,6 +316,67 @@ class Runner:
         finally:
             bar.close()
         return {"points": points}
+
+    # -- accuracy against damage (issue 16) ------------------------------------------------
+    def frontier(self, methods: list[str] | None = None) -> dict:
+        """Every method's sweep points on the same passages (learned together, as n=many), each
+        cached on its own: `--resume` reuses finished points, and the result lists which."""
+        from . import frontier as F
+        t0 = time.perf_counter()
+        passages = self.test[:self.exp.frontier_passages]
+        self.kept_questions()
+        result = {"experiment": "frontier", "passages": [p.id for p in passages], "points": {}, "reused": []}
+        seal_edits: dict = {}   # SEAL's self-edits, written once and shared by its points
+        for name, sweep in self.exp.frontier_sweeps.items():
+            if methods is not None and name not in methods:
+                continue
+            result["points"][name] = []
+            for knobs in sweep:
+                exp = F.point_config(self.exp, knobs)
+                computed = []
+                point = self.cached(self.out / "frontier" / name / f"{F.point_slug(knobs)}.json",
+                                    self.frontier_key(name, exp, passages),
+                                    lambda: computed.append(1) or self._frontier_point(name, knobs, exp, passages,
+                                                                                       seal_edits))
+                if not computed:
+                    result["reused"].append(f"{name}: {point['label']}")
+                result["points"][name].append(point)
+        result.update(F.summarise(result["points"], self.exp), wall_s=round(time.perf_counter() - t0, 1))
+        return self._finish("frontier", result)
+
+    def frontier_key(self, name: str, exp: ExperimentConfig, passages) -> dict:
+        """A point depends on its own settings, not on the other points or the summary thresholds:
+        adding a point to a sweep or changing the budget reuses every finished point."""
+        key = self.key("frontier", name, passages)
+        key["exp"] = {k: v for k, v in exp.to_dict().items() if k != "preset" and not k.startswith("frontier_")}
+        return key
+
+    def _frontier_point(self, name: str, knobs: dict, exp: ExperimentConfig, passages, seal_edits: dict) -> dict:
+        from . import frontier as F
+        label = F.point_label(knobs)
+        bar = self._bar(1, f"frontier {name} · {label}")
+        learner = F.frontier_learner(name, self, exp, seal_edits, lambda text: bar.set_postfix_str(text, refresh=True))
+        questions, tokens = self.kept_questions(), exp.answer_tokens
+        out = {"method": name, "knobs": knobs, "label": label}
+        try:
+            learner.reset()
+            before = self.untrained(learner, "frontier", lambda: F.damage_reading(
+                learner.lm, learner.tokenizer, self.generic, questions, tokens))
+            inputs = []
+            try:
+                info = self.learn(learner, passages, inputs)
+            except RuntimeError as e:   # a sleep refused by its own safety gates: rolled back, no numbers
+                if not isinstance(learner, SleepMethod):
+                    raise
+                return {**out, "error": str(e), "inputs": inputs}
+            res = evaluate(learner.lm, learner.tokenizer, items_of(passages), learner.contexts, tokens, semantic=False)
+            after = F.damage_reading(learner.lm, learner.tokenizer, self.generic, questions, tokens)
+            bar.update(1)
+        finally:
+            learner.close()
+            bar.close()
+        return {**out, **F.point_numbers(res["correct"], res["n"], before, after, questions),
+                "seconds": info["seconds"], "learn": info, "inputs": inputs, "answers": res["answers"]}
 
     # -- output ----------------------------------------------------------------------------
     def _finish(self, name: str, result: dict) -> dict:

@@ -5,6 +5,7 @@ Baseline hyper-parameters follow SEAL's inner loop (LoRA r 32, α 64, lr 1e-3, b
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -17,6 +18,36 @@ METHODS = ("base", "in_context", "passage_sft", "seal_sft", "seq_sft", "ewc",
            "sleep_nodream", "sleep_2tier", "sleep_3tier")
 KNOWLEDGE_METHODS = ("base", "in_context", "passage_sft", "seal_sft", "sleep_nodream", "sleep_2tier", "sleep_3tier")
 CONTINUAL_METHODS = ("seq_sft", "ewc", "sleep_nodream", "sleep_2tier", "sleep_3tier")
+# what a frontier point may change: the settings its learner reads from its own config
+FRONTIER_KNOBS = ("sft_epochs", "sft_lr", "ewc_lambda", "seal_edits", "seal_edit_tokens", "seal_temperature",
+                  "sleep_preset", "sleep_overrides", "passages_per_sleep")
+
+
+def _sft_grid(points):
+    return [{"sft_epochs": epochs, "sft_lr": lr} for epochs, lr in points]
+
+
+# The frontier's sweeps: method → its points (each a dict of FRONTIER_KNOBS). SFT goes from gentle
+# (1 epoch at lr 1e-4: a few small steps) to SEAL's inner loop (10 epochs at 1e-3); EWC is swept
+# over λ at SEAL's inner loop; Sleep over its consolidation budget (distill_epochs) and its presets.
+FRONTIER_FULL = {
+    "base": [{}],
+    "passage_sft": _sft_grid([(1, 1e-4), (3, 1e-4), (10, 1e-4), (1, 1e-3), (3, 1e-3), (10, 1e-3)]),
+    "seal_sft": _sft_grid([(1, 1e-4), (10, 1e-4), (3, 1e-3), (10, 1e-3)]),
+    "ewc": [{"ewc_lambda": lam} for lam in (1e3, 1e4, 1e5, 1e6)],
+    "sleep_2tier": [{"sleep_preset": "quick", "sleep_overrides": {"distill_epochs": 1.4}}, {"sleep_preset": "quick"},
+                    {"sleep_preset": "quick", "sleep_overrides": {"distill_epochs": 5.6}}, {"sleep_preset": "full"}],
+}
+# quick (3 passages, ≤ 30 min on 2 cores): measured costs on 3 passages (README) are ~1.6 s per
+# passage-SFT epoch, ~6.5 s per SEAL epoch, 116 s per quick sleep, 282 s per full sleep
+FRONTIER_QUICK = {
+    "base": [{}],
+    "passage_sft": _sft_grid([(1, 1e-4), (10, 1e-4), (3, 1e-3), (10, 1e-3)]),
+    "seal_sft": _sft_grid([(1, 1e-4), (10, 1e-4), (3, 1e-3), (10, 1e-3)]),
+    "ewc": [{"ewc_lambda": lam} for lam in (1e3, 1e4, 1e5)],
+    "sleep_2tier": [{"sleep_preset": "quick", "sleep_overrides": {"distill_epochs": 1.4}}, {"sleep_preset": "quick"},
+                    {"sleep_preset": "full"}],
+}
 
 
 @dataclass
@@ -56,12 +87,20 @@ class ExperimentConfig:
     # speed
     tta_epochs: tuple[int, ...] = (1, 2, 3, 5, 8, 12, 16)   # SFT checkpoints of the time-to-accuracy curve
     speed_tokens: int = 64
+    # frontier: accuracy against damage, every method swept on the same passages (learned together)
+    frontier_passages: int = 12
+    frontier_sweeps: dict = field(default_factory=lambda: copy.deepcopy(FRONTIER_FULL))
+    frontier_max_drift: float = 0.02  # the damage budget of the summary numbers: perplexity drift at most this
+    frontier_min_kept: float = 0.95   # and at least this share of the everyday questions kept
+    frontier_target: float = 0.0      # accuracy of time-to-accuracy; 0 = Sleep 2-tier's best within the budget
 
     PRESETS: ClassVar[dict] = {
-        # quick: ≤ 15 min for `knowledge` on 2 CPU cores; Sleep's ablations run in full only
+        # quick: ≤ 15 min for `knowledge` and ≤ 30 min for `frontier` on 2 CPU cores; Sleep's ablations run
+        # in full only
         "quick": {"n1_passages": 2, "many_passages": 3, "episodes": 5, "passages_per_episode": 1,
                   "many_methods": ("base", "in_context", "passage_sft", "seal_sft", "sleep_2tier"),
-                  "continual_methods": ("seq_sft", "ewc", "sleep_2tier"), "speed_tokens": 32},
+                  "continual_methods": ("seq_sft", "ewc", "sleep_2tier"), "speed_tokens": 32,
+                  "frontier_passages": 3, "frontier_sweeps": FRONTIER_QUICK},
         "full": {},
     }
 
@@ -69,7 +108,7 @@ class ExperimentConfig:
     def from_preset(cls, name: str, **overrides) -> ExperimentConfig:
         if name not in cls.PRESETS:
             raise ConfigError(f"lab preset must be one of {', '.join(cls.PRESETS)}, got {name!r}")
-        cfg = cls(preset=name, **cls.PRESETS[name])
+        cfg = cls(preset=name, **copy.deepcopy(cls.PRESETS[name]))   # a run may not change the preset itself
         for k, v in overrides.items():
             if not hasattr(cfg, k) or k == "preset":
                 raise ConfigError(f"unknown lab setting {k!r}")
@@ -81,13 +120,32 @@ class ExperimentConfig:
             bad = [m for m in getattr(self, name) if m not in METHODS]
             if bad:
                 raise ConfigError(f"unknown method(s) {', '.join(bad)}; known: {', '.join(METHODS)}")
-        if min(self.episodes, self.passages_per_episode, self.many_passages, self.passages_per_sleep) < 1 \
-                or self.n1_passages < 0:
-            raise ConfigError("episodes, passages_per_episode, many_passages and passages_per_sleep must be ≥ 1, "
-                              "n1_passages ≥ 0")
+        if min(self.episodes, self.passages_per_episode, self.many_passages, self.passages_per_sleep,
+               self.frontier_passages) < 1 or self.n1_passages < 0:
+            raise ConfigError("episodes, passages_per_episode, many_passages, passages_per_sleep and frontier_passages "
+                              "must be ≥ 1, n1_passages ≥ 0")
         if self.split not in ("dev", "test"):
             raise ConfigError(f"split must be dev or test, got {self.split!r}")
+        self._check_sweeps()
         return self
+
+    def _check_sweeps(self) -> None:
+        """Every frontier point names a known method and only knobs its learner reads, typed like
+        their defaults (a point of 1.5 epochs would fail an hour into a run)."""
+        if not isinstance(self.frontier_sweeps, dict):
+            raise ConfigError("frontier_sweeps must map a method to a list of points")
+        for method, points in self.frontier_sweeps.items():
+            if method not in METHODS:
+                raise ConfigError(f"frontier_sweeps: unknown method {method!r}; known: {', '.join(METHODS)}")
+            if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+                raise ConfigError(f"frontier_sweeps[{method!r}] must be a list of {{setting: value}} points")
+            for knob, value in ((k, v) for p in points for k, v in p.items()):
+                if knob not in FRONTIER_KNOBS:
+                    raise ConfigError(f"frontier_sweeps[{method!r}]: {knob!r} cannot be swept; "
+                                      f"sweepable: {', '.join(FRONTIER_KNOBS)}")
+                like = getattr(self, knob)
+                if not isinstance(value, type(like)) and not (isinstance(like, float) and isinstance(value, int)):
+                    raise ConfigError(f"frontier_sweeps[{method!r}]: {knob} must look like {like!r}, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
