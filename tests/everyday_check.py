@@ -32,7 +32,7 @@ def excluded() -> tuple[str, set[str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("candidates", nargs="?", default="/tmp/frontier/new_questions.jsonl")
+    ap.add_argument("candidates", nargs="?", default="docs/results/everyday_candidates.jsonl")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--append", action="store_true", help="append the right ones to the everyday set")
     args = ap.parse_args()
