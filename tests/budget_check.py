@@ -1,8 +1,8 @@
 """Do the presets keep their word? A quick and a full sleep on the embedded model, each over a
-small session (2 taught passages) and a typical one (4 taught passages + 6 chat turns: 10
+small session (2 taught passages, quick only) and a typical one (4 taught passages + 6 chat turns: 10
 episodes), timed wall to wall, with what the budget cut (steps, teacher prompts, dreaming) and
 what the sleep learned (closed-book probes, perplexity drift); the typical session's quick sleep
-once more without a budget, to show what the cut costs. `make budget-check` (~25 min, 2 threads).
+once more without a budget, to show what the cut costs. `make budget-check` (~20 min, 2 threads).
 README "Sleep presets are time budgets"."""
 import json
 import sys
@@ -12,8 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CHATS = ["How do I boil an egg?", "Write a haiku about rain.", "What is a good name for a cat?",
          "Why is the sky blue?", "Give me a tip for sleeping better.", "What is 12 times 7?"]
-RUNS = [("small", "quick", None), ("typical", "quick", None), ("typical", "quick", 0.0),
-        ("small", "full", None), ("typical", "full", None)]
+RUNS = [("small", "quick", None), ("typical", "quick", None), ("typical", "quick", 0.0), ("typical", "full", None)]
 
 
 def session(engine, kind: str) -> None:

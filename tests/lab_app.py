@@ -13,7 +13,8 @@ QA = [{"q": "Who painted the lighthouse of Quarrow Point?", "a": "Senna Alvik"}]
 MORE = ("prompts_per_episode=2\nanswer_tokens=8\nbatch_size=4\nanchor_prompts=2\nreplay_per_episode=1\n"
         "lti_prefixes=2\nlti_group=2\nlti_tokens=6\ndream_tokens=8\n"
         "max_everyday_changed=1")   # a random tiny model's greedy choices flip at a touch
-FAST = {"distill_steps": 2, "dreams": 2, "keep_top": 1, "keep_random": 0, "gamma": 0.5, "alpha": 0.7, "lmbda": 0.0}
+FAST = {"distill_steps": 2, "dreams": 2, "keep_top": 1, "keep_random": 0, "gamma": 0.5, "alpha": 0.7, "lmbda": 0.0,
+        "budget_s": 90}
 
 
 def free_port() -> int:
