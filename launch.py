@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -357,6 +358,8 @@ def cmd_lab_wake(cfg: LabConfig, args) -> int:
     if args.quick:
         exp.update({"passages": 4, "turns": 40, "checkpoints": "20"})
     wake_memory.apply_wake_settings(cfg.wake, exp.update(parse_settings(args.set)))
+    # a kill (SIGTERM) unwinds like Ctrl-C, so the run's temporary state dir is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = wake_memory.run(cfg, exp, Path(args.out), log=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"results: {result['json']}", file=sys.stderr)
     if args.json:

@@ -63,6 +63,7 @@ class Runner:
         """`backbone_factory()` (tests) returns a fresh Backbone for every model the run needs;
         `write_report(result, path)` (e.g. `app.lab_report.write_report`) draws the HTML report."""
         self.lab, self.exp, self.out, self.resume = lab, exp, Path(out_dir), resume
+        self.code = code_version()   # at the start: a run that spans a commit is the code it started with
         self.write_report = write_report
         self.backbone_factory = backbone_factory
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -380,7 +381,7 @@ class Runner:
 
     # -- output ----------------------------------------------------------------------------
     def _finish(self, name: str, result: dict) -> dict:
-        result.update(settings=self.exp.to_dict(), lab=self.lab.to_dict(), machine=machine(), code=code_version(),
+        result.update(settings=self.exp.to_dict(), lab=self.lab.to_dict(), machine=machine(), code=self.code,
                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       data={"passages": lab_data.fingerprint(self.test), "split": self.exp.split},
                       general_questions=getattr(self, "general_info", None),

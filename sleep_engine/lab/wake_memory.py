@@ -177,6 +177,7 @@ def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions
 
 def run(cfg: LabConfig, exp: WakeExperiment, out: Path, log=print) -> dict:
     from ..engine import SleepEngine
+    from .runner import code_version
     questions = lab_data.general_questions()
     generic = lab_data.generic_text()
     split = lab_data.load_passages(exp.split)
@@ -190,7 +191,7 @@ def run(cfg: LabConfig, exp: WakeExperiment, out: Path, log=print) -> dict:
         cfg.wake.fast_in_background = False   # each update is recorded with the turn that caused it
         engine = SleepEngine(cfg)
         result = {"experiment": "wake", "settings": dataclasses.asdict(exp), "wake": dataclasses.asdict(cfg.wake),
-                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "code": code_version()}
         fresh = general_check(engine, questions, generic, fast_weights=False)
         if passages:
             result["in_session"] = in_session_gain(engine, passages, log)
