@@ -1,5 +1,6 @@
-"""A sleep's time budget (`SleepConfig.budget_s`): a preset promises a wall time, so the teacher's
-writing and the training steps are sized, as the sleep runs, to what is left (docs/DESIGN.md §4)."""
+"""A sleep's time budget (`SleepConfig.budget_s`): a preset promises how long a sleep learns, so the
+teacher's writing and the training steps are sized, as the sleep runs, to what is left
+(docs/DESIGN.md §4). The probes before and after (evaluation and the safety gates) come on top."""
 from __future__ import annotations
 
 import math
@@ -26,20 +27,20 @@ class Deadline:
 NEVER = Deadline()
 
 
-def split_budget(left_s: float, probe_s: float, dreaming: bool, tier_step: bool) -> dict[str, float]:
-    """Seconds for each part of a sleep's rest, when consolidation starts with `left_s` left:
+def split_budget(left_s: float, dreaming: bool, tier_step: bool) -> dict[str, float]:
+    """Seconds for each part of a sleep's learning, when a part starts with `left_s` left of the
+    learning budget (the probes before and after are evaluation and safety readings, on top):
 
-        reserve  = 1.2·probe_s + 2 + (0.12·left_s if dreaming)   the phases after consolidation
+        reserve  = 2 + (0.12·left_s if dreaming next)      the phases after this part
         avail    = max(0, left_s − reserve)
-        tier     = avail / 2 if a tier step is due, else 0      tier 2 → tier 3 (every F sleeps)
-        writing  = 0.35·(avail − tier)                          the teacher's answers
-        training = avail − tier − writing                       the distillation steps
+        tier     = avail / 2 if a tier step is due, else 0  tier 2 → tier 3 (every F sleeps)
+        writing  = 0.35·(avail − tier)                      the teacher's answers
+        training = avail − tier − writing                   the distillation steps
 
-    probe_s: what the probes before took (the probes after read the same and a little more).
     Shares measured on the quick preset, 2 cores (README "Sleep presets are time budgets")."""
     if not math.isfinite(left_s):
         return {"reserve": 0.0, "writing": math.inf, "training": math.inf, "tier": math.inf if tier_step else 0.0}
-    reserve = 1.2 * probe_s + 2.0 + (0.12 * left_s if dreaming else 0.0)
+    reserve = 2.0 + (0.12 * left_s if dreaming else 0.0)
     avail = max(0.0, left_s - reserve)
     tier = avail / 2 if tier_step else 0.0
     writing = 0.35 * (avail - tier)

@@ -106,8 +106,9 @@ class WakeConfig:
 class SleepConfig:
     """One Sleep: consolidation (docs/DESIGN.md §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
-    # a preset is a time budget: a sleep fits its teacher's writing and its steps into budget_s
-    # seconds of wall time, measured as it runs (0 = no budget: the recipe as written, for the lab)
+    # a preset is a time budget: a sleep fits its teacher's writing, steps and dreams into budget_s
+    # seconds, measured as it runs; the probes before and after (~25–45 s each on 2 cores) come on
+    # top (0 = no budget: the recipe as written, for the lab)
     budget_s: float = 90.0
     # knowledge seeding: on-policy distillation
     prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)

@@ -219,12 +219,13 @@ class Consolidator:
         episode does not contain are dropped (`min_faithfulness`). Self-replay asks the same kind
         of questions about older episodes, answered from memory (no context): the new expert must
         not overwrite what older experts hold. Probe questions are never asked: they are the test."""
+        t0 = time.perf_counter()
         prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_id))
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
         with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
                                              return_logits=True, batch_size=32, deadline=self.writing)
-        self.written = {"prompts": len(prompts), "answered": len(answers)}
+        self.written = {"prompts": len(prompts), "answered": len(answers), "writing_s": round(time.perf_counter() - t0, 1)}
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
         for (q, _, source), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
@@ -547,8 +548,10 @@ class Consolidator:
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
         gate_on = cfg.gate_loss > 0
+        t0 = time.perf_counter()
         negatives = self.gate_negative_states(new_id) if gate_on else {}
         fitted = self.fit_gate(examples, new_id, negatives) if gate_on else {}
+        gate_s = round(time.perf_counter() - t0, 1)
         if fitted and cfg.gate_frozen:   # the expert learns under the gate it will have; nothing reopens it
             for m in self.memory.expert_modules(new_id):
                 m.gate.requires_grad_(False)
@@ -597,7 +600,8 @@ class Consolidator:
                     break
         finally:
             self.memory.freeze_all()
-        return {"steps": len(divergences), "planned_steps": planned, "examples": len(examples), **self.written, "final_divergence": divergences[-1] if divergences else None,
+        return {"steps": len(divergences), "planned_steps": planned, "examples": len(examples), **self.written,
+                "gate_s": gate_s, "training_s": round(sum(seconds), 1), "final_divergence": divergences[-1] if divergences else None,
                 "first_divergence": divergences[0] if divergences else None,
                 "mean_reward": sum(rewards) / len(rewards) if rewards else None,
                 **fitted, "study_questions": self.studied, "first_gate_loss": gate_losses[0] if gate_losses else None,

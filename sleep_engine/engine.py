@@ -125,23 +125,27 @@ class SleepRun:
         self.step_seconds: list[float] = []   # consolidation's measured step times (for time left)
         self.steps_left = 0
         self.mark = time.perf_counter()       # when consolidation started, then when it ended
-        self.deadline = Deadline.after(cfg.budget_s or None)   # the preset's time budget, from now
+        self.deadline = NEVER                 # the end of the learning budget, set when consolidation starts
 
     def deadlines(self, dreaming_next: bool, tier_step: bool) -> tuple[Deadline, Deadline]:
         """(writing, training) deadlines for the teacher's answers and the steps of the part about
-        to start, from the time left and what the later phases need (budget.split_budget)."""
-        if self.deadline.at is None:
+        to start, from the learning time left and what the later parts need (budget.split_budget).
+        The first call (consolidation) starts the budget's clock."""
+        if not self.cfg.budget_s:
             return NEVER, NEVER
-        share = split_budget(self.deadline.left(), self.phases.get("probe_before", 0.0), dreaming_next, tier_step)
+        if self.deadline.at is None:
+            self.deadline = Deadline.after(self.cfg.budget_s)
+        share = split_budget(self.deadline.left(), dreaming_next, tier_step)
         return Deadline.after(share["writing"]), Deadline.after(share["writing"] + share["training"])
 
     def seconds_left(self) -> float | None:
         """From the measured steps; with a time budget, never past its end."""
         guess = seconds_left(self.weights, self.phases, self.step_seconds, self.steps_left,
                              time.perf_counter() - self.mark)
-        if self.deadline.at is None:
+        if self.deadline.at is None or "probe_after" in self.phases:
             return guess
-        budget_left = max(0.0, self.deadline.left())
+        # learning ends with the budget; the probes after take about what the probes before took
+        budget_left = max(0.0, self.deadline.left()) + 1.2 * self.phases.get("probe_before", 0.0)
         return budget_left if guess is None else min(guess, budget_left)
 
     def memory_params(self):
@@ -531,7 +535,7 @@ class SleepEngine:
                 with run.phase("consolidation"):
                     new_id = self._consolidate(run, pending, older, cfg, summary)
                 summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
-                if cfg.dreaming and run.deadline.passed():
+                if cfg.dreaming and run.deadline.passed():   # the learning budget is spent
                     summary["dreams"]["skipped"] = "the sleep's time budget was spent"
                     run.emit("notice", message=f"no dreaming this time: the {cfg.budget_s:g} s budget is spent")
                 elif cfg.dreaming:

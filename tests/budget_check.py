@@ -1,4 +1,5 @@
-"""Do the presets keep their word? A quick and a full sleep on the embedded model, each over a
+"""Do the presets keep their word? (`budget_s` bounds the learning; the probes come on top.)
+A quick and a full sleep on the embedded model, each over a
 small session (2 taught passages, quick only) and a typical one (4 taught passages + 6 chat turns: 10
 episodes), timed wall to wall, with what the budget cut (steps, teacher prompts, dreaming) and
 what the sleep learned (closed-book probes, perplexity drift); the typical session's quick sleep
@@ -44,7 +45,9 @@ def one_sleep(threads: int, kind: str, preset: str, budget: float | None) -> dic
         before, after = s["probe_accuracy_before"], s["probe_accuracy_after"]
         return {"session": kind, "preset": preset, "budget_s": settings.budget_s, "episodes": len(s["episode_ids"]),
                 "wall_s": round(wall, 1), "phases": s["phases"], "steps": c["steps"], "planned_steps": c["planned_steps"],
-                "prompts_answered": c.get("answered"), "prompts": c.get("prompts"),
+                "prompts_answered": c.get("answered"), "prompts": c.get("prompts"), "writing_s": c.get("writing_s"),
+                "gate_s": c.get("gate_s"), "training_s": c.get("training_s"),
+                "learning_s": round(sum(v for k, v in s["phases"].items() if not k.startswith("probe")), 1),
                 "dreams": s["dreams"], "probes_before": round(sum(before.values()) / max(len(before), 1), 3),
                 "probes_after": round(sum(after.values()) / max(len(after), 1), 3),
                 "ppl_drift": round(s["general_ppl_after"] / s["general_ppl_before"] - 1, 4),

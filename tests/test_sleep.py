@@ -411,15 +411,15 @@ def test_time_left_follows_measured_step_times_and_does_not_run_away():
 def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps():
     import math
     from sleep_engine.budget import split_budget, steps_that_fit
-    # 80 s left, probes took 10 s: reserve 12 + 2 + 9.6 (dreaming) = 23.6; avail 56.4
-    s = split_budget(80.0, 10.0, dreaming=True, tier_step=False)
-    assert s["reserve"] == pytest.approx(23.6) and s["tier"] == 0
-    assert s["writing"] == pytest.approx(0.35 * 56.4) and s["training"] == pytest.approx(0.65 * 56.4)
-    t = split_budget(80.0, 10.0, dreaming=False, tier_step=True)   # no dreaming; a tier step takes half
-    assert t["reserve"] == pytest.approx(14.0) and t["tier"] == pytest.approx(33.0)
-    assert t["writing"] + t["training"] == pytest.approx(33.0)
-    assert split_budget(5.0, 10.0, True, False)["training"] == 0.0   # overspent: nothing, never negative
-    assert split_budget(math.inf, 10.0, True, True)["training"] == math.inf   # no budget
+    # 80 s of learning left, dreaming next: reserve 2 + 9.6 = 11.6; avail 68.4
+    s = split_budget(80.0, dreaming=True, tier_step=False)
+    assert s["reserve"] == pytest.approx(11.6) and s["tier"] == 0
+    assert s["writing"] == pytest.approx(0.35 * 68.4) and s["training"] == pytest.approx(0.65 * 68.4)
+    t = split_budget(80.0, dreaming=False, tier_step=True)   # no dreaming; a tier step takes half
+    assert t["reserve"] == pytest.approx(2.0) and t["tier"] == pytest.approx(39.0)
+    assert t["writing"] + t["training"] == pytest.approx(39.0)
+    assert split_budget(1.0, True, False)["training"] == 0.0   # overspent: nothing, never negative
+    assert split_budget(math.inf, True, True)["training"] == math.inf   # no budget
     # 3 steps done at 1, 4, 2 s (median 2): 7 s left fits 3 more, so 6 of the planned 10
     assert steps_that_fit(3, 10, [1, 4, 2], 7.0) == 6
     assert steps_that_fit(3, 5, [1, 4, 2], 100.0) == 5        # never more than planned
