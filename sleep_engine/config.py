@@ -107,9 +107,11 @@ class SleepConfig:
     """One Sleep: consolidation (docs/DESIGN.md §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
     # a preset is a time budget: a sleep fits its teacher's writing, steps and dreams into budget_s
-    # seconds, measured as it runs; the probes before and after (~25–45 s each on 2 cores) come on
-    # top (0 = no budget: the recipe as written, for the lab)
-    budget_s: float = 90.0
+    # seconds, measured as it runs; the probes before and after (~25–50 s each on 2 cores) come on
+    # top (0 = no budget: the recipe as written, for the lab). Measured (make budget-check, 2 cores):
+    # at 90 s two passages got 3 of 13 steps (teacher 40 s, gate fit 21 s, 8 s a step) and learned
+    # nothing, so quick has 180 s
+    budget_s: float = 180.0
     # knowledge seeding: on-policy distillation
     prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)
     study_questions: int = 1          # self-study: questions the teacher writes about each sentence of an episode (0 = off)

@@ -8,6 +8,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from .budget import NEVER, Deadline
 from .config import SleepConfig
 from .consolidation import CONTEXT_SYSTEM, subjects
 from .memory import MemoryModel
@@ -85,9 +86,11 @@ def isolated(params):
 
 
 class Dreamer:
-    def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0):
+    def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0,
+                 deadline: Deadline = NEVER):
         self.memory, self.tok, self.cfg, self.emit, self.check = memory, tokenizer, cfg, emit, check
         self.rng = random.Random(seed)
+        self.deadline = deadline   # the sleep's learning budget: no new round or trial after it
 
     def metric(self, facts: list[Probe]) -> float:
         """τ: mean closed-book log-likelihood of the episodes' facts."""
@@ -103,6 +106,9 @@ class Dreamer:
         try:
             for rnd in range(max(cfg.rest_rounds, 1)):
                 self.check()
+                if rnd and self.deadline.passed():
+                    stats.update(rounds=rnd, cut="the sleep's time budget")
+                    break
                 # E-step: dreams conditioned on the episodes, one random expert per router
                 picks = [self.rng.choice(topics) for _ in range(cfg.dreams)]
                 asks = [self.rng.choice(DREAM_PROMPTS).format(s=subject) for subject, _ in picks]
@@ -128,6 +134,9 @@ class Dreamer:
                 for i, (p, d) in enumerate(pairs):
                     self.check()
                     reward, after = None, None
+                    if i in kept and self.deadline.passed():   # out of time: no more isolated trials
+                        kept.remove(i)
+                        stats["cut"] = "the sleep's time budget"
                     if i in kept:
                         with isolated(params):
                             sft(self.memory, self.tok, [(p, d)], params, cfg.trial_steps, cfg.dream_lr)

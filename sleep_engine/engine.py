@@ -604,8 +604,8 @@ class SleepEngine:
         # τ = closed-book likelihood of the episodes' own facts (cloze items from their text), not
         # the probe QA: those are the test and must not steer training
         facts = [p for e in pending for p in cloze_probes(e.id, e.text, limit=6)]
-        return Dreamer(self.memory, self.tokenizer, cfg, run.emit, run.check,
-                       seed=self.cfg.seed + run.number).run(pending, facts, new_id)
+        return Dreamer(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
+                       deadline=run.deadline).run(pending, facts, new_id)
 
     def _probe_after(self, run: "SleepRun", probes, generic: str, everyday, current: dict, summary: dict) -> None:
         lm, tok = self.memory.lm, self.tokenizer

@@ -489,3 +489,17 @@ def test_a_sleep_over_its_budget_still_commits_with_fewer_steps_and_says_what_it
     tiny_engine.sleep(tiny_settings(budget_s=0.0, distill_steps=5), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     assert summary["consolidation"]["steps"] == 6 and summary["dreams"]["generated"] > 0
+
+
+def test_dreaming_out_of_time_starts_no_trial_and_no_new_round(tiny_engine):
+    from sleep_engine.budget import Deadline
+    from sleep_engine.dreaming import Dreamer
+    teach_two(tiny_engine)
+    new_id = tiny_engine.memory.add_expert(tier=2, born=1)
+    dreams = []
+    dreamer = Dreamer(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(rest_rounds=2),
+                      lambda kind, **d: dreams.append(d) if kind == "dream" else None, lambda: None,
+                      deadline=Deadline(at=0.0))
+    stats = dreamer.run(tiny_engine.state.episodes.all(), [], new_id)
+    assert stats["rounds"] == 1 and stats["cut"] and stats["kept"] == 0
+    assert dreams and all(d["reward"] is None for d in dreams)   # generated and scored, never tried
