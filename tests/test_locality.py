@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sleep_engine.consolidation import Consolidator
+from sleep_engine.lab.data import general_questions
 from sleep_engine.probes import gate_selectivity, interference, passage_names, question_gates
 from test_sleep import QA, TEXTS, teach_two, tiny_settings
 
@@ -38,7 +39,7 @@ def test_after_a_sleep_the_gate_is_open_on_its_episode_and_closed_on_everyday_qu
     c = summary["consolidation"]
     assert c["gate_fit_loss"] < c["gate_fit_first_loss"] and c["gate_fit_tokens"]["question"] > 0
     sel = summary["gate_selectivity"][eid]            # the sleep summary reports it (launch.py sleep --json)
-    assert sel["episodes"] == [1, 2] and sel["n_everyday"] == 30 and sel["n_own"] == 2
+    assert sel["episodes"] == [1, 2] and sel["n_everyday"] == len(general_questions()) and sel["n_own"] == 2
     assert sel["everyday"] < sel["own"] and sel["everyday_over_own"] < 1
 
 
