@@ -370,6 +370,7 @@ class Consolidator:
             ids = torch.tensor([e.student + [self.pad] * (width - len(e.student)) for e in batch], device=dev)
             mask = torch.tensor([[1] * len(e.student) + [0] * (width - len(e.student)) for e in batch], device=dev)
             t = self.gate_targets(batch, width).to(dev)
+            self.check()   # Stop within a forward: the gate fit reads every example once (seconds)
             with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
                 self.lm.model(input_ids=ids, attention_mask=mask)
             for y in groups:
@@ -389,6 +390,7 @@ class Consolidator:
             own = mask.bool().clone()
             for r, q in enumerate(wrapped[i:i + 16]):
                 own[r, :q_start + self.name_offset(q)] = False
+            self.check()
             with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
                 self.lm.model(input_ids=ids, attention_mask=mask)
             groups[1].append(torch.stack([xs[l][-1][own].float() for l in layers]))
@@ -415,7 +417,9 @@ class Consolidator:
 
         with torch.enable_grad():
             first = float(loss_of().detach())
-            for _ in range(cfg.gate_fit_steps):
+            for step in range(cfg.gate_fit_steps):
+                if step % 25 == 0:
+                    self.check()
                 loss = loss_of() + 1e-3 * w.pow(2).sum(-1).mean()
                 opt.zero_grad()
                 loss.backward()

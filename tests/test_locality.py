@@ -152,3 +152,29 @@ def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils
     c.seed(examples, eid)
     for m, (g, B) in zip(mem.expert_modules(eid), after_fit["gates"]):
         assert torch.equal(m.gate, g) and not torch.equal(m.B, B)   # gate as fitted, B learned
+
+
+def test_stop_lands_inside_the_gate_fit(tiny_engine):
+    """The gate fit reads every example and runs its Adam steps without other checkpoints: a Stop
+    raised there must not wait for the whole fit (stop-check measured 8.5–11.8 s before)."""
+    teach_two(tiny_engine)
+    mem = tiny_engine.memory
+    eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0)
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        calls.append(1)
+        if len(calls) > 2:
+            raise Stop()
+    c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(gate_fit_steps=200, lti=False), lambda *a, **kw: None,
+                     lambda: None, seed=3)
+    examples = c.teacher_data(tiny_engine.pending_episodes(), [], eid)
+    negatives = c.gate_negative_states(eid)
+    c.check = check
+    before = [m.gate.detach().clone() for m in mem.expert_modules(eid)]
+    with pytest.raises(Stop):
+        c.fit_gate(examples, eid, negatives)
+    assert len(calls) == 3 and all(torch.equal(m.gate, g) for m, g in zip(mem.expert_modules(eid), before))
