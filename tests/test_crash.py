@@ -8,7 +8,7 @@ from stress_state import run_trials
 
 
 def test_kill_at_random_instants_leaves_a_whole_state(tmp_path, embedded_source):
-    trials = int(os.environ.get("SLEEP_LAB_STRESS_TRIALS", "4"))
+    trials = int(os.environ.get("SLEEP_LAB_STRESS_TRIALS", "2"))
     stats = run_trials(tmp_path / "stress", embedded_source, trials, seed=int(os.environ.get("SLEEP_LAB_STRESS_SEED", "0")),
                        log=lambda s: None)
     assert stats["trials"] == trials and stats["crashpoints"] == 2

@@ -25,7 +25,8 @@ def test_chat_once_knows_paris_in_the_default_mode(tmp_path):
 def test_teach_then_chat_work_on_the_same_state(tmp_path):
     f = tmp_path / "fact.txt"
     f.write_text("The village of Orrowmere keeps a bell cast in 1702.")
-    assert lab("teach", str(f), "--state-dir", str(tmp_path / "s")).returncode == 0
+    # tier 1 off: its update on the real model is ~80 s here (measured by `make long-chat`; tested on tiny models)
+    assert lab("teach", str(f), "--state-dir", str(tmp_path / "s"), "--fast-every", "0").returncode == 0
     out = lab("chat", "--once", "Say hello.", "--state-dir", str(tmp_path / "s"), "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr
     lines = (tmp_path / "s" / "episodes.jsonl").read_text().splitlines()
@@ -34,13 +35,17 @@ def test_teach_then_chat_work_on_the_same_state(tmp_path):
 
 @pytest.mark.usefixtures("embedded_source")
 def test_quick_sleep_on_two_passages_raises_answer_likelihood_without_damage(tmp_path):
-    """`sleep --preset quick` on two fictional passages (real model, default int4 storage)."""
+    """`sleep --preset quick` on two fictional passages (real model, default int4 storage), made
+    small with --set so the suite stays short: every phase runs (teacher, gate fit, distillation,
+    LTI, dreaming, probes, checkpoint), fewer prompts and steps. The preset as it is: `make budget-check`."""
     import json
     rows = [json.loads(line) for line in (ROOT / "sleep_engine" / "assets" / "passages.jsonl").read_text().splitlines()[:2]]
     teach = tmp_path / "two.jsonl"
     teach.write_text("".join(json.dumps({"text": r["text"], "qa": r["qa"]}) + "\n" for r in rows))
-    out = lab("sleep", "--teach", str(teach), "--preset", "quick", "--json", "--state-dir", str(tmp_path / "s"),
-              timeout=900)
+    small = ["budget_s=0", "distill_steps=8", "prompts_per_episode=5", "study_questions=0", "anchor_prompts=4",
+             "anchor_texts=4", "gate_negatives=8", "gate_distractors=8", "dreams=2"]
+    out = lab("sleep", "--teach", str(teach), "--preset", "quick", "--fast-every", "0", "--json",
+              "--state-dir", str(tmp_path / "s"), *[a for kv in small for a in ("--set", kv)], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["answer_logprob_after"] > summary["answer_logprob_before"]
