@@ -25,7 +25,9 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
+from sleep_engine.chat_format import WakeInputError, clean_text
 from sleep_engine.config import (
     QUANTIZE_MODES,
     ConfigError,
@@ -181,7 +183,6 @@ def open_engine(cfg: LabConfig, quiet: bool = False):
 
 
 def cmd_chat(engine, once: str | None) -> int:
-    from sleep_engine.wake import WakeInputError
     if once is not None:
         try:
             return _print_reply(engine, once)
@@ -477,18 +478,31 @@ def cmd_serve(cfg: LabConfig, args) -> int:
     return 0
 
 
+def check_input(args, cfg: LabConfig) -> list[tuple[str, str]]:
+    """What can be refused without the model: a chat message, the files to teach (returned as
+    (text, name)), a --model path that does not exist."""
+    model = Path(cfg.model).expanduser()
+    if cfg.model.startswith((".", "/", "~")) and not model.is_dir():
+        raise ConfigError(f"--model {cfg.model}: no such directory")
+    if getattr(args, "once", None) is not None:
+        clean_text(args.once, "message", cfg.wake.max_message_chars)
+    if args.verb == "teach":
+        return [(_read_text_file(f), os.path.basename(f)) for f in args.files]
+    return []
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:   # bad input is refused before the seconds of importing torch and loading the model
         cfg = config_from_args(args)
-    except ConfigError as e:
+        texts = check_input(args, cfg)
+    except (ConfigError, WakeInputError, OSError) as e:
         parser.exit(2, f"error: {e}\n")
     quiet_libraries(cfg)
     from sleep_engine.backbone import ModelLoadError
     from sleep_engine.engine import StateMismatchError
     from sleep_engine.store import StateError
-    from sleep_engine.wake import WakeInputError
     try:
         if args.verb == "bench":
             from sleep_engine.lab.speed import bench_wake
@@ -501,7 +515,6 @@ def main(argv=None) -> int:
         if args.verb == "lab":
             return cmd_lab(cfg, args)
         if args.verb == "teach":
-            texts = [(_read_text_file(f), os.path.basename(f)) for f in args.files]
             engine = open_engine(cfg)
             for text, name in texts:
                 ep = engine.wake.teach(text, source=name)
@@ -519,13 +532,6 @@ def main(argv=None) -> int:
         if args.verb is None:
             return cmd_ui(cfg, args)
         once = getattr(args, "once", None)
-        if once is not None:  # refuse bad input before spending seconds on loading the model
-            from sleep_engine.wake import WakeInputError, clean_text
-            try:
-                clean_text(once, "message", cfg.wake.max_message_chars)
-            except WakeInputError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
         engine = open_engine(cfg, quiet=once is not None)
         return cmd_chat(engine, once)
     except (ModelLoadError, StateMismatchError, StateError, ConfigError, WakeInputError, OSError) as e:

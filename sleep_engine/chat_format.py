@@ -49,3 +49,22 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
         else:
             ids += encode_text(tokenizer, _SLOT.sub(lambda m: contents[int(m.group(1))], part))
     return ids
+
+
+class WakeInputError(ValueError):
+    """The message or text cannot be used (empty, binary, ...); nothing was changed."""
+
+
+def clean_text(text, what: str, max_chars: int) -> tuple[str, list[str]]:
+    """Validate user text: a clear error for empty/binary input, a notice when it is cut."""
+    if not isinstance(text, str):
+        raise WakeInputError(f"{what} must be text")
+    if "\x00" in text:
+        raise WakeInputError(f"{what} looks like binary data (contains NUL bytes)")
+    if not text.strip():
+        raise WakeInputError(f"{what} is empty")
+    notices = []
+    if len(text) > max_chars:
+        notices.append(f"{what} was {len(text):,} characters; only the first {max_chars:,} were used")
+        text = text[:max_chars]
+    return text, notices

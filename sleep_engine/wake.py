@@ -12,16 +12,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from .chat_format import encode_chat, encode_text
+from .chat_format import WakeInputError, clean_text, encode_chat, encode_text  # noqa: F401 (re-exported)
 from .config import ConfigError, WakeConfig
 from .decoding import generate_tokens, make_decoder, stop_token_ids
 from .fast_weights import FastWeightLearner
 from .memory import MemoryModel, RoutingTrace
 from .store import Episode, EpisodeLog, qa_problem
-
-
-class WakeInputError(ValueError):
-    """The message or text cannot be used (empty, binary, ...); nothing was changed."""
 
 
 class WakeBusy(RuntimeError):
@@ -44,21 +40,6 @@ class Reply:
 
     def token_texts(self, tokenizer) -> list[str]:
         return [tokenizer.decode([t]) for t in self.token_ids]
-
-
-def clean_text(text, what: str, max_chars: int) -> tuple[str, list[str]]:
-    """Validate user text: a clear error for empty/binary input, a notice when it is cut."""
-    if not isinstance(text, str):
-        raise WakeInputError(f"{what} must be text")
-    if "\x00" in text:
-        raise WakeInputError(f"{what} looks like binary data (contains NUL bytes)")
-    if not text.strip():
-        raise WakeInputError(f"{what} is empty")
-    notices = []
-    if len(text) > max_chars:
-        notices.append(f"{what} was {len(text):,} characters; only the first {max_chars:,} were used")
-        text = text[:max_chars]
-    return text, notices
 
 
 ASLEEP_NOTICE = ("The model is asleep: this reply comes from its memory as it was before the sleep; "
