@@ -25,6 +25,7 @@ class Deadline:
 
 
 NEVER = Deadline()
+WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget); the rest trains
 
 
 def split_budget(left_s: float, dreaming: bool, tier_step: bool) -> dict[str, float]:
@@ -43,7 +44,7 @@ def split_budget(left_s: float, dreaming: bool, tier_step: bool) -> dict[str, fl
     reserve = 2.0 + (0.12 * left_s if dreaming else 0.0)
     avail = max(0.0, left_s - reserve)
     tier = avail / 2 if tier_step else 0.0
-    writing = 0.35 * (avail - tier)
+    writing = WRITING_SHARE * (avail - tier)
     return {"reserve": reserve, "writing": writing, "training": avail - tier - writing, "tier": tier}
 
 
@@ -54,3 +55,17 @@ def steps_that_fit(done: int, planned: int, step_seconds: list[float], left_s: f
         return planned
     per = sorted(step_seconds)[len(step_seconds) // 2]
     return max(done, 1, min(planned, done + int(max(0.0, left_s) // max(per, 1e-6))))
+
+
+
+def tier_step_seconds(steps: int, step_seconds: list[float]) -> float | None:
+    """Seconds a tier step of `steps` distillation steps needs: the median step time this sleep
+    measured × steps, plus the teacher's writing at its usual share,
+
+        need = steps · median(step_seconds) / (1 − WRITING_SHARE)
+
+    None before any step was timed (then nothing can be said and the step is tried)."""
+    if not step_seconds:
+        return None
+    per = sorted(step_seconds)[len(step_seconds) // 2]
+    return steps * per / (1 - WRITING_SHARE)

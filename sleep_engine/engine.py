@@ -18,9 +18,9 @@ import torch
 
 from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
-from .budget import NEVER, Deadline, split_budget
+from .budget import NEVER, Deadline, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
-from .consolidation import Consolidator, Example, round_robin, seed_prompts
+from .consolidation import Consolidator, Example, distill_steps, round_robin, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
@@ -701,27 +701,49 @@ class SleepEngine:
         """Tier 2 → tier 3: a new slow expert learns from the model with its tier-2 experts
         (teacher) to answer without them (student); then the tier-2 experts are removed. The
         anchors of consolidation come along: without them one tier step moved everyday text by
-        +25% perplexity (measured, lab knowledge 3-tier)."""
+        +25% perplexity (measured, lab knowledge 3-tier). Under a time budget the step runs only
+        whole: removing the tier-2 experts after a cut merge lost every taught fact (make
+        user-check, sleep 3: closed-book 2/16 → 0/24), so a step that would not fit, or was cut,
+        leaves tier 2 as it is and waits for a sleep with time for it (`deferred`)."""
         tier2 = [e.expert_id for e in self.memory.experts() if e.tier == 2]
+        asks, n_anchors = self._tier_prompts(episodes, cfg, run.number)
+        need = tier_step_seconds(distill_steps(cfg, len(asks)), run.step_seconds)
+        if run.deadline.at is not None and need is not None and need > run.deadline.left():
+            return self._defer_tier(run, None, f"its {distill_steps(cfg, len(asks))} steps need "
+                                              f"~{need:.0f} s, {max(0.0, run.deadline.left()):.0f} s of the budget are left")
         new_id = self.memory.add_expert(tier=3, born=run.number, gate_bias=cfg.gate_bias_init)
         run.emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
         writing, training = run.deadlines(dreaming_next=False, tier_step=False)
         seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), run.emit,
                               run.check, seed=run.number, writing=writing, training=training)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
-        # the anchors first (the slow expert's gate stays closed on them), then every episode's
-        # prompts round-robin, taught ones first: a budget keeps a prefix. Never the probes.
-        anchors = seeder.chat_anchors()
-        asks = anchors + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind == "taught"]) \
-            + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind != "taught"])
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
             answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens, batch_size=32,
                                      deadline=writing)
         seeder.written = {"prompts": len(prompts), "answered": len(answers)}
-        examples = [Example(p + a, p + a, len(a), q, "", about_episode=i >= len(anchors))
+        examples = [Example(p + a, p + a, len(a), q, "", about_episode=i >= n_anchors)
                     for i, (q, p, a) in enumerate(zip(asks, prompts, answers)) if a]
         examples += seeder.text_anchors(new_id)
         result = seeder.seed(examples, new_id, phase="tier consolidation") if examples else {}
+        if len(answers) < len(prompts) or result.get("steps", 0) < result.get("planned_steps", 1):
+            return self._defer_tier(run, new_id, f"the budget cut it ({len(answers)}/{len(prompts)} answers written, "
+                                                 f"{result.get('steps', 0)}/{result.get('planned_steps', '?')} steps)")
         self.memory.remove_experts(tier2)
         return {"expert": new_id, "removed": tier2, **result}
+
+    def _tier_prompts(self, episodes, cfg, seed: int) -> tuple[list[str], int]:
+        """The tier step's questions: the chat anchors first (the slow expert's gate stays closed
+        on them), then every episode's prompts round-robin, taught ones first. Never the probes."""
+        anchors = Consolidator(self.memory, self.tokenizer, cfg, None, None, seed=seed).chat_anchors()
+        asks = anchors + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind == "taught"]) \
+            + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind != "taught"])
+        return asks, len(anchors)
+
+    def _defer_tier(self, run: "SleepRun", partial: str | None, why: str) -> dict:
+        """The tier step does not happen this sleep: its partial expert (if any) goes, tier 2 stays."""
+        if partial is not None:
+            self.memory.remove_experts([partial])
+        message = f"tier 2 → tier 3 deferred to a later sleep: {why}; the tier-2 experts stay as they are"
+        run.emit("notice", message=message)
+        return {"deferred": message}

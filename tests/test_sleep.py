@@ -181,6 +181,33 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     assert tiny_engine.state.sleep_count() == 2
 
 
+def test_a_tier_step_that_does_not_fit_the_budget_keeps_tier_two(tiny_engine, monkeypatch):
+    """Removing the tier-2 experts after a cut merge lost every taught fact (make user-check):
+    a tier step that would not fit is not started, one the budget cut is undone; tier 2 stays."""
+    import sleep_engine.engine as E
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
+    tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
+    monkeypatch.setattr(E, "tier_step_seconds", lambda steps, seconds: 1e6)     # would not fit: not started
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    assert "steps need" in summary["tier_consolidation"]["deferred"]
+    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e0", 2), ("e1", 2)]
+    tiny_engine.wake.teach("The Orrin Valley ferry leaves at dawn.")
+    monkeypatch.setattr(E, "tier_step_seconds", lambda steps, seconds: None)     # tried, then cut by the budget
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=3, budget_s=0.01, distill_steps=8),
+                      wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    assert "cut it" in summary["tier_consolidation"]["deferred"], summary["tier_consolidation"]
+    assert [e.tier for e in tiny_engine.memory.experts()] == [2, 2, 2] and tiny_engine.state.sleep_count() == 3
+
+
+def test_tier_step_seconds_is_steps_times_the_median_step_over_the_training_share():
+    from sleep_engine.budget import tier_step_seconds
+    assert tier_step_seconds(10, [1.0, 3.0, 2.0]) == pytest.approx(10 * 2.0 / 0.65)
+    assert tier_step_seconds(10, []) is None
+
+
 def test_faithfulness_counts_names_and_numbers_found_in_the_source():
     from sleep_engine.consolidation import faithfulness
     src = "The town of Velmora Ridge was founded in 1847 by Idris Kallowen beside Lake Tessarine."
