@@ -34,9 +34,9 @@ long-chat: setup
 
 # the promise as a user meets it (README "Wake memory"): 40 chat turns, then 3 rounds of (teach 2 test
 # passages, quick sleep), each followed by recall, interference and everyday questions against a fresh model;
-# over 1.5 h on 1 thread beside other work (the first sleep also consolidates the 40 turns)
+# ~50 min with 2 threads on 2 quiet cores (the first sleep also consolidates the 40 turns)
 user-check: setup
-	OMP_NUM_THREADS=1 $(BIN)/python launch.py lab wake --threads 1 --json --out reports/lab-user --set passages=0 --set turns=40 --set checkpoints= --set sleeps=3 $(ARGS)
+	$(BIN)/python launch.py lab wake --threads 2 --json --out reports/lab-user --set passages=0 --set turns=40 --set checkpoints= --set sleeps=3 $(ARGS)
 
 # export of a slept embedded model, reloaded three ways (README "Take the slept model with you"); ~3 min
 export-check: setup
