@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from sleep_engine.chat_format import WakeInputError, clean_text
 from sleep_engine.config import (
@@ -480,10 +479,8 @@ def cmd_serve(cfg: LabConfig, args) -> int:
 
 def check_input(args, cfg: LabConfig) -> list[tuple[str, str]]:
     """What can be refused without the model: a chat message, the files to teach (returned as
-    (text, name)), a --model path that does not exist."""
-    model = Path(cfg.model).expanduser()
-    if cfg.model.startswith((".", "/", "~")) and not model.is_dir():
-        raise ConfigError(f"--model {cfg.model}: no such directory")
+    (text, name)). (A missing --model directory is the backbone's to report: the lab's warnings
+    about how it listens come first.)"""
     if getattr(args, "once", None) is not None:
         clean_text(args.once, "message", cfg.wake.max_message_chars)
     if args.verb == "teach":
