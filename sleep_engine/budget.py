@@ -53,9 +53,8 @@ def steps_that_fit(done: int, planned: int, step_seconds: list[float], left_s: f
     would not fit in `left_s` seconds; at least `done` (and 1)."""
     if not step_seconds or not math.isfinite(left_s):
         return planned
-    per = sorted(step_seconds)[len(step_seconds) // 2]
+    per = median(step_seconds)
     return max(done, 1, min(planned, done + int(max(0.0, left_s) // max(per, 1e-6))))
-
 
 
 def tier_step_seconds(steps: int, step_seconds: list[float]) -> float | None:
@@ -65,7 +64,9 @@ def tier_step_seconds(steps: int, step_seconds: list[float]) -> float | None:
         need = steps · median(step_seconds) / (1 − WRITING_SHARE)
 
     None before any step was timed (then nothing can be said and the step is tried)."""
-    if not step_seconds:
-        return None
-    per = sorted(step_seconds)[len(step_seconds) // 2]
-    return steps * per / (1 - WRITING_SHARE)
+    return steps * median(step_seconds) / (1 - WRITING_SHARE) if step_seconds else None
+
+
+def median(xs: list[float]) -> float:
+    """The upper median (the element at n // 2 of the sorted list)."""
+    return sorted(xs)[len(xs) // 2]

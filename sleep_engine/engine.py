@@ -18,7 +18,7 @@ import torch
 
 from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
-from .budget import NEVER, Deadline, split_budget, tier_step_seconds
+from .budget import NEVER, Deadline, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, Example, distill_steps, round_robin, seed_prompts
 from .dreaming import Dreamer
@@ -104,7 +104,7 @@ def seconds_left(weights: dict[str, float], phases: dict[str, float], step_secon
         return max(0.0, phases["consolidation"] * r - in_phase_s)
     if not step_seconds:
         return None
-    per = sorted(step_seconds)[len(step_seconds) // 2]
+    per = median(step_seconds)
     return steps_left * per + (in_phase_s + steps_left * per) * r
 
 
@@ -706,16 +706,17 @@ class SleepEngine:
         user-check, sleep 3: closed-book 2/16 → 0/24), so a step that would not fit, or was cut,
         leaves tier 2 as it is and waits for a sleep with time for it (`deferred`)."""
         tier2 = [e.expert_id for e in self.memory.experts() if e.tier == 2]
-        asks, n_anchors = self._tier_prompts(episodes, cfg, run.number)
-        need = tier_step_seconds(distill_steps(cfg, len(asks)), run.step_seconds)
-        if run.deadline.at is not None and need is not None and need > run.deadline.left():
-            return self._defer_tier(run, None, f"its {distill_steps(cfg, len(asks))} steps need "
-                                              f"~{need:.0f} s, {max(0.0, run.deadline.left()):.0f} s of the budget are left")
-        new_id = self.memory.add_expert(tier=3, born=run.number, gate_bias=cfg.gate_bias_init)
-        run.emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
         writing, training = run.deadlines(dreaming_next=False, tier_step=False)
         seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), run.emit,
                               run.check, seed=run.number, writing=writing, training=training)
+        asks, n_anchors = self._tier_prompts(seeder, episodes, cfg)
+        steps = distill_steps(cfg, len(asks))
+        need = tier_step_seconds(steps, run.step_seconds)
+        if run.deadline.at is not None and need is not None and need > run.deadline.left():
+            return self._defer_tier(run, None, f"its {steps} steps need ~{need:.0f} s, "
+                                              f"{max(0.0, run.deadline.left()):.0f} s of the budget are left")
+        new_id = self.memory.add_expert(tier=3, born=run.number, gate_bias=cfg.gate_bias_init)
+        run.emit("expert", expert_id=new_id, tier=3, consolidates=tier2)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
         with self.memory.configured(muted=[new_id]):
@@ -732,10 +733,11 @@ class SleepEngine:
         self.memory.remove_experts(tier2)
         return {"expert": new_id, "removed": tier2, **result}
 
-    def _tier_prompts(self, episodes, cfg, seed: int) -> tuple[list[str], int]:
+    @staticmethod
+    def _tier_prompts(seeder: Consolidator, episodes, cfg) -> tuple[list[str], int]:
         """The tier step's questions: the chat anchors first (the slow expert's gate stays closed
         on them), then every episode's prompts round-robin, taught ones first. Never the probes."""
-        anchors = Consolidator(self.memory, self.tokenizer, cfg, None, None, seed=seed).chat_anchors()
+        anchors = seeder.chat_anchors()
         asks = anchors + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind == "taught"]) \
             + round_robin([seed_prompts(e.text, cfg.prompts_per_episode) for e in episodes if e.kind != "taught"])
         return asks, len(anchors)
