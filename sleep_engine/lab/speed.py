@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import load_backbone
+from ..backbone import embedded_gguf_path, load_backbone
 from ..config import LabConfig
 from ..decoding import generate_tokens, make_decoder
 from ..memory import MemoryModel
@@ -69,6 +69,34 @@ def lab_rate(memory: MemoryModel, prompts_ids, tokens: int) -> tuple[float, floa
     run(prompts_ids[0])  # warm-up
     ttfts.clear()
     return _median_rate(run, prompts_ids), statistics.median(ttfts)
+
+
+def llama_cpp_rate(gguf_path, prompts_ids, tokens: int, threads: int) -> dict | None:
+    """llama.cpp on the same GGUF file, same token ids, greedy, exactly `tokens` new tokens
+    (its raw `generate` loop, which never stops on its own), timed like `lab_rate`; None when
+    the optional package `llama-cpp-python` is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf_path), n_ctx=max(len(i) for i in prompts_ids) + tokens + 8,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    ttfts = []
+
+    def run(ids):
+        t = time.perf_counter()
+        for n, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True), start=1):
+            if n == 1:
+                ttfts.append(time.perf_counter() - t)
+            if n == tokens:
+                break
+        return n
+    run(prompts_ids[0])  # warm-up
+    ttfts.clear()
+    rate = _median_rate(run, prompts_ids)
+    import llama_cpp
+    return {"tokens_per_s": round(rate, 2), "ttft_ms": round(statistics.median(ttfts) * 1000, 1),
+            "version": getattr(llama_cpp, "__version__", "?")}
 
 
 def add_trained_looking_experts(memory: MemoryModel, n: int, seed: int = 0) -> None:
@@ -151,6 +179,12 @@ def bench_wake(cfg: LabConfig, tokens: int = 64, modes: list[str] = (), cold: bo
     result["speedup_vs_fp32"] = round(result["lab_tokens_per_s"] / result["dense_fp32_tokens_per_s"], 3)
     memory.remove_experts(memory.expert_ids())
     result["quality"] = quality(memory, tok)
+    if cfg.model == "embedded":
+        log("llama.cpp on the same GGUF file (if llama-cpp-python is installed) …")
+        ref = llama_cpp_rate(embedded_gguf_path(), prompts_ids, tokens, torch.get_num_threads())
+        result["llama_cpp"] = ref or "not installed (pip install llama-cpp-python)"
+        if ref:
+            result["ratio_vs_llama_cpp"] = round(result["lab_tokens_per_s"] / ref["tokens_per_s"], 3)
 
     if modes:
         result["modes"] = {}

@@ -165,6 +165,7 @@ def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions
                        "everyday": g["correct"], "kept": _kept(g, fresh), "drift": g["ppl"] / fresh["ppl"] - 1,
                        "everyday_changed": summary.get("everyday_changed"),
                        "gate_selectivity": summary.get("gate_selectivity"),
+                       "tier_consolidation": summary.get("tier_consolidation"),
                        "wrong_everyday": [{"q": q, "reply": r} for (q, a), r, ok, was in
                                           zip(questions, g["replies"], g["per_question"], fresh["per_question"])
                                           if was and not ok]})
