@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ConfigError, LabConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,8 +187,10 @@ def load_backbone(cfg: LabConfig) -> Backbone:
 class QuantLinear(nn.Module):
     """A frozen `nn.Linear` whose weight is stored as int8 (one scale per output row) or int4
     (asymmetric, groups of 32 along the input, as in the GGUF Q4_1 file the embedded model
-    comes from). Inference uses torch's packed CPU kernels; when a gradient must flow through
-    to earlier trainable experts, the weight is dequantized for that call."""
+    comes from). A few rows of x (decoding, batched sampling) go through the lab's AVX2 kernels
+    (`kernels.py`: float32 x, exact dequantization), or torch's packed kernels where those cannot
+    be built; when a gradient must flow through to earlier trainable experts, or for many rows,
+    the weight is dequantized for that call."""
 
     GROUP = 32
 
@@ -196,27 +199,29 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.mode = w.shape[1], w.shape[0], mode
         self.float_weight: torch.Tensor | None = None   # set by `float_weights()` for a Sleep
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().bfloat16())
+        # the int8 kernel reads 16 inputs at a time
+        self.kernels = kernels.load() if mode == "int4" or self.in_features % 16 == 0 else None
+        self._aten: tuple | None = None                 # torch's packed weight, built on first use
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         if mode == "int8":
-            scale = w.abs().amax(1).clamp(min=1e-8) / 127
-            self.register_buffer("qweight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scale", scale.bfloat16())   # the kernel's
-            self.register_buffer("scale_f32", scale)           # the float path's
+            # one scale per 32 inputs (per row where k is not a multiple of 32): the GGUF's Q8_0
+            # output head then comes back exactly (one scale per row diverged from the float
+            # model's greedy text after 12 tokens; per 32: the same 64 tokens)
+            n, k = w.shape
+            groups = w.view(n, k // self.GROUP if k % self.GROUP == 0 else 1, -1)
+            scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+            self.register_buffer("qweight", (groups / scale).round().clamp(-127, 127).to(torch.int8).view(n, k))
+            self.register_buffer("scale_f32", scale.squeeze(-1).contiguous())
         elif mode == "int4":
             n, k = w.shape
             groups = w.view(n, k // self.GROUP, self.GROUP)
             lo = groups.amin(-1, keepdim=True)
             step = (groups.amax(-1, keepdim=True) - lo).clamp(min=1e-8) / 15
-            codes = ((groups - lo) / step).round().clamp(0, 15).to(torch.int32).view(n, k)
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-            # the kernel dequantizes code q as (q - 8) * step + zero, so zero = lo + 8 * step
-            zeros = lo + 8 * step
-            self.register_buffer("scale_zeros", torch.stack(
-                [step.squeeze(-1).T, zeros.squeeze(-1).T], -1).contiguous().bfloat16())
-            # for the float path: codes with float32 step and minimum reproduce Q4_1 weights exactly
-            self.register_buffer("codes", codes.to(torch.uint8))
-            self.register_buffer("step", step.squeeze(-1))
-            self.register_buffer("lo", lo.squeeze(-1))
+            codes = ((groups - lo) / step).round().clamp(0, 15).to(torch.uint8).view(n, k)
+            # codes with float32 step and minimum reproduce Q4_1 weights exactly
+            self.register_buffer("qweight", kernels.pack_q4(codes))
+            self.register_buffer("step", step.squeeze(-1).contiguous())
+            self.register_buffer("lo", lo.squeeze(-1).contiguous())
         else:
             raise ValueError(mode)
 
@@ -226,52 +231,80 @@ class QuantLinear(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.mode, new.in_features, new.float_weight = parts[0].mode, parts[0].in_features, None
+        new.kernels, new._aten = (parts[0].kernels if all(p.kernels for p in parts) else None), None
         new.out_features = sum(p.out_features for p in parts)
-        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=torch.bfloat16) for p in parts]
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
         new.register_buffer("bias", torch.cat(biases) if any(p.bias is not None for p in parts) else None)
-        if new.mode == "int8":
-            new.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
-            new.register_buffer("scale", torch.cat([p.scale for p in parts]))
-            new.register_buffer("scale_f32", torch.cat([p.scale_f32 for p in parts]))
-        else:
-            new.register_buffer("codes", torch.cat([p.codes for p in parts]))
-            new.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(new.codes.to(torch.int32), 1))
-            new.register_buffer("scale_zeros", torch.cat([p.scale_zeros for p in parts], dim=1).contiguous())
-            new.register_buffer("step", torch.cat([p.step for p in parts]))
-            new.register_buffer("lo", torch.cat([p.lo for p in parts]))
+        names = ("qweight", "scale_f32") if new.mode == "int8" else ("qweight", "step", "lo")
+        for name in names:
+            new.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
         return new
 
     @staticmethod
     def supports(linear: nn.Linear, mode: str) -> bool:
         return mode == "int8" or linear.in_features % QuantLinear.GROUP == 0
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.mode == "int8":
-            return self.qweight.to(dtype) * self.scale_f32[:, None].to(dtype)
+    def codes(self) -> torch.Tensor:
+        """int4: the uint8 codes [n, k] unpacked from `qweight`."""
         n, k = self.out_features, self.in_features
-        codes = self.codes.view(n, k // self.GROUP, self.GROUP).to(dtype)
+        packed = self.qweight.view(n, k // self.GROUP, 1, self.GROUP // 2)
+        return torch.cat([packed & 15, packed >> 4], 2).view(n, k)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        if self.mode == "int8":
+            groups = self.qweight.view(n, self.scale_f32.shape[1], -1).to(dtype)
+            return (groups * self.scale_f32[..., None].to(dtype)).view(n, k)
+        codes = self.codes().view(n, k // self.GROUP, self.GROUP).to(dtype)
         return (codes * self.step[..., None].to(dtype) + self.lo[..., None].to(dtype)).view(n, k)
 
-    # Above this many rows the packed kernels lose to dequantize + float32 GEMM (M=1200: 43 ms vs
-    # 20 ms), and backward through bf16 matmuls is ~30x slower than float32 on this CPU
-    # (measured): batches and training take the float32 path; decoding and short prompts the kernel.
+    # Above this many rows the small-batch kernels lose to dequantize + float32 GEMM (M=1200:
+    # 43 ms vs 20 ms), and backward through bf16 matmuls is ~30x slower than float32 on this CPU
+    # (measured): batches and training take the float32 path; decoding and short prompts a kernel.
     KERNEL_MAX_ROWS = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.requires_grad or rows > self.KERNEL_MAX_ROWS or x.device.type != "cpu":
-            bias = None if self.bias is None else self.bias.float()
+        if x.requires_grad or rows > self.KERNEL_MAX_ROWS or x.device.type != "cpu" or \
+                (self.kernels is None and self.mode == "int4" and self.out_features % 16):   # torch's int4 needs n % 16 == 0
             weight = self.float_weight if self.float_weight is not None else self.dequantized()
-            return F.linear(x.float(), weight, bias).to(x.dtype)
+            return F.linear(x.float(), weight, self.bias).to(x.dtype)
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
-        if self.mode == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        x2 = x.reshape(rows, shape[-1])
+        if self.kernels is not None:
+            x2 = x2.float()
+            y = (self.kernels.q8_linear(x2, self.qweight, self.scale_f32) if self.mode == "int8"
+                 else self.kernels.q4_linear(x2, self.qweight, self.step, self.lo))
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.GROUP, self.scale_zeros)
+            y = self._aten_forward(x2.to(torch.bfloat16).contiguous())
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def rows_fn(self):
+        """x[m ≤ 64, in] float32 → y[m, out] through the lab's kernels with no checks (the Wake
+        decoder's one-token path), or None where those kernels are not there."""
+        if self.kernels is None or self.bias is not None:
+            return None
+        K = self.kernels
+        if self.mode == "int8":
+            return lambda x: K.q8_linear(x, self.qweight, self.scale_f32)
+        return lambda x: K.q4_linear(x, self.qweight, self.step, self.lo)
+
+    def _aten_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """torch's packed kernels (bfloat16 x), where the lab's cannot be built."""
+        if self._aten is None:
+            if self.mode == "int8":   # torch's int8 kernel takes one scale per row
+                w = self.dequantized()
+                scale = w.abs().amax(1).clamp(min=1e-8) / 127
+                self._aten = ((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale.bfloat16())
+            else:
+                zeros = self.lo + 8 * self.step   # torch's kernel reads code q as (q - 8) · step + zero
+                self._aten = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1),
+                              torch.stack([self.step.T, zeros.T], -1).contiguous().bfloat16())
+        if self.mode == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x2, *self._aten).float()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._aten[0], self.GROUP, self._aten[1]).float()
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import kernels
 from .config import MemoryConfig, parse_layers
 
 MLP_ATTRS = ("mlp", "block_sparse_moe", "feed_forward")
@@ -59,6 +60,7 @@ class MemoryMLP(nn.Module):
         self.forced_expert: str | None = None     # dreaming: one random expert added at full gate (docs/DESIGN.md §5)
         self.capture: list | None = None          # when a list, each forward appends its input x (detached)
         self._fused: tuple | None = None
+        self.kernels = kernels.load() if kernels.supported() else None
 
     # -- forward ---------------------------------------------------------------------------
     def fused_weights(self, dtype: torch.dtype) -> tuple | None:
@@ -98,6 +100,11 @@ class MemoryMLP(nn.Module):
                 self.trace.append(None)
             return None
         w_in, b_gate, w_out, E, rank, expand, forced = fused
+        if E and self._kernel_fits(x, fused):   # decoding: one call instead of ~10 small ops
+            d, gates = self.kernels.memory_delta(x.reshape(-1, x.shape[-1]), w_in, b_gate, w_out, expand, E)
+            if self.trace is not None:
+                self.trace.append(gates[-1])
+            return d.view(x.shape)
         h = x @ w_in.T
         if E == 0:
             return h @ w_out.T
@@ -113,6 +120,15 @@ class MemoryMLP(nn.Module):
             self.trace.append(gates[..., -1, :] if gates.dim() > 1 else gates)
         expert_h = h[..., :rank] * gates[..., expand]
         return torch.cat([expert_h, h[..., rank + E:]], -1) @ w_out.T
+
+    def _kernel_fits(self, x: torch.Tensor, fused: tuple) -> bool:
+        """The compiled memory path serves a few float32 rows without gradients, when every
+        expert is gated by itself (no top-k cut, no forced expert)."""
+        w_in, w_out = fused[0], fused[2]
+        return (self.kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.numel() <= 64 * x.shape[-1] and fused[6] is None
+                and not (self.top_k and fused[3] > self.top_k)
+                and not (torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)))
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.capture is not None:   # consolidation's gate loss and the gate-selectivity probe

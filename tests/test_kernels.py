@@ -1,0 +1,153 @@
+"""The lab's compiled CPU kernels (sleep_engine/quant_matvec.cpp) against the torch arithmetic
+they replace, and the Wake decoder's one-token path against its torch path."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_llama
+from sleep_engine import kernels
+from sleep_engine.backbone import QuantLinear, quantize_linears
+from sleep_engine.config import MemoryConfig
+from sleep_engine.decoding import FastLlamaDecoder, generate_tokens
+from sleep_engine.memory import MemoryModel
+
+K = kernels.load()
+needs_kernels = pytest.mark.skipif(K is None, reason="no C++ compiler or no AVX2 here")
+
+
+def test_the_kernels_build_on_a_machine_with_a_compiler_and_avx2():
+    import shutil
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("c++"):
+        assert K is not None   # otherwise Wake silently runs ~2x slower
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_q4_and_q8_linear_equal_the_dequantized_float_product(rows):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=False)
+    x = torch.randn(rows, 96)
+    for mode, tol in (("int4", 1e-4), ("int8", 1e-5)):
+        q = QuantLinear(lin, mode)
+        ref = x @ q.dequantized().T
+        got = q(x)
+        assert ((got - ref).abs().max() / ref.abs().max()) < tol, mode
+        # torch's packed kernels (the fallback) agree up to their bfloat16 input
+        q.kernels = None
+        assert ((q(x) - ref).abs().max() / ref.abs().max()) < 2e-2, mode
+
+
+def test_q4_packing_round_trips():
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    q = QuantLinear(torch.nn.Linear(64, 5, bias=False), "int4")
+    q.qweight = kernels.pack_q4(codes)
+    assert torch.equal(q.codes(), codes)
+
+
+@needs_kernels
+def test_rms_norm_by_hand():
+    x = torch.tensor([[3.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    w = torch.full((8,), 2.0)
+    rms = math.sqrt(25 / 8 + 1e-6)
+    assert torch.allclose(K.rms_norm(x, w, 1e-6), x / rms * 2, atol=1e-6)
+    y, wt = torch.randn(3, 64), torch.rand(64)
+    assert torch.allclose(K.rms_norm(y, wt, 1e-5), F.rms_norm(y, (64,), wt, 1e-5), atol=1e-5)
+
+
+@needs_kernels
+def test_attend_one_equals_rotary_plus_sdpa_and_writes_the_cache():
+    torch.manual_seed(1)
+    H, KV, d, L, pos = 4, 2, 16, 10, 6
+    k_cache, v_cache = torch.randn(KV, L, d), torch.randn(KV, L, d)
+    qkv = torch.randn(H + 2 * KV, d)
+    angle = torch.rand(d // 2) * 3
+    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
+
+    def rotate(t):   # transformers' apply_rotary_pos_emb: t·cos + rotate_half(t)·sin
+        return t * cos + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * sin
+    q, k, v = rotate(qkv[:H]), rotate(qkv[H:H + KV]), qkv[H + KV:]
+    keys, values = k_cache.clone(), v_cache.clone()
+    keys[:, pos], values[:, pos] = k, v
+    want = F.scaled_dot_product_attention(q[None, :, None], keys[None, :, :pos + 1], values[None, :, :pos + 1],
+                                          enable_gqa=True).reshape(-1)
+    got = K.attend_one(qkv.contiguous(), k_cache, v_cache, cos, sin, H, pos)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(k_cache[:, pos], k, atol=1e-6) and torch.equal(v_cache[:, pos], v)
+
+
+@needs_kernels
+def test_memory_delta_kernel_equals_the_torch_path():
+    torch.manual_seed(2)
+    lab = tiny_llama()
+    mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
+    for _ in range(3):
+        eid = mem.add_expert(2, 1)
+        with torch.no_grad():
+            for e in mem.expert_modules(eid):
+                e.B.normal_(std=0.2)
+                e.gate.normal_(std=1.0)
+    mlp = next(iter(mem.mlps.values()))
+    with torch.no_grad():
+        mlp.fast_B.normal_(std=0.1)
+    x = torch.randn(1, 2, 64)
+    fused = mlp.fused_weights(torch.float32)
+    with torch.inference_mode():
+        mlp.trace = []
+        got = mlp.delta(x, fused)
+        mlp.kernels = None
+        want = mlp.delta(x, fused)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(mlp.trace[0], mlp.trace[1], atol=1e-6)   # the routing trace too
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_one_token_path_gives_the_torch_paths_tokens(quantize):
+    torch.manual_seed(3)
+    lab = tiny_llama()
+    if quantize != "none":
+        quantize_linears(lab, quantize)
+    mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
+    eid = mem.add_expert(2, 1)
+    with torch.no_grad():
+        for e in mem.expert_modules(eid):
+            e.B.normal_(std=0.2)
+            e.gate.normal_(std=1.0)
+    prompt = [5, 9, 33, 2, 71, 100]
+    fast, slow = FastLlamaDecoder(lab, 64), FastLlamaDecoder(lab, 64)
+    slow.one = False
+    assert fast.one
+    with mem.tracing() as t_fast:
+        a = list(generate_tokens(fast, prompt, 16, stop_ids=set()))
+    with mem.tracing() as t_slow:
+        b = list(generate_tokens(slow, prompt, 16, stop_ids=set()))
+    assert a == b
+    assert len(t_fast.steps) == len(t_slow.steps) == 16
+    layer = next(iter(t_fast.steps[-1]))
+    assert t_fast.steps[-1][layer] == pytest.approx(t_slow.steps[-1][layer], abs=1e-5)
+
+
+@needs_kernels
+def test_embedded_model_int4_kernels_give_the_float_models_greedy_text(embedded_source):
+    """The embedded model: int4 blocks and the int8 head through the kernels against float32
+    weights through transformers' own generate, greedy until the end-of-turn token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sleep_engine.decoding import stop_token_ids
+    tok = AutoTokenizer.from_pretrained(embedded_source)
+    ref = AutoModelForCausalLM.from_pretrained(embedded_source, dtype=torch.float32).eval()
+    stops = stop_token_ids(tok, ref)
+    prompts = []
+    for text in ("Write two sentences about the ocean.", "Explain what the gears on a bicycle do."):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    with torch.inference_mode():
+        wants = [[t for t in ref.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                                          pad_token_id=0)[0, len(ids):].tolist() if t not in stops] for ids in prompts]
+    quantize_linears(ref, "int4")
+    MemoryModel(ref, MemoryConfig())
+    for ids, want in zip(prompts, wants):
+        dec = FastLlamaDecoder(ref, len(ids) + 56)
+        assert dec.one
+        assert list(generate_tokens(dec, ids, 48, stop_ids=stops)) == want
