@@ -25,6 +25,16 @@ def _build_dir() -> Path:
     return default_cache_dir() / f"kernels-torch{torch.__version__.replace('+', '-')}"
 
 
+def _ninja_on_path() -> None:
+    """torch builds with the `ninja` command; the PyPI package's binary is not on PATH when the
+    venv's python is run without activating the venv."""
+    try:
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
 def supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and \
         os.environ.get("SLEEP_LAB_KERNELS", "1") != "0"
@@ -39,6 +49,7 @@ def load():
         if supported():
             try:
                 from torch.utils.cpp_extension import load as build
+                _ninja_on_path()
                 target = _build_dir()
                 target.mkdir(parents=True, exist_ok=True)
                 if not any(target.glob("*.so")):
