@@ -123,10 +123,11 @@ class MemoryMLP(nn.Module):
 
     def _kernel_fits(self, x: torch.Tensor, fused: tuple) -> bool:
         """The compiled memory path serves a few float32 rows without gradients, when every
-        expert is gated by itself (no top-k cut, no forced expert)."""
+        expert is gated by itself (no top-k cut, no forced expert). It runs on one thread, so
+        batched sampling (a Sleep's teacher, up to 64 rows) keeps torch's threaded matmuls."""
         w_in, w_out = fused[0], fused[2]
         return (self.kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.numel() <= 64 * x.shape[-1] and fused[6] is None
+                and x.numel() <= 4 * x.shape[-1] and fused[6] is None
                 and not (self.top_k and fused[3] > self.top_k)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)))
 
