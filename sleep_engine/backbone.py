@@ -200,7 +200,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.mode = w.shape[1], w.shape[0], mode
         self.float_weight: torch.Tensor | None = None   # set by `float_weights()` for a Sleep
         # the int8 kernel reads 16 inputs at a time
-        self.kernels = kernels.load() if mode == "int4" or self.in_features % 16 == 0 else None
+        self.use_kernels = (mode == "int4" or self.in_features % 16 == 0) and kernels.load() is not None
         self._aten: tuple | None = None                 # torch's packed weight, built on first use
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         if mode == "int8":
@@ -231,7 +231,7 @@ class QuantLinear(nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.mode, new.in_features, new.float_weight = parts[0].mode, parts[0].in_features, None
-        new.kernels, new._aten = (parts[0].kernels if all(p.kernels for p in parts) else None), None
+        new.use_kernels, new._aten = all(p.use_kernels for p in parts), None
         new.out_features = sum(p.out_features for p in parts)
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
         new.register_buffer("bias", torch.cat(biases) if any(p.bias is not None for p in parts) else None)
@@ -266,15 +266,15 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if x.requires_grad or rows > self.KERNEL_MAX_ROWS or x.device.type != "cpu" or \
-                (self.kernels is None and self.mode == "int4" and self.out_features % 16):   # torch's int4 needs n % 16 == 0
+                (not self.use_kernels and self.mode == "int4" and self.out_features % 16):   # torch's int4 needs n % 16 == 0
             weight = self.float_weight if self.float_weight is not None else self.dequantized()
             return F.linear(x.float(), weight, self.bias).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(rows, shape[-1])
-        if self.kernels is not None:
-            x2 = x2.float()
-            y = (self.kernels.q8_linear(x2, self.qweight, self.scale_f32) if self.mode == "int8"
-                 else self.kernels.q4_linear(x2, self.qweight, self.step, self.lo))
+        if self.use_kernels:
+            x2, K = x2.float(), kernels.load()
+            y = (K.q8_linear(x2, self.qweight, self.scale_f32) if self.mode == "int8"
+                 else K.q4_linear(x2, self.qweight, self.step, self.lo))
         else:
             y = self._aten_forward(x2.to(torch.bfloat16).contiguous())
         if self.bias is not None:
@@ -284,9 +284,9 @@ class QuantLinear(nn.Module):
     def rows_fn(self):
         """x[m ≤ 64, in] float32 → y[m, out] through the lab's kernels with no checks (the Wake
         decoder's one-token path), or None where those kernels are not there."""
-        if self.kernels is None or self.bias is not None:
+        if not self.use_kernels or self.bias is not None:
             return None
-        K = self.kernels
+        K = kernels.load()
         if self.mode == "int8":
             return lambda x: K.q8_linear(x, self.qweight, self.scale_f32)
         return lambda x: K.q4_linear(x, self.qweight, self.step, self.lo)

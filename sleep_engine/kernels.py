@@ -41,7 +41,11 @@ def supported() -> bool:
 
 
 def load():
-    """The compiled module (functions q4_linear, q8_linear), or None where it cannot be had."""
+    """The compiled module (functions q4_linear, q8_linear, ...), or None where it cannot be had.
+    Modules keep a bool and call this at use: a compiled module on an nn.Module would make
+    models impossible to deepcopy or pickle."""
+    if "module" in _state:   # the hot path: no lock once loaded
+        return _state["module"]
     with _lock:
         if "module" in _state:
             return _state["module"]

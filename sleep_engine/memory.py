@@ -60,7 +60,7 @@ class MemoryMLP(nn.Module):
         self.forced_expert: str | None = None     # dreaming: one random expert added at full gate (docs/DESIGN.md §5)
         self.capture: list | None = None          # when a list, each forward appends its input x (detached)
         self._fused: tuple | None = None
-        self.kernels = kernels.load() if kernels.supported() else None
+        self.use_kernels = kernels.load() is not None   # the compiled memory path (decoding)
 
     # -- forward ---------------------------------------------------------------------------
     def fused_weights(self, dtype: torch.dtype) -> tuple | None:
@@ -101,7 +101,7 @@ class MemoryMLP(nn.Module):
             return None
         w_in, b_gate, w_out, E, rank, expand, forced = fused
         if E and self._kernel_fits(x, fused):   # decoding: one call instead of ~10 small ops
-            d, gates = self.kernels.memory_delta(x.reshape(-1, x.shape[-1]), w_in, b_gate, w_out, expand, E)
+            d, gates = kernels.load().memory_delta(x.reshape(-1, x.shape[-1]), w_in, b_gate, w_out, expand, E)
             if self.trace is not None:
                 self.trace.append(gates[-1])
             return d.view(x.shape)
@@ -126,7 +126,7 @@ class MemoryMLP(nn.Module):
         expert is gated by itself (no top-k cut, no forced expert). It runs on one thread, so
         batched sampling (a Sleep's teacher, up to 64 rows) keeps torch's threaded matmuls."""
         w_in, w_out = fused[0], fused[2]
-        return (self.kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32
+        return (self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32
                 and x.numel() <= 4 * x.shape[-1] and fused[6] is None
                 and not (self.top_k and fused[3] > self.top_k)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)))

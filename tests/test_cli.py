@@ -54,7 +54,7 @@ def test_the_package_ships_every_module_and_the_data():
              if p.parent.relative_to(ROOT).parts[0] in ("sleep_engine", "app")}
     assert found == listed
     assert project["project"]["scripts"]["sleep-lab"] == "launch:main"
-    assert project["tool"]["setuptools"]["package-data"]["sleep_engine"] == ["assets/*"]
+    assert project["tool"]["setuptools"]["package-data"]["sleep_engine"] == ["assets/*", "*.cpp"]
     assert (ROOT / "sleep_engine" / "assets" / "passages.jsonl").is_file()
     pins = {line.split("==")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
             if "==" in line and not line.startswith("#")}

@@ -35,7 +35,7 @@ def test_q4_and_q8_linear_equal_the_dequantized_float_product(rows):
         got = q(x)
         assert ((got - ref).abs().max() / ref.abs().max()) < tol, mode
         # torch's packed kernels (the fallback) agree up to their bfloat16 input
-        q.kernels = None
+        q.use_kernels = False
         assert ((q(x) - ref).abs().max() / ref.abs().max()) < 2e-2, mode
 
 
@@ -96,7 +96,7 @@ def test_memory_delta_kernel_equals_the_torch_path():
     with torch.inference_mode():
         mlp.trace = []
         got = mlp.delta(x, fused)
-        mlp.kernels = None
+        mlp.use_kernels = False
         want = mlp.delta(x, fused)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(mlp.trace[0], mlp.trace[1], atol=1e-6)   # the routing trace too
@@ -151,3 +151,16 @@ def test_embedded_model_int4_kernels_give_the_float_models_greedy_text(embedded_
         dec = FastLlamaDecoder(ref, len(ids) + 56)
         assert dec.one
         assert list(generate_tokens(dec, ids, 48, stop_ids=stops)) == want
+
+
+def test_a_model_with_kernels_can_be_deep_copied():
+    """Sleeps and tests deepcopy models: the compiled module must not live on an nn.Module."""
+    import copy
+    mem = MemoryModel(tiny_llama(), MemoryConfig(expert_rank=4))
+    q = QuantLinear(torch.nn.Linear(64, 32, bias=False), "int4")
+    x = torch.randn(2, 64)
+    assert torch.equal(copy.deepcopy(q)(x), q(x))
+    twin = copy.deepcopy(mem)
+    a, b = next(iter(mem.mlps.values())), next(iter(twin.mlps.values()))
+    assert a is not b and a.use_kernels == b.use_kernels
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
