@@ -6,6 +6,7 @@ polls `engine.status()` and the event bus and redraws only when something change
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
 import html
@@ -245,6 +246,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     sampling: dict[str, dict] = {}    # session key → its generation settings (set in the Generation accordion)
     usage = views.UsageMeter()
     download_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-download-"))
+    # copies of a user's events for the download buttons: gone when the app is (one per build_app)
+    atexit.register(shutil.rmtree, download_dir, True)
     exports_dir = Path(engine.cfg.state_dir).parent / "exports"   # Inspect → Export writes only under here
 
     # -- read-only views ----------------------------------------------------------------------
