@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default="",
                        help="also measure these quantize modes with a quality check, e.g. none,bf16,int8,int4")
     bench.add_argument("--no-cold", action="store_true", help="skip the cold/warm start measurement")
+    bench.add_argument("--no-page", action="store_true",
+                       help="skip the Wake tab row (replies streamed through the web app on a scratch state dir)")
     lab = sub.add_parser("lab", help="experiments: knowledge incorporation, continual learning, speed, "
                                      "accuracy against damage")
     _common(lab, sub=True)
@@ -179,6 +181,24 @@ def open_engine(cfg: LabConfig, quiet: bool = False):
     for note in engine.notices():   # what was set aside on opening the state dir: never a silent loss
         print(f"warning: {note}", file=sys.stderr, flush=True)
     return engine
+
+
+def bench_wake_tab(cfg) -> dict:
+    """`bench wake`'s Wake-tab row: the bench's 6 routed experts, a scratch state dir."""
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from app.page_bench import wake_tab_rate
+    from sleep_engine.lab.speed import PROMPTS, add_trained_looking_experts
+    print("the Wake tab: the same prompts through the web app …", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as state:
+        engine = open_engine(replace(cfg, state_dir=Path(state)), quiet=True)
+        try:
+            add_trained_looking_experts(engine.memory, 6, cfg.seed)
+            return wake_tab_rate(engine, PROMPTS, log=lambda s: print(s, file=sys.stderr, flush=True))
+        finally:
+            engine.close()
 
 
 def cmd_chat(engine, once: str | None) -> int:
@@ -505,6 +525,8 @@ def main(argv=None) -> int:
             from sleep_engine.lab.speed import bench_wake
             result = bench_wake(cfg, tokens=args.tokens, modes=[m for m in args.modes.split(",") if m],
                                 cold=not args.no_cold, log=lambda s: print(s, file=sys.stderr, flush=True))
+            if not args.no_page:
+                result["wake_tab"] = bench_wake_tab(cfg)
             print(json.dumps(result) if args.json else json.dumps(result, indent=1))
             return 0
         if args.verb == "sleep":

@@ -113,10 +113,32 @@ def read_upload(path: str | None) -> tuple[str, str]:
         raise OSError(f"{name} is not UTF-8 text") from None
 
 
-def in_own_thread(make_iter, stop: threading.Event):
-    """Run an engine generator in one dedicated thread and relay its items. The engine holds its
-    (thread-owned) lock across yields, while Gradio may resume a generator on any worker thread;
-    an exception in the producer is re-raised here, and closing this relay stops the producer."""
+# Streamed replies reach the page at most this often (the last one at once). Each update costs
+# the server process CPU on the two cores that decode; measured side by side (`bench wake`,
+# issue 17), the engine's decode rate inside the page was 0.62x its rate alone at one update per
+# token or per 50 ms, 0.92x at one per 200 ms.
+STREAM_INTERVAL_S = 0.1
+
+
+def _next_batch(q: queue.Queue, deadline: float, done) -> list:
+    """At least one item; then whatever else arrives before `deadline`, ending early at `done`
+    or an exception (the end of a reply is never held back)."""
+    batch = [q.get()]
+    while batch[-1] is not done and not isinstance(batch[-1], BaseException):
+        try:
+            batch.append(q.get(timeout=max(0.0, deadline - time.perf_counter())))
+        except queue.Empty:
+            break
+    return batch
+
+
+def in_own_thread(make_iter, stop: threading.Event, interval_s: float | None = None):
+    """Run an engine generator in one dedicated thread and relay its items, at most one per
+    `interval_s`: the items are cumulative snapshots, so only the newest is passed on (the last
+    item always is, at once). The engine holds its (thread-owned) lock across yields, while
+    Gradio may resume a generator on any worker thread; an exception in the producer is
+    re-raised here, and closing this relay stops the producer."""
+    interval_s = STREAM_INTERVAL_S if interval_s is None else interval_s
     q: queue.Queue = queue.Queue()
     done = object()
 
@@ -130,10 +152,17 @@ def in_own_thread(make_iter, stop: threading.Event):
 
     threading.Thread(target=produce, daemon=True, name="wake-stream").start()
     try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        deadline = time.perf_counter()   # the first item goes out as soon as it is there
+        while True:
+            batch = _next_batch(q, deadline, done)
+            if isinstance(batch[-1], BaseException):
+                raise batch[-1]
+            items = [item for item in batch if item is not done]
+            if items:
+                deadline = time.perf_counter() + interval_s
+                yield items[-1]
+            if batch[-1] is done:
+                return
     finally:
         stop.set()   # the page went away or the relay ended: let the producer finish its turn
 
@@ -291,8 +320,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
             for reply in in_own_thread(lambda: engine.wake.stream(message, stop, session=key,
                                                                sampling=sampling.get(key)), stop):
                 turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-                if not reply.done:
-                    yield (history + turn, "", gr.skip()) + keep
+                yield (history + turn, "", gr.skip()) + keep   # the whole text too, before the panels are drawn
         except (WakeInputError, WakeBusy) as e:
             yield (history, message, _error(str(e))) + keep   # the message stays in the box
             return

@@ -183,3 +183,38 @@ def test_episodes_view_leaves_out_and_deletes_before_a_sleep(lab):
     assert "on episode(s) 1." in client.predict("quick", *SETTINGS, api_name="/sleep")
     wait_for(lambda: engine.status()["state"] == "awake" and engine.state.sleep_count() == 1, timeout=120,
              what="the sleep to finish")
+
+
+def test_the_stream_relay_sends_the_newest_snapshot_at_most_once_per_interval_and_the_last_at_once():
+    import threading
+    import time
+
+    def snapshots():             # 40 growing snapshots, 5 ms apart, the last one "done"
+        for i in range(1, 41):
+            time.sleep(0.005)
+            yield i
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    got = list(ui.in_own_thread(snapshots, stop, interval_s=0.05))
+    assert got[-1] == 40 and got == sorted(got)          # the last always comes, in order
+    assert 3 <= len(got) <= 8                             # ~0.2 s at one per 50 ms, not 40
+    assert time.perf_counter() - t0 < 0.4 and stop.is_set()
+
+    def failing():
+        yield 1
+        raise ValueError("broken")
+    with pytest.raises(ValueError, match="broken"):
+        list(ui.in_own_thread(failing, threading.Event(), interval_s=0.05))
+    assert list(ui.in_own_thread(lambda: iter([7]), threading.Event())) == [7]
+
+
+def test_the_wake_tab_bench_row_times_the_same_reply_through_the_page(tiny_engine):
+    """`bench wake`'s page row: the client process gets the very reply the engine gives alone."""
+    from app.page_bench import wake_tab_rate
+    tiny_engine.cfg.wake.max_new_tokens = 12
+    row = wake_tab_rate(tiny_engine, ["Hello there"], repeats=2, log=lambda s: None)
+    assert len(row["per_prompt"]) == 2
+    for r in row["per_prompt"]:
+        assert r["page"]["tokens"] == r["engine"]["tokens"] > 1
+        assert r["page"]["ttft_s"] > 0 and r["page"]["tokens_per_s"] > 0
+    assert row["page_vs_engine"] > 0 and tiny_engine.cfg.wake.fast_update_every == 0
