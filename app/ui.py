@@ -467,6 +467,8 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         if seen is None or seen[3] != now[3]:   # a sleep finished or was undone: the Inspect list follows
             choices = sleep_choices()
             out[pick] = gr.update(choices=choices, value=choices[-1] if choices else None)
+        if seen is not None and (now[3] or 0) > (seen[3] or 0):   # "Sleep N started …" is old news: the progress line says it finished
+            out[sleep_notice] = ""
         sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
         return {**out, **panels(), panel_key: now, header: header_html(), tiers: tiers_table(request),
                 sleep_btn: gr.update(interactive=not sleeping), stop_sleep_btn: gr.update(interactive=sleeping),
@@ -737,7 +739,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         gr.api(status_api, api_name="status")
 
         live = [panel_key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot,
-                locality_df, tiers, pick, sleep_btn, stop_sleep_btn, episodes_df]
+                locality_df, tiers, pick, sleep_btn, stop_sleep_btn, episodes_df, sleep_notice]
         timer.tick(tick, panel_key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
 
         inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]

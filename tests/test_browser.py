@@ -116,6 +116,7 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     wait_text(page, "progress-text", "finished", timeout=sleep_timeout)
     page.wait_for_function("() => document.querySelectorAll('#panel-forgetting .js-plotly-plot').length > 0")
     page.wait_for_timeout(1500)   # one more timer tick so every panel has drawn
+    seen["notice_after_finish"] = text_of(page, "sleep-notice")
     seen["panels"] = {"consolidation": plot_traces(page, "panel-consolidation"),
                       "dreams": plot_traces(page, "panel-dreams"),
                       "forgetting": plot_traces(page, "panel-forgetting"),
@@ -231,6 +232,7 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert "Sleep 1" in seen["progress_during"] and "probe_" not in seen["progress_during"]   # human phase names
     assert seen["sleep_now_disabled_during"]
     assert "within 180 s" in seen["start_notice"]          # the quick preset is a time budget
+    assert "started" not in seen["notice_after_finish"]    # the start notice does not outlive the sleep
     # the locality table: the new expert, its episodes (the chat turn and the taught text) and gate numbers
     assert re.search(r"\be\d+\s+1, 2\s+0\.\d{3}\s+0\.\d{3}\s+[\d.]+×", seen["locality"]), seen["locality"]
     panels_with_data = [k for k, v in seen["panels"].items() if v > 0]
