@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,12 +20,6 @@ import time
 from pathlib import Path
 
 STATUS = re.compile(r"(\d+) tokens, first after (\d+) ms, ([\d.]+) tokens/s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _direct(engine, prompt: str) -> dict:
@@ -84,7 +77,7 @@ def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print) -> di
     engine.cfg.wake.fast_update_every = 0   # a background tier-1 update would hold the next reply
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as reports:
-        demo = launch(engine, port=_free_port(), block=False, reports_dir=reports)
+        demo = launch(engine, port=None, block=False, reports_dir=reports)   # gradio finds a free port from 7860
         code = f"from app.page_bench import _client_main; _client_main({demo.local_url!r}, {list(prompts)!r}, {repeats})"
         client = subprocess.Popen([sys.executable, "-c", code], cwd=root, text=True,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)

@@ -114,9 +114,9 @@ def read_upload(path: str | None) -> tuple[str, str]:
 
 
 # Streamed replies reach the page at most this often (the last one at once). Each update costs
-# the server process CPU on the two cores that decode; measured side by side (`bench wake`,
-# issue 17), the engine's decode rate inside the page was 0.62x its rate alone at one update per
-# token or per 50 ms, 0.92x at one per 200 ms.
+# the server process CPU on the two cores that decode; measured in one run (`bench wake`'s Wake
+# tab row, issue 17), the decode rate inside the page was 32 / 50 / 62 / 58 tokens/s at one update
+# per token / 50 / 100 / 200 ms, against ~60 for the engine alone.
 STREAM_INTERVAL_S = 0.1
 
 
