@@ -72,7 +72,8 @@ def _client_main(url: str, prompts: list[str], repeats: int = 1) -> None:
 def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print) -> dict:
     """The Wake tab's row of `bench wake` (medians over `prompts`), with the engine's own rate on
     the same prompts in the same run and the page / engine ratio. The client runs in a process of
-    its own, as a browser does (in this process its parsing held the GIL from the decoder)."""
+    its own, as a browser does (not in the server's interpreter). Switches the engine's tier-1
+    updates off: meant for a scratch engine (`launch.py bench wake`)."""
     from .ui import STREAM_INTERVAL_S, launch
     engine.cfg.wake.fast_update_every = 0   # a background tier-1 update would hold the next reply
     root = Path(__file__).resolve().parents[1]
@@ -96,6 +97,7 @@ def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print) -> di
         finally:
             client.kill()
             demo.close()
+
     def median(rows, key, scale=1.0):
         return round(scale * statistics.median(r[key] for r in rows), 1)
     row = {"engine_tokens_per_s": median(direct, "tokens_per_s"), "engine_ttft_ms": median(direct, "ttft_s", 1000),
