@@ -151,6 +151,7 @@ class SleepConfig:
     gate_frozen: bool = True          # the fitted gate stays as it is while the expert distils (no BCE, no output grad)
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead
+    episode_experts: int = 1          # new experts per sleep: 1 = one holds every episode; n > 1 = one per taught episode (up to n), chat turns share one more
     consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps
     # dreaming
     dreaming: bool = True
@@ -218,7 +219,8 @@ class SleepConfig:
                              ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0),
                              ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
                              ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
-                             ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0)]:
+                             ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
+                             ("episode_experts", 1, 16)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
         _check_range("sleep.max_everyday_changed", self.max_everyday_changed, 0.0, 1.0)

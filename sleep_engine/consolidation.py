@@ -159,6 +159,19 @@ def round_robin(streams: list[list]) -> list:
     return out
 
 
+def episode_groups(episodes, n: int) -> list[list[int]]:
+    """The episode ids each new expert of a sleep holds. n = 1: one expert holds them all. n > 1:
+    each taught episode its own expert (round-robin into n when there are more), the chat turns
+    one more between them: a gate cannot tell apart facts that live in the same expert, and
+    answers swapped names between the passages of one sleep (issue 13)."""
+    taught = [e.id for e in episodes if e.kind == "taught"]
+    chat = [e.id for e in episodes if e.kind != "taught"]
+    if n <= 1 or not taught:
+        return [[e.id for e in episodes]]
+    k = min(n, len(taught))
+    return [taught[i::k] for i in range(k)] + ([chat] if chat else [])
+
+
 def distill_steps(cfg: SleepConfig, pool_size: int) -> int:
     """Distillation steps of one sleep: `cfg.distill_steps` if set, else `distill_epochs` passes
     over the `pool_size` prompts (episode, replay and chat-anchor answers), so a sleep after four
@@ -175,6 +188,7 @@ class Example:
     answer_text: str
     teacher_logits: torch.Tensor | None = None   # (n_answer, vocab), kept from the teacher's own generation
     about_episode: bool = True                   # False for self-replay and anchor prompts
+    episode: int | None = None                   # the episode it is about, where known (its expert's gate opens)
 
 
 def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
@@ -195,7 +209,7 @@ def _answer_targets(seqs, n_answers, device) -> torch.Tensor:
 
 
 class Consolidator:
-    """Knowledge seeding of one new expert. `emit(kind, **data)` reports; `check()` raises on cancel."""
+    """Knowledge seeding of a sleep's new experts. `emit(kind, **data)` reports; `check()` raises on cancel."""
 
     def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0,
                  teacher_fast_weights: bool = True, writing: Deadline = NEVER, training: Deadline = NEVER):
@@ -213,26 +227,27 @@ class Consolidator:
         self.chat_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
     # -- data written by the teacher ---------------------------------------------------------
-    def teacher_data(self, new_episodes, old_episodes, new_id: str) -> list[Example]:
+    def teacher_data(self, new_episodes, old_episodes, new_ids: list[str]) -> list[Example]:
         """Each prompt about an episode goes to the teacher with that episode alone in context
         (with all of them, a 135M teacher mixes their facts up); answers that name things the
         episode does not contain are dropped (`min_faithfulness`). Self-replay asks the same kind
         of questions about older episodes, answered from memory (no context): the new expert must
         not overwrite what older experts hold. Probe questions are never asked: they are the test."""
         t0 = time.perf_counter()
-        prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_id))
+        prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_ids))
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
-        with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
+        with self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
             answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
                                              return_logits=True, batch_size=32, deadline=self.writing)
         self.written = {"prompts": len(prompts), "answered": len(answers), "writing_s": round(time.perf_counter() - t0, 1)}
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
-        for (q, _, source), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
+        for (q, _, ep), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
                 continue
             text = self.tok.decode(ans, skip_special_tokens=True)
             example = Example(chat_ids(self.tok, q) + ans, tp + ans, len(ans), q, text, lg,
-                              about_episode=source is not None)
+                              about_episode=ep is not None, episode=ep.id if ep is not None else None)
+            source = ep.text if ep is not None else None
             score = 1.0 if source is None else faithfulness(text, source)
             if score >= self.cfg.min_faithfulness:
                 out.append(example)
@@ -240,23 +255,23 @@ class Consolidator:
             elif score > best.get(source, (-1.0, None))[0]:
                 best[source] = (score, example)
         fallbacks = [example for source, (_, example) in best.items() if source not in passed]
-        return out + fallbacks + self.text_anchors(new_id)
+        return out + fallbacks + self.text_anchors(new_ids)
 
     def teacher_prompts(self, new_episodes, old_episodes, studied: dict[int, list[str]]) -> list[tuple]:
-        """(question, teacher's system prompt or None, source text to check against), most needed
+        """(question, teacher's system prompt or None, the episode it is about or None), most needed
         first, since a sleep out of time keeps a prefix: the chat anchors (what must not change),
         then the taught episodes' prompts round-robin (each episode's recitation before anyone's
         second prompt), then self-replay of older episodes and chat turns, round-robin."""
         def about(ep):
             system = CONTEXT_SYSTEM.format(notes=ep.text)
-            return [(q, system, ep.text) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)
+            return [(q, system, ep) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)
                     + studied.get(ep.id, [])]
         replay = [[(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)] for ep in old_episodes]
         return ([(q, None, None) for q in self.chat_anchors()]
                 + round_robin([about(ep) for ep in new_episodes if ep.kind == "taught"])
                 + round_robin(replay + [about(ep) for ep in new_episodes if ep.kind != "taught"]))
 
-    def study_questions(self, episodes, new_id: str) -> dict[int, list[str]]:
+    def study_questions(self, episodes, new_ids: list[str]) -> dict[int, list[str]]:
         """Self-study (Cartridges; Physics of LMs 3.1: a fact is extractable once seen in several
         forms): the teacher, its episode in context, writes `study_questions` questions about each
         sentence (greedy for one, sampled at 0.7 beyond); the usable ones (`study_question`) are
@@ -269,7 +284,7 @@ class Consolidator:
         per_episode = [[(ep, chat_ids(self.tok, STUDY_PROMPT.format(s=sentence), CONTEXT_SYSTEM.format(notes=ep.text)))
                         for sentence in sentences(ep.text) for _ in range(n)] for ep in taught]
         owners, asks = zip(*round_robin(per_episode)) if any(per_episode) else ((), ())
-        with self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
+        with self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
             replies = generate_batch(self.lm, self.tok, list(asks), 32, temperature=0.7 if n > 1 else 0.0,
                                      seed=self.rng.randrange(1 << 30), batch_size=32, deadline=self.writing)
         out: dict[int, list[str]] = {}
@@ -287,7 +302,7 @@ class Consolidator:
         return self.rng.sample(ANCHOR_PROMPTS, min(self.cfg.anchor_prompts, len(ANCHOR_PROMPTS)))
 
     @torch.no_grad()
-    def text_anchors(self, new_id: str, max_tokens: int = 64) -> list[Example]:
+    def text_anchors(self, new_ids: list[str], max_tokens: int = 64) -> list[Example]:
         """Paragraphs of everyday text with the pre-sleep model's next-token distributions."""
         paragraphs = [p.strip() for p in ANCHOR_TEXT.read_text(encoding="utf-8").split("\n\n") if p.strip()]
         chosen = self.rng.sample(paragraphs, min(self.cfg.anchor_texts, len(paragraphs)))
@@ -295,24 +310,26 @@ class Consolidator:
             return []
         seqs = [encode_text(self.tok, p)[:max_tokens] for p in chosen]
         lengths = [len(s) - 1 for s in seqs]
-        with self.memory.configured(muted=[new_id], fast_weights=False):
+        with self.memory.configured(muted=new_ids, fast_weights=False):
             logits = _forward_answer_logits(self.lm, seqs, lengths, self.pad).to(torch.bfloat16)
         return [Example(s, s, n, "", p, lg, about_episode=False)
                 for s, n, p, lg in zip(seqs, lengths, chosen, logits.split(lengths))]
 
     # -- the new expert's gate (locality, issue 13) ---------------------------------------------
-    def gate_targets(self, batch: list[Example], width: int) -> torch.Tensor:
+    def gate_targets(self, batch: list[Example], width: int, owned: set[int] | None = None) -> torch.Tensor:
         """Per token of the padded student batch: 1 where the gate must open on an episode
         example's question, 2 on its answer, 0 where it must stay closed (chat anchors, self-replay
         of older episodes, plain-text anchors; their template and system prompt too), −1 = ignored
         (the shared chat prefix of episode examples, padding, and a question's words before the
         first name it asks about: "What do your notes say about" is what everyday questions say
-        too; labelled open, it pulled the gate up on every question)."""
+        too; labelled open, it pulled the gate up on every question). `owned`: the episodes of one
+        expert, when a sleep adds one per episode; another episode's question and answer are 0."""
         t = torch.full((len(batch), width), -1.0)
         for r, e in enumerate(batch):
             if e.about_episode:
-                t[r, self.chat_prefix + self.name_offset(e.prompt):len(e.student) - e.n_answer] = 1.0
-                t[r, len(e.student) - e.n_answer:len(e.student)] = 2.0
+                mine = owned is None or e.episode in owned
+                t[r, self.chat_prefix + self.name_offset(e.prompt):len(e.student) - e.n_answer] = 1.0 if mine else 0.0
+                t[r, len(e.student) - e.n_answer:len(e.student)] = 2.0 if mine else 0.0
             else:
                 t[r, :len(e.student)] = 0.0
         return t
@@ -327,7 +344,7 @@ class Consolidator:
         return cache[question]
 
     @torch.no_grad()
-    def gate_negative_states(self, new_id: str) -> dict[int, torch.Tensor]:
+    def gate_negative_states(self, new_ids: list[str]) -> dict[int, torch.Tensor]:
         """Hidden states (MLP inputs, per layer) of prompts the new expert must stay closed on,
         captured once from the pre-sleep model (the new expert muted): a closed expert does not move
         them, so they stay valid while it trains. Everyday requests, and the seeding questions about
@@ -344,76 +361,117 @@ class Consolidator:
         width = max(len(s) for s in seqs)
         ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev, dtype=torch.bool)
-        with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
+        with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
             self.lm.model(input_ids=ids, attention_mask=mask)
         return {layer: got[-1][mask].float() for layer, got in xs.items()}
 
     @torch.no_grad()
-    def fit_gate(self, examples: list[Example], new_id: str, negatives: dict[int, torch.Tensor],
-                 cap: int = 320) -> dict:
-        """Before distillation, fit the new expert's gate in every layer as a logistic classifier
-        on the pre-sleep hidden states of the sleep's own data: open on the episode examples'
-        questions and answers, closed on the anchors, the self-replay and the everyday prompts
-        (balanced BCE + a little L2, `gate_fit_steps` full-batch Adam steps on at most `cap` tokens
-        per group). Born closed at σ(−6), the gate would otherwise need most of a short sleep to
-        open, and the expert could not learn at full strength on its own episodes meanwhile."""
-        cfg = self.cfg
-        modules = [m for mlp in self.memory.mlps.values() for m in mlp.experts if m.expert_id == new_id]
-        layers = [l for l, mlp in self.memory.mlps.items() if any(m.expert_id == new_id for m in mlp.experts)]
-        if not modules or cfg.gate_fit_steps == 0:
-            return {}
+    def gate_states(self, examples: list[Example], new_ids: list[str], negatives: dict[int, torch.Tensor]):
+        """The pre-sleep hidden states (MLP inputs, the new experts muted) of every labelled token
+        of the sleep's data, for `fit_gate`: x (layers, tokens, d), kind per token (0 closed,
+        1 question, 2 answer; `gate_targets`), episode per token (−1: none). The episodes'
+        questions come a second time in the probes' answer prompt, as the negatives do (there only
+        the question's own tokens from its first name on are labelled)."""
         dev = next(self.lm.parameters()).device
-        groups: dict[int, list] = {1: [], 2: [], 0: []}   # per target: [(layer → x rows)] chunks
+        layers = list(self._expert_layers(new_ids[0]))
+        xs_all, kinds, owners = [], [], []
+
+        def capture(seqs, labels, episodes):
+            width = max(len(q) for q in seqs)
+            ids = torch.tensor([q + [self.pad] * (width - len(q)) for q in seqs], device=dev)
+            mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=dev)
+            t = labels(width).to(dev)
+            self.check()   # Stop within a forward: the gate fit reads every example once (seconds)
+            with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
+                self.lm.model(input_ids=ids, attention_mask=mask)
+            keep = t >= 0
+            xs_all.append(torch.stack([xs[l][-1][keep].float() for l in layers]))
+            kinds.append(t[keep].long())
+            owners.append(torch.tensor(episodes, device=dev)[:, None].expand_as(t)[keep])
+
         for i in range(0, len(examples), 16):
             batch = examples[i:i + 16]
-            width = max(len(e.student) for e in batch)
-            ids = torch.tensor([e.student + [self.pad] * (width - len(e.student)) for e in batch], device=dev)
-            mask = torch.tensor([[1] * len(e.student) + [0] * (width - len(e.student)) for e in batch], device=dev)
-            t = self.gate_targets(batch, width).to(dev)
-            self.check()   # Stop within a forward: the gate fit reads every example once (seconds)
-            with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
-                self.lm.model(input_ids=ids, attention_mask=mask)
-            for y in groups:
-                groups[y].append(torch.stack([xs[l][-1][t == y].float() for l in layers]))
-        if negatives:
-            groups[0].append(torch.stack([negatives[l] for l in layers]))
-        # the episodes' questions also in the probes' answer prompt, as the negatives are: the
-        # wrapper must not be what tells the two apart (only the question's own tokens are positive)
-        wrapped = [e.prompt for e in examples if e.about_episode and e.prompt]
+            capture([e.student for e in batch], lambda w, b=batch: self.gate_targets(b, w),
+                    [-1 if e.episode is None else e.episode for e in batch])
         a, b = chat_ids(self.tok, ANSWER_PROMPT.format(q="a")), chat_ids(self.tok, ANSWER_PROMPT.format(q="b"))
         q_start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        wrapped = [e for e in examples if e.about_episode and e.prompt]
         for i in range(0, len(wrapped), 16):
-            seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q)) for q in wrapped[i:i + 16]]
-            width = max(len(s) for s in seqs)
-            ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
-            own = mask.bool().clone()
-            for r, q in enumerate(wrapped[i:i + 16]):
-                own[r, :q_start + self.name_offset(q)] = False
-            self.check()
-            with self.memory.configured(muted=[new_id], fast_weights=False), self.memory.capturing() as xs:
-                self.lm.model(input_ids=ids, attention_mask=mask)
-            groups[1].append(torch.stack([xs[l][-1][own].float() for l in layers]))
-        data = {}
-        caps = {1: cap, 2: cap, 0: 2 * cap}   # closed: anchors' text and chat, replay, everyday, distractors
-        for y, chunks in groups.items():
-            x = torch.cat(chunks, 1) if chunks else torch.zeros(len(layers), 0, self.memory.d_model, device=dev)
-            if x.shape[1] > caps[y]:
-                g = torch.Generator().manual_seed(self.rng.randrange(1 << 30))
-                x = x[:, torch.randperm(x.shape[1], generator=g)[:caps[y]]]
-            data[y] = x
-        if not data[1].shape[1] + data[2].shape[1] or not data[0].shape[1]:
+            batch = wrapped[i:i + 16]
+            seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=e.prompt)) for e in batch]
+
+            def labels(width, batch=batch, seqs=seqs):
+                t = torch.full((len(batch), width), -1.0)
+                for r, (e, q) in enumerate(zip(batch, seqs)):
+                    t[r, q_start + self.name_offset(e.prompt):len(q)] = 1.0
+                return t
+            capture(seqs, labels, [-1 if e.episode is None else e.episode for e in batch])
+        if negatives:
+            n = next(iter(negatives.values())).shape[0]
+            xs_all.append(torch.stack([negatives[l] for l in layers]))
+            kinds.append(torch.zeros(n, dtype=torch.long, device=dev))
+            owners.append(torch.full((n,), -1, dtype=torch.long, device=dev))
+        return layers, torch.cat(xs_all, 1), torch.cat(kinds), torch.cat(owners)
+
+    @torch.no_grad()
+    def fit_gate(self, examples: list[Example], owners: dict[str, set[int] | None],
+                 negatives: dict[int, torch.Tensor], cap: int = 320) -> dict:
+        """Before distillation, fit each new expert's gate in every layer as a logistic classifier
+        on the pre-sleep hidden states of the sleep's own data (`gate_states`): open on its
+        episodes' questions and answers (`owners[expert]`; None = every episode example), closed
+        on the anchors, the self-replay, the everyday prompts and the other new experts' episodes
+        (balanced BCE + a little L2, `gate_fit_steps` full-batch Adam steps on at most `cap`
+        tokens per group). Born closed at σ(−6), the gate would otherwise need most of a short
+        sleep to open, and the expert could not learn at full strength on its own episodes."""
+        if self.cfg.gate_fit_steps == 0 or not owners:
+            return {}
+        layers, x, kind, episode = self.gate_states(examples, list(owners), negatives)
+        fits = {}
+        for expert_id, owned in owners.items():
+            own = kind > 0
+            if owned is not None:
+                own &= torch.isin(episode, torch.tensor(sorted(owned), dtype=torch.long, device=episode.device))
+            groups = {"question": own & (kind == 1), "answer": own & (kind == 2), "closed": kind == 0,
+                      "other episodes": (kind > 0) & ~own}
+            caps = {"question": cap, "answer": cap, "closed": 2 * cap, "other episodes": cap}
+            data = {name: x[:, self._sample(rows.nonzero().squeeze(1), caps[name])] for name, rows in groups.items()}
+            modules = self._expert_layers(expert_id)
+            fit = self._fit_one_gate([modules[l] for l in layers], data) if all(l in modules for l in layers) else {}
+            if fit:
+                fits[expert_id] = fit
+        if not fits:
+            return {}
+        one = next(iter(fits.values()))
+        return {**one, "gate_sharpness": self.cfg.gate_sharpness, "gate_threshold": self.cfg.gate_threshold,
+                **({"gate_fits": fits} if len(fits) > 1 else {})}
+
+    def _sample(self, rows: torch.Tensor, cap: int) -> torch.Tensor:
+        if rows.numel() <= cap:
+            return rows
+        g = torch.Generator().manual_seed(self.rng.randrange(1 << 30))
+        return rows[torch.randperm(rows.numel(), generator=g)[:cap].to(rows.device)]
+
+    def _expert_layers(self, expert_id: str) -> dict:
+        """layer → that layer's module of the expert."""
+        return {layer: m for layer, mlp in self.memory.mlps.items() for m in mlp.experts if m.expert_id == expert_id}
+
+    def _fit_one_gate(self, modules, data: dict[str, torch.Tensor]) -> dict:
+        """One expert's gate in every layer: loss = ½·(mean BCE open + mean BCE closed), then
+        sharpened to σ(k·(z − θ)) and written into the modules."""
+        cfg = self.cfg
+        pos = [v for k, v in data.items() if k in ("question", "answer") and v.shape[1]]
+        neg = torch.cat([data["closed"], data["other episodes"]], 1)
+        if not pos or not neg.shape[1]:
             return {}
         w = torch.stack([m.gate.detach().float() for m in modules]).clone().requires_grad_(True)
         b = torch.stack([m.gate_bias.detach().float() for m in modules]).clone().requires_grad_(True)
         opt = torch.optim.Adam([w, b], lr=cfg.gate_fit_lr)
 
         def loss_of():
-            pos = [F.binary_cross_entropy_with_logits(torch.einsum("lnd,ld->ln", x, w) + b[:, None], torch.ones(x.shape[:2], device=dev))
-                   for x in (data[1], data[2]) if x.shape[1]]
-            neg = F.binary_cross_entropy_with_logits(torch.einsum("lnd,ld->ln", data[0], w) + b[:, None],
-                                                     torch.zeros(data[0].shape[:2], device=dev))
-            return 0.5 * (sum(pos) / len(pos) + neg)
+            z = [torch.einsum("lnd,ld->ln", v, w) + b[:, None] for v in pos]
+            open_ = sum(F.binary_cross_entropy_with_logits(v, torch.ones_like(v)) for v in z) / len(z)
+            zn = torch.einsum("lnd,ld->ln", neg, w) + b[:, None]
+            return 0.5 * (open_ + F.binary_cross_entropy_with_logits(zn, torch.zeros_like(zn)))
 
         with torch.enable_grad():
             first = float(loss_of().detach())
@@ -432,48 +490,49 @@ class Consolidator:
         for m, wi, bi in zip(modules, w.detach(), b.detach()):
             m.gate.copy_((k * wi).to(m.gate.dtype))
             m.gate_bias.copy_((k * (bi - theta)).to(m.gate_bias.dtype))
-        return {"gate_fit_first_loss": first, "gate_fit_loss": last, "gate_sharpness": k, "gate_threshold": theta,
-                "gate_fit_tokens": {"question": data[1].shape[1], "answer": data[2].shape[1], "closed": data[0].shape[1]}}
+        return {"gate_fit_first_loss": first, "gate_fit_loss": last,
+                "gate_fit_tokens": {name: v.shape[1] for name, v in data.items()}}
 
-    def gate_loss(self, batch: list[Example], xs: dict[int, list], new_id: str,
+    def gate_loss(self, batch: list[Example], xs: dict[int, list], owners: dict[str, set[int] | None],
                   negatives: dict[int, torch.Tensor]) -> torch.Tensor | None:
-        """Balanced binary cross-entropy of the new expert's gate σ(w·x + b) in every layer: open
-        on the episode tokens of the batch, closed on its other tokens and on the everyday prompts.
+        """Balanced binary cross-entropy of each new expert's gate σ(w·x + b) in every layer: open
+        on its episode tokens of the batch, closed on its other tokens and on the everyday prompts.
         Open and closed weigh the same, and so do the episodes' questions and their answers (the
         answers have more tokens; a gate that opened on answers only would miss the question that
         should call the expert). x is detached: the loss trains the gate only, as a classifier."""
-        modules = {layer: m for layer, mlp in self.memory.mlps.items() for m in mlp.experts if m.expert_id == new_id}
         losses = []
-        for layer, got in xs.items():
-            if not got or layer not in modules:
-                continue
-            x = got[-1]   # the student's pass (a teacher pass, if any, came first)
-            e = modules[layer]
-            t = self.gate_targets(batch, x.shape[1]).to(x.device)
-            z = x.float() @ e.gate.float() + e.gate_bias.float()
-            neg = z[t == 0]
-            if layer in negatives:
-                neg = torch.cat([neg, negatives[layer] @ e.gate.float() + e.gate_bias.float()])
-            pos = [F.binary_cross_entropy_with_logits(v, torch.ones_like(v)) for v in (z[t == 1], z[t == 2]) if v.numel()]
-            parts = ([sum(pos) / len(pos)] if pos else []) + \
-                ([F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))] if neg.numel() else [])
-            if parts:
-                losses.append(sum(parts) / len(parts))
+        for expert_id, owned in owners.items():
+            modules = self._expert_layers(expert_id)
+            for layer, got in xs.items():
+                if not got or layer not in modules:
+                    continue
+                x = got[-1]   # the student's pass (a teacher pass, if any, came first)
+                e = modules[layer]
+                t = self.gate_targets(batch, x.shape[1], owned).to(x.device)
+                z = x.float() @ e.gate.float() + e.gate_bias.float()
+                neg = z[t == 0]
+                if layer in negatives:
+                    neg = torch.cat([neg, negatives[layer] @ e.gate.float() + e.gate_bias.float()])
+                pos = [F.binary_cross_entropy_with_logits(v, torch.ones_like(v)) for v in (z[t == 1], z[t == 2]) if v.numel()]
+                parts = ([sum(pos) / len(pos)] if pos else []) + \
+                    ([F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))] if neg.numel() else [])
+                if parts:
+                    losses.append(sum(parts) / len(parts))
         return torch.stack(losses).mean() if losses else None
 
     # -- the objective -------------------------------------------------------------------------
-    def divergence(self, batch: list[Example], new_id: str) -> torch.Tensor:
+    def divergence(self, batch: list[Example], new_ids: list[str]) -> torch.Tensor:
         if all(e.teacher_logits is not None for e in batch):
             t_logits = torch.cat([e.teacher_logits for e in batch]).float()
         else:
-            with torch.no_grad(), self.memory.configured(muted=[new_id], fast_weights=self.teacher_fast):
+            with torch.no_grad(), self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
                 t_logits = _forward_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch],
                                                   self.pad)
         with self.memory.configured(muted=self.student_muted, fast_weights=False):
             s_logits = _forward_answer_logits(self.lm, [e.student for e in batch], [e.n_answer for e in batch], self.pad)
         return generalized_jsd_loss(s_logits, t_logits, beta=self.cfg.beta)
 
-    def on_policy(self, batch: list[Example], new_id: str) -> list[Example]:
+    def on_policy(self, batch: list[Example], new_ids: list[str]) -> list[Example]:
         """Replace the teacher's answer by the student's own sample in a fraction λ of the batch
         (GKD's on-policy half): the same tokens then follow the teacher's prompt, so `divergence`
         scores the teacher on what the student would say."""
@@ -492,7 +551,7 @@ class Consolidator:
                 e = batch[i]
                 t_prompt = e.teacher[:len(e.teacher) - e.n_answer]
                 batch[i] = Example(p + s, t_prompt + s, len(s), e.prompt, self.tok.decode(s),
-                                   about_episode=e.about_episode)
+                                   about_episode=e.about_episode, episode=e.episode)
         return batch
 
     def imitation(self, examples: list[Example], step: int) -> tuple[torch.Tensor, float]:
@@ -532,13 +591,16 @@ class Consolidator:
         loss = group_policy_gradient_loss(per_seq, rewards, torch.tensor(lens, device=per_seq.device), cfg.lti_group)
         return loss, float(rewards.mean())
 
-    def seed(self, examples: list[Example], new_id: str, phase: str = "consolidation") -> dict:
-        """Train the new expert (only) on the teacher's data; returns summary numbers."""
+    def seed(self, examples: list[Example], new_ids: list[str], owners: dict[str, set[int]] | None = None,
+             phase: str = "consolidation") -> dict:
+        """Train the new experts (only) on the teacher's data; returns summary numbers. `owners`:
+        expert → the episodes its gate opens on (default: each new expert, every episode example)."""
         cfg = self.cfg
         if not examples:   # the teacher wrote nothing usable: nothing to seed, the expert stays zero
             return {"steps": 0, "examples": 0, "final_divergence": None, "first_divergence": None,
                     "mean_reward": None}
-        params = self.memory.train_only([new_id])
+        owners = owners or {eid: None for eid in new_ids}
+        params = self.memory.train_only(new_ids)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         # Every step: a batch of answers (episodes, replay, chat anchors) plus a few plain-text
         # anchors, so the pull to keep everyday text unchanged never skips a step.
@@ -553,11 +615,11 @@ class Consolidator:
         order: list[int] = []
         gate_on = cfg.gate_loss > 0
         t0 = time.perf_counter()
-        negatives = self.gate_negative_states(new_id) if gate_on else {}
-        fitted = self.fit_gate(examples, new_id, negatives) if gate_on else {}
+        negatives = self.gate_negative_states(new_ids) if gate_on else {}
+        fitted = self.fit_gate(examples, owners, negatives) if gate_on else {}
         gate_s = round(time.perf_counter() - t0, 1)
         if fitted and cfg.gate_frozen:   # the expert learns under the gate it will have; nothing reopens it
-            for m in self.memory.expert_modules(new_id):
+            for m in (m for eid in new_ids for m in self.memory.expert_modules(eid)):
                 m.gate.requires_grad_(False)
                 m.gate_bias.requires_grad_(False)
             opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -572,15 +634,15 @@ class Consolidator:
                 batch = [pool[i] for i in order[:cfg.batch_size]]
                 del order[:cfg.batch_size]
                 if cfg.lmbda > 0:
-                    batch = self.on_policy(batch, new_id)
+                    batch = self.on_policy(batch, new_ids)
                 batch += [texts[(step * per_step + j) % len(texts)] for j in range(per_step)]
                 if gate_on:
                     with self.memory.capturing() as xs:
-                        div = self.divergence(batch, new_id)
-                    gl = self.gate_loss(batch, xs, new_id, negatives)
+                        div = self.divergence(batch, new_ids)
+                    gl = self.gate_loss(batch, xs, owners, negatives)
                     del xs
                 else:
-                    div, gl = self.divergence(batch, new_id), None
+                    div, gl = self.divergence(batch, new_ids), None
                 loss, reward = div, None
                 if step in lti_at:
                     pg, reward = self.imitation(examples, step)

@@ -20,11 +20,11 @@ DREAM_PROMPTS = ["Write a short passage about {s}.", "Tell a short story involvi
 
 
 @contextmanager
-def random_expert(memory: MemoryModel, exclude: str, rng: random.Random, scale: float = 0.02):
+def random_expert(memory: MemoryModel, exclude: list[str], rng: random.Random, scale: float = 0.02):
     """Every router additionally takes one random expert at full gate. Before the first sleep
     there is no other expert: a temporary one with random weights plays that part."""
     temp = None
-    candidates = [e for e in memory.expert_ids() if e != exclude]
+    candidates = [e for e in memory.expert_ids() if e not in exclude]
     if not candidates:
         temp = memory.add_expert(tier=2, born=-1, expert_id="dream-noise")
         with torch.no_grad():
@@ -97,12 +97,12 @@ class Dreamer:
         with self.memory.configured(fast_weights=False):
             return answer_logprob(self.memory.lm, self.tok, facts)
 
-    def run(self, episodes, facts: list[Probe], new_id: str) -> dict:
+    def run(self, episodes, facts: list[Probe], new_ids: list[str]) -> dict:
         cfg = self.cfg
         # each dream sees the one episode its subject comes from (a small model mixes several up)
         topics = [(s, e.text) for e in episodes for s in subjects(e.text) or ["what you read"]]
         stats = {"generated": 0, "kept": 0, "rewarded": 0, "rounds": cfg.rest_rounds}
-        params = self.memory.train_only([new_id])
+        params = self.memory.train_only(new_ids)
         try:
             for rnd in range(max(cfg.rest_rounds, 1)):
                 self.check()
@@ -113,7 +113,7 @@ class Dreamer:
                 picks = [self.rng.choice(topics) for _ in range(cfg.dreams)]
                 asks = [self.rng.choice(DREAM_PROMPTS).format(s=subject) for subject, _ in picks]
                 contexts = [chat_ids(self.tok, a, CONTEXT_SYSTEM.format(notes=text)) for a, (_, text) in zip(asks, picks)]
-                novelty = random_expert(self.memory, new_id, self.rng) if cfg.random_expert else nullcontext()
+                novelty = random_expert(self.memory, new_ids, self.rng) if cfg.random_expert else nullcontext()
                 with torch.no_grad(), novelty:
                     dreams = generate_batch(self.memory.lm, self.tok, contexts,
                                             cfg.dream_tokens, temperature=1.0, top_p=0.95,

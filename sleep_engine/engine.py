@@ -20,7 +20,7 @@ from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
 from .budget import NEVER, Deadline, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
-from .consolidation import Consolidator, Example, distill_steps, round_robin, seed_prompts
+from .consolidation import Consolidator, Example, distill_steps, episode_groups, round_robin, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
@@ -488,8 +488,9 @@ class SleepEngine:
         seen: list[int] = []
         for m in self.state.sleep_manifests():
             seen += [e for e in m.get("episode_ids", []) if e not in seen]
+            held = m.get("expert_episodes") or {eid: m.get("episode_ids", []) for eid in m.get("experts_added", [])}
             for eid in m.get("experts_added", []):
-                out.setdefault(eid, []).extend(m.get("episode_ids", []))
+                out.setdefault(eid, []).extend(held.get(eid, []))
             slow = (m.get("tier_consolidation") or {}).get("expert")
             if slow:
                 out[slow] = list(seen)
@@ -533,20 +534,20 @@ class SleepEngine:
                 with run.phase("probe_before"):
                     everyday = self._probe_before(run, probes, generic, cfg, summary)
                 with run.phase("consolidation"):
-                    new_id = self._consolidate(run, pending, older, cfg, summary)
+                    owners = self._consolidate(run, pending, older, cfg, summary)
                 summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
                 if cfg.dreaming and run.deadline.passed():   # the learning budget is spent
                     summary["dreams"]["skipped"] = "the sleep's time budget was spent"
                     run.emit("notice", message=f"no dreaming this time: the {cfg.budget_s:g} s budget is spent")
                 elif cfg.dreaming:
                     with run.phase("dreaming"):
-                        summary["dreams"] = self._dream(run, pending, new_id, cfg)
+                        summary["dreams"] = self._dream(run, pending, list(owners), cfg)
                 with run.phase("reset"):
                     self.memory.reset_fast_weights()
                     if self._tier_step_due(number, cfg):
                         summary["tier_consolidation"] = self._consolidate_tier(run, older + list(pending), cfg)
                 with run.phase("probe_after"):
-                    self._probe_after(run, probes, generic, everyday, {new_id: [e.id for e in pending]}, summary)
+                    self._probe_after(run, probes, generic, everyday, owners, summary)
                 self._sanity_gate(summary, cfg)
                 with run.phase("checkpoint"):
                     self._checkpoint(run, pending, snapshot, summary)
@@ -584,28 +585,37 @@ class SleepEngine:
             run.emit("notice", message=summary["teacher_note"])
         return everyday, everyday_before
 
-    def _consolidate(self, run: "SleepRun", pending, older, cfg: SleepConfig, summary: dict) -> str:
-        """A new tier-2 expert (or, without expansion, the newest one) learns the episodes."""
+    def _consolidate(self, run: "SleepRun", pending, older, cfg: SleepConfig, summary: dict) -> dict[str, list[int]]:
+        """New tier-2 experts (or, without expansion, the newest one) learn the episodes; returns
+        expert → the episodes it holds (`episode_groups`)."""
         tier2 = [e for e in self.memory.experts() if e.tier == 2]
         if cfg.expansion or not tier2:
-            new_id = self.memory.add_expert(tier=2, born=run.number, gate_bias=cfg.gate_bias_init)
+            groups = episode_groups(pending, cfg.episode_experts)
+            owners = {self.memory.add_expert(tier=2, born=run.number, gate_bias=cfg.gate_bias_init): ids
+                      for ids in groups}
+            summary["experts_added"] = list(owners)
         else:
-            new_id = tier2[-1].expert_id
-        summary["experts_added"] = [new_id] if cfg.expansion or not tier2 else []
-        info = next(e for e in self.memory.experts() if e.expert_id == new_id)
-        run.emit("expert", expert_id=new_id, tier=2, layers=info.layers, params=info.params, born=run.number)
+            owners = {tier2[-1].expert_id: [e.id for e in pending]}
+            summary["experts_added"] = []
+        summary["expert_episodes"] = owners
+        for info in (e for e in self.memory.experts() if e.expert_id in owners):
+            run.emit("expert", expert_id=info.expert_id, tier=2, layers=info.layers, params=info.params,
+                     born=run.number, episodes=owners[info.expert_id])
         writing, training = run.deadlines(cfg.dreaming, self._tier_step_due(run.number, cfg))
         seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
                               teacher_fast_weights=summary["teacher_fast_weights"], writing=writing, training=training)
-        summary["consolidation"] = seeder.seed(seeder.teacher_data(pending, older, new_id), new_id)
-        return new_id
+        new_ids = list(owners)
+        examples = seeder.teacher_data(pending, older, new_ids)
+        gates = {eid: set(ids) for eid, ids in owners.items()} if len(owners) > 1 else None
+        summary["consolidation"] = seeder.seed(examples, new_ids, gates)
+        return owners
 
-    def _dream(self, run: "SleepRun", pending, new_id: str, cfg: SleepConfig) -> dict:
+    def _dream(self, run: "SleepRun", pending, new_ids: list[str], cfg: SleepConfig) -> dict:
         # τ = closed-book likelihood of the episodes' own facts (cloze items from their text), not
         # the probe QA: those are the test and must not steer training
         facts = [p for e in pending for p in cloze_probes(e.id, e.text, limit=6)]
         return Dreamer(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
-                       deadline=run.deadline).run(pending, facts, new_id)
+                       deadline=run.deadline).run(pending, facts, new_ids)
 
     def _probe_after(self, run: "SleepRun", probes, generic: str, everyday, current: dict, summary: dict) -> None:
         lm, tok = self.memory.lm, self.tokenizer
@@ -725,8 +735,8 @@ class SleepEngine:
         seeder.written = {"prompts": len(prompts), "answered": len(answers)}
         examples = [Example(p + a, p + a, len(a), q, "", about_episode=i >= n_anchors)
                     for i, (q, p, a) in enumerate(zip(asks, prompts, answers)) if a]
-        examples += seeder.text_anchors(new_id)
-        result = seeder.seed(examples, new_id, phase="tier consolidation") if examples else {}
+        examples += seeder.text_anchors([new_id])
+        result = seeder.seed(examples, [new_id], phase="tier consolidation") if examples else {}
         if len(answers) < len(prompts) or result.get("steps", 0) < result.get("planned_steps", 1):
             return self._defer_tier(run, new_id, f"the budget cut it ({len(answers)}/{len(prompts)} answers written, "
                                                  f"{result.get('steps', 0)}/{result.get('planned_steps', '?')} steps)")

@@ -43,6 +43,34 @@ def test_after_a_sleep_the_gate_is_open_on_its_episode_and_closed_on_everyday_qu
     assert sel["everyday"] < sel["own"] and sel["everyday_over_own"] < 1
 
 
+def test_episode_groups_give_each_taught_episode_its_expert_and_the_chat_turns_one_more():
+    from sleep_engine.consolidation import episode_groups
+    from sleep_engine.store import Episode
+    eps = [Episode(1, "taught", "a"), Episode(2, "turn", "b"), Episode(3, "taught", "c"), Episode(4, "taught", "d"),
+           Episode(5, "turn", "e")]
+    assert episode_groups(eps, 1) == [[1, 2, 3, 4, 5]]
+    assert episode_groups(eps, 4) == [[1], [3], [4], [2, 5]]
+    assert episode_groups(eps, 2) == [[1, 4], [3], [2, 5]]           # more taught episodes than experts: round-robin
+    assert episode_groups([eps[1], eps[4]], 4) == [[2, 5]]           # chat turns only: one expert
+
+
+def test_with_an_expert_per_episode_each_gate_opens_on_its_own_episode_not_the_others(tiny_engine):
+    """Two taught episodes, episode_experts = 2: two experts, each fitted open on its episode and
+    closed on the other's, so a question about one calls its own expert more than the other."""
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, distill_steps=6, episode_experts=2), wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    e1, e2 = summary["experts_added"]
+    assert summary["expert_episodes"] == {e1: [1], e2: [2]}
+    g = question_gates(tiny_engine.memory, tiny_engine.tokenizer, [QA[0][0]["q"], QA[1][0]["q"], EVERYDAY])
+    assert g[e1][0] > g[e1][1] and g[e2][1] > g[e2][0], g            # each opens more on its own episode
+    assert g[e1][2] < g[e1][0] and g[e2][2] < g[e2][1], g            # and stays below it on everyday
+    sel = summary["gate_selectivity"]
+    assert sel[e1]["episodes"] == [1] and sel[e2]["episodes"] == [2] and sel[e1]["n_own"] == sel[e1]["n_other"] == 1
+    assert set(summary["consolidation"]["gate_fits"]) == {e1, e2}
+    assert tiny_engine.expert_episodes() == {e1: [1], e2: [2]}       # from the committed manifest
+
+
 def test_without_the_gate_loss_nothing_teaches_the_gate_to_tell_them_apart(tiny_engine):
     """Control for the test above: the same sleep with the gate loss off and the old half-open
     birth leaves the gate near 0.5 everywhere."""
@@ -129,9 +157,9 @@ def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils
         eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0, expert_id=f"e{len(runs)}")
         cfg = tiny_settings(gate_sharpness=k, gate_threshold=theta, distill_steps=2, lti=False)
         c = Consolidator(mem, tiny_engine.tokenizer, cfg, lambda *a, **kw: None, lambda: None, seed=3)
-        examples = c.teacher_data(tiny_engine.pending_episodes(), [], eid)
+        examples = c.teacher_data(tiny_engine.pending_episodes(), [], [eid])
         with mem.configured(muted=[e for e in mem.expert_ids() if e != eid]):
-            fit = c.fit_gate(examples, eid, c.gate_negative_states(eid))
+            fit = c.fit_gate(examples, {eid: None}, c.gate_negative_states([eid]))
         runs[(k, theta)] = [(m.gate.detach().clone(), float(m.gate_bias)) for m in mem.expert_modules(eid)]
         assert fit["gate_sharpness"] == k and fit["gate_threshold"] == theta
         mem.remove_experts([eid])
@@ -140,7 +168,7 @@ def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils
     eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0)
     c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(distill_steps=2, lti=False), lambda *a, **kw: None,
                      lambda: None, seed=3)
-    examples = c.teacher_data(tiny_engine.pending_episodes(), [], eid)
+    examples = c.teacher_data(tiny_engine.pending_episodes(), [], [eid])
     orig = c.fit_gate
     after_fit = {}
 
@@ -149,7 +177,7 @@ def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils
         after_fit["gates"] = [(m.gate.detach().clone(), m.B.detach().clone()) for m in mem.expert_modules(eid)]
         return out
     c.fit_gate = fit_and_remember
-    c.seed(examples, eid)
+    c.seed(examples, [eid])
     for m, (g, B) in zip(mem.expert_modules(eid), after_fit["gates"]):
         assert torch.equal(m.gate, g) and not torch.equal(m.B, B)   # gate as fitted, B learned
 
@@ -171,10 +199,10 @@ def test_stop_lands_inside_the_gate_fit(tiny_engine):
             raise Stop()
     c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(gate_fit_steps=200, lti=False), lambda *a, **kw: None,
                      lambda: None, seed=3)
-    examples = c.teacher_data(tiny_engine.pending_episodes(), [], eid)
-    negatives = c.gate_negative_states(eid)
+    examples = c.teacher_data(tiny_engine.pending_episodes(), [], [eid])
+    negatives = c.gate_negative_states([eid])
     c.check = check
     before = [m.gate.detach().clone() for m in mem.expert_modules(eid)]
     with pytest.raises(Stop):
-        c.fit_gate(examples, eid, negatives)
+        c.fit_gate(examples, {eid: None}, negatives)
     assert len(calls) == 3 and all(torch.equal(m.gate, g) for m, g in zip(mem.expert_modules(eid), before))

@@ -149,9 +149,9 @@ def test_a_numerical_fault_stops_the_sleep_and_restores_the_memory_bit_for_bit(t
     if fault == "nan-loss":
         real, calls = consolidation.Consolidator.divergence, [0]
 
-        def nan_at_step_2(self, batch, new_id):
+        def nan_at_step_2(self, batch, new_ids):
             calls[0] += 1
-            out = real(self, batch, new_id)
+            out = real(self, batch, new_ids)
             return out * float("nan") if calls[0] == 2 else out
         monkeypatch.setattr(consolidation.Consolidator, "divergence", nan_at_step_2)
     elif fault == "grad-norm":
@@ -159,10 +159,10 @@ def test_a_numerical_fault_stops_the_sleep_and_restores_the_memory_bit_for_bit(t
     else:   # NaN weights in the new expert, dreaming off (issue 14: such a sleep was committed)
         real_seed = consolidation.Consolidator.seed
 
-        def poisoned(self, examples, new_id, **kw):
-            out = real_seed(self, examples, new_id, **kw)
+        def poisoned(self, examples, new_ids, *a, **kw):
+            out = real_seed(self, examples, new_ids, *a, **kw)
             with torch.no_grad():
-                self.memory.expert_modules(new_id)[0].B.fill_(float("nan"))
+                self.memory.expert_modules(new_ids[0])[0].B.fill_(float("nan"))
             return out
         monkeypatch.setattr(consolidation.Consolidator, "seed", poisoned)
     tiny_engine.sleep(settings, wait=True)
@@ -205,10 +205,10 @@ def test_the_sanity_gate_refuses_a_sleep_that_rewrites_everyday_answers(tiny_eng
     before = state(tiny_engine.memory.lm)
     real_seed = consolidation.Consolidator.seed
 
-    def loud(self, examples, new_id, **kw):   # an expert that speaks, at full gate, on every input
-        out = real_seed(self, examples, new_id, **kw)
+    def loud(self, examples, new_ids, *a, **kw):   # an expert that speaks, at full gate, on every input
+        out = real_seed(self, examples, new_ids, *a, **kw)
         with torch.no_grad():
-            for e in self.memory.expert_modules(new_id):
+            for e in self.memory.expert_modules(new_ids[0]):
                 e.B.normal_(0, 2.0, generator=torch.Generator().manual_seed(0))
                 e.gate_bias.fill_(20.0)
         return out

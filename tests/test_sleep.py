@@ -88,14 +88,14 @@ def test_random_expert_adds_one_expert_per_router_at_full_gate(tiny_engine):
             e.gate.fill_(0.0)
             e.gate_bias.fill_(-3.0)     # router alone: both gates ≈ 0.05
     ids = torch.tensor([[5, 6, 7, 8]])
-    with random_expert(mem, exclude=b, rng=random.Random(0)) as forced, mem.tracing() as trace, torch.no_grad():
+    with random_expert(mem, exclude=[b], rng=random.Random(0)) as forced, mem.tracing() as trace, torch.no_grad():
         mem.lm(input_ids=ids)
     assert set(forced.values()) == {a}
     for layer, gates in trace.steps[0].items():
         assert gates[0] == 1.0 and gates[1] < 0.1
     # before any expert exists a temporary random expert plays the part, and is removed afterwards
     mem.remove_experts([a])
-    with random_expert(mem, exclude=b, rng=random.Random(0)) as forced:
+    with random_expert(mem, exclude=[b], rng=random.Random(0)) as forced:
         assert set(forced.values()) == {"dream-noise"}
     assert mem.expert_ids() == [b]
 
@@ -251,11 +251,11 @@ def test_self_study_questions_are_asked_with_their_episode_in_context(tiny_engin
     new_id = tiny_engine.memory.add_expert(tier=2, born=1)
     seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(min_faithfulness=0.0),
                           lambda *a, **k: None, lambda: None)
-    asked = seeder.study_questions(episodes, new_id)   # one per sentence (each text has one)
+    asked = seeder.study_questions(episodes, [new_id])   # one per sentence (each text has one)
     assert seeder.studied["asked"] == 2 and seeder.studied["kept"] == sum(len(v) for v in asked.values())
     monkeypatch.setattr(seeder, "study_questions",
                         lambda eps, nid: {eps[0].id: ["What colour is the lighthouse of Quarrow Point?"]})
-    examples = seeder.teacher_data(episodes, [], new_id)
+    examples = seeder.teacher_data(episodes, [], [new_id])
     [e] = [e for e in examples if e.prompt == "What colour is the lighthouse of Quarrow Point?"]
     assert e.about_episode and TEXTS[0] in tiny_engine.tokenizer.decode(e.teacher)
 
@@ -268,7 +268,7 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer,
                           tiny_settings(min_faithfulness=0.0, anchor_prompts=2, anchor_texts=2),
                           lambda *a, **k: None, lambda: None)
-    examples = seeder.teacher_data(episodes, [], new_id)
+    examples = seeder.teacher_data(episodes, [], [new_id])
     tok = tiny_engine.tokenizer
     about = {0: 0, 1: 0}
     texts = [e for e in examples if not e.prompt]
@@ -289,13 +289,13 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
                 about[i] += 1
     assert about[0] > 0 and about[1] > 0
     # self-replay of an older episode: its questions go to the teacher without any context, never its probes
-    replay = seeder.teacher_data(episodes[1:], episodes[:1], new_id)
+    replay = seeder.teacher_data(episodes[1:], episodes[:1], [new_id])
     old = [e for e in replay if any(name in e.prompt for name in ("Quarrow Point", "Senna Alvik"))]
     assert old and all(not e.about_episode and TEXTS[0] not in tok.decode(e.teacher) for e in old)
     assert not any(qa["q"] in e.prompt for e in replay for qa in QA[0] + QA[1])
     # the filter: an impossible threshold keeps one (the most faithful) answer per episode, plus anchors
     seeder.cfg.min_faithfulness = 1.0
-    strict = seeder.teacher_data(episodes, [], new_id)
+    strict = seeder.teacher_data(episodes, [], [new_id])
     assert 2 + 2 + 2 <= len(strict) <= 2 + 2 + 2 + 1   # anchors + one per episode (+1 if one passes)
 
 
@@ -310,7 +310,7 @@ def test_every_seeding_step_carries_plain_text_anchors(tiny_engine):
     seen = []
     real = seeder.divergence
     seeder.divergence = lambda batch, nid: (seen.append(batch), real(batch, nid))[1]
-    seeder.seed(chats + texts, new_id)
+    seeder.seed(chats + texts, [new_id])
     assert len(seen) == 4
     for batch in seen:
         assert sum(not e.prompt for e in batch) == 1 and sum(bool(e.prompt) for e in batch) == 2
@@ -327,7 +327,7 @@ def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_t
     student, teacher = C.chat_ids(tok, q), C.chat_ids(tok, q, C.CONTEXT_SYSTEM.format(notes=TEXTS[0]))
     zeros = torch.zeros(3, memory.lm.config.vocab_size)
     given = [C.Example(student + [5, 6, 7], teacher + [5, 6, 7], 3, q, "x", zeros) for _ in range(2)]
-    batch = seeder.on_policy(given, new_id)
+    batch = seeder.on_policy(given, [new_id])
     assert batch is not given
     for e in batch:   # the answer is now the student's sample, after both prompts
         sample = e.student[len(student):]
@@ -335,7 +335,7 @@ def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_t
         assert sample and sample != [5, 6, 7] and e.n_answer == len(sample) and e.teacher_logits is None
     seen = {}
     monkeypatch.setattr(C, "generalized_jsd_loss", lambda s, t, beta: seen.update(s=s, t=t) or (s - t).pow(2).mean())
-    seeder.divergence(batch, new_id)
+    seeder.divergence(batch, [new_id])
     with torch.no_grad(), memory.configured(muted=[new_id]):   # the teacher, its episode in context
         want = C._forward_answer_logits(memory.lm, [e.teacher for e in batch], [e.n_answer for e in batch], seeder.pad)
     assert torch.allclose(seen["t"], want) and seen["s"].shape == want.shape
@@ -343,7 +343,7 @@ def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_t
     batches = []
     monkeypatch.setattr(seeder, "divergence", lambda b, nid: (batches.append(b), (seen.clear(), torch.zeros((), requires_grad=True))[1])[1])
     seeder.cfg.lti, seeder.cfg.distill_steps, seeder.cfg.gate_loss = False, 2, 0.0
-    seeder.seed(given, new_id)
+    seeder.seed(given, [new_id])
     assert len(batches) == 2 and all(e.teacher_logits is None for b in batches for e in b if e.prompt)
 
 
@@ -357,7 +357,7 @@ def test_auto_step_count_follows_the_chat_prompts_not_the_text_anchors(tiny_engi
     logits = lambda n: torch.zeros(n, tiny_engine.memory.lm.config.vocab_size)
     chats = [Example([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], 2, f"q{i}", "a", logits(2)) for i in range(6)]
     texts = [Example([6, 7, 8, 9], [6, 7, 8, 9], 3, "", "t", logits(3), about_episode=False) for _ in range(5)]
-    assert seeder.seed(chats + texts, new_id)["steps"] == 3                          # ⌈2·6/4⌉, texts not counted
+    assert seeder.seed(chats + texts, [new_id])["steps"] == 3                          # ⌈2·6/4⌉, texts not counted
 
 
 def test_chat_and_teach_while_asleep_use_the_pre_sleep_memory_and_wait_for_the_next_sleep(tiny_engine, monkeypatch):
@@ -464,15 +464,15 @@ def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_kee
     turn = Episode(5, "turn", "User: Tell me about Orrin Valley.\nAssistant: Orrin Valley has a choir.")
     old = Episode(0, "taught", "The Velmora Ridge observatory opened in 1911.")
     prompts = seeder.teacher_prompts(taught + [turn], [old], {0: ["Who painted Quarrow Point?"]})
-    sources = [src for _, _, src in prompts]
+    sources = [ep.text if ep else None for _, _, ep in prompts]
     assert sources[:2] == [None, None]                        # the chat anchors
     assert sources[2:4] == TEXTS and sources[4:6] == TEXTS     # taught episodes take turns
     taught_end = max(i for i, s in enumerate(sources) if s in TEXTS)
     assert all(s not in TEXTS for s in sources[taught_end + 1:])   # replay and chat turns come after
     rest = prompts[taught_end + 1:]
     assert rest[0][1] is None and "Velmora" in rest[0][0]      # replay first in its round, without context
-    assert rest[1][2] == turn.text                             # then the chat turn, its text in context
-    assert ("Who painted Quarrow Point?", prompts[2][1], TEXTS[0]) in prompts   # self-study joins its episode
+    assert rest[1][2] is turn                             # then the chat turn, its text in context
+    assert ("Who painted Quarrow Point?", prompts[2][1], taught[0]) in prompts   # self-study joins its episode
 
 
 def test_teacher_writing_stops_at_its_deadline_after_the_first_batch(tiny_engine):
@@ -496,7 +496,7 @@ def test_a_seed_out_of_time_trains_fewer_steps_and_keeps_imitation_last(tiny_eng
     chats = [C.Example(chat_ids(tiny_engine.tokenizer, q) + [5, 6], chat_ids(tiny_engine.tokenizer, q) + [5, 6], 2,
                        q, TEXTS[0], logits(2)) for _ in range(3)]
     monkeypatch.setattr(C, "steps_that_fit", lambda done, planned, secs, left: min(planned, 3))   # the clock says 3
-    result = seeder.seed(chats, new_id)
+    result = seeder.seed(chats, [new_id])
     assert result["planned_steps"] == 7 and result["steps"] == 3 == len(events)
     assert [e["total"] for e in events] == [3, 3, 3]
     assert [e["reward"] is not None for e in events] == [False, False, True]   # imitation is still the last step
@@ -527,6 +527,6 @@ def test_dreaming_out_of_time_starts_no_trial_and_no_new_round(tiny_engine):
     dreamer = Dreamer(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(rest_rounds=2),
                       lambda kind, **d: dreams.append(d) if kind == "dream" else None, lambda: None,
                       deadline=Deadline(at=0.0))
-    stats = dreamer.run(tiny_engine.state.episodes.all(), [], new_id)
+    stats = dreamer.run(tiny_engine.state.episodes.all(), [], [new_id])
     assert stats["rounds"] == 1 and stats["cut"] and stats["kept"] == 0
     assert dreams and all(d["reward"] is None for d in dreams)   # generated and scored, never tried
