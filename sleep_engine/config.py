@@ -151,7 +151,10 @@ class SleepConfig:
     gate_frozen: bool = True          # the fitted gate stays as it is while the expert distils (no BCE, no output grad)
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead
-    episode_experts: int = 1          # new experts per sleep: 1 = one holds every episode; n > 1 = one per taught episode (up to n), chat turns share one more
+    # new experts per sleep: 1 = one holds every episode; n > 1 = one per taught episode (up to n), the
+    # chat turns one more. Dev, 8 passages in 2 sleeps: n = 4 12/32 closed-book, other/own gate ≤ 0.09;
+    # n = 1 9/32, other/own 0.5 (README "Locality")
+    episode_experts: int = 4
     consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps
     # dreaming
     dreaming: bool = True

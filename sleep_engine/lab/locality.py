@@ -17,9 +17,11 @@ from .data import Passage, general_questions, load_passages
 
 
 def selectivity(memory, tokenizer, passages: list[Passage], sleeps: list[dict], everyday: list[str]) -> dict:
-    """`sleeps`: the Sleep learner's per-sleep records ({"passages": [...], "experts_added": [...]}).
+    """`sleeps`: the Sleep learner's per-sleep records ({"passages": [...], "experts_added": [...],
+    "expert_passages": {expert: [...]}} — without the last, each expert holds its sleep's passages).
     The questions are the passages' probe questions (the test): used here only to measure."""
-    owners = {e: list(s["passages"]) for s in sleeps for e in s.get("experts_added", [])}
+    owners = {e: list((s.get("expert_passages") or {}).get(e, s["passages"]))
+              for s in sleeps for e in s.get("experts_added", [])}
     slow = [s["tier_consolidation"]["expert"] for s in sleeps if (s.get("tier_consolidation") or {}).get("expert")]
     for i, s in enumerate(sleeps):   # a slow expert holds every passage consolidated so far
         tc = s.get("tier_consolidation") or {}

@@ -187,7 +187,10 @@ class SleepMethod(Learner):
             except KeyboardInterrupt:
                 e.cancel()   # the engine rolls the model back; the runner keeps finished methods
                 raise
+            source = {ep.id: ep.source for ep in e.state.episodes.all()}
             sleeps.append({"sleep": number, "passages": [p.id for p in group],
+                           "expert_passages": {eid: [source[i] for i in ids if source.get(i)]
+                                               for eid, ids in summary.get("expert_episodes", {}).items()},
                            **{k: summary[k] for k in keep if k in summary}})
             for k, v in summary.get("phases", {}).items():
                 phases[k] = round(phases.get(k, 0.0) + v, 2)
