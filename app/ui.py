@@ -679,7 +679,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 summary = gr.Dataframe(headers=["", "value"], label="Summary", interactive=False, wrap=True)
                 ins_dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
                                           wrap=True, max_height=300, column_widths=DREAM_WIDTHS)
-                ins_experts = gr.Dataframe(headers=["expert", "tier", "rank", "layers", "parameters",
+                ins_experts = gr.Dataframe(headers=["expert", "tier", "its episodes", "rank", "layers", "parameters",
                                                     "tokens seen", "mean gate", "tokens where its gate led"],
                                            label="Experts added (usage over the replies this server has seen)",
                                            interactive=False)

@@ -398,12 +398,14 @@ def probe_rows(manifest: dict) -> list[list]:
 
 def expert_rows(manifest: dict, usage: UsageMeter | None = None) -> list[list]:
     added = set(manifest.get("experts_added", []))
+    held = manifest.get("expert_episodes") or {e: manifest.get("episode_ids", []) for e in added}
     rows = []
     for e in manifest.get("memory", {}).get("experts", []):
         if e["expert_id"] not in added and e.get("born") != manifest.get("sleep"):
             continue
         u = usage.stats(e["expert_id"]) if usage else {"tokens": 0, "mean_gate": None, "dominant_tokens": 0}
-        rows.append([e["expert_id"], e["tier"], e.get("rank"), len(e.get("layers", [])), human(e.get("params")),
+        episodes = ", ".join(str(i) for i in held.get(e["expert_id"], [])) or "–"
+        rows.append([e["expert_id"], e["tier"], episodes, e.get("rank"), len(e.get("layers", [])), human(e.get("params")),
                      u["tokens"], "–" if u["mean_gate"] is None else f"{u['mean_gate']:.4f}",
                      f"{u['dominant_tokens']} of {u['tokens']}"])
     return rows

@@ -209,8 +209,9 @@ def test_header_tiers_progress_and_inspect_views():
     usage = views.UsageMeter()
     usage.add(views.routing_view(Trace([0, 3], ["e0", "e1"], TRACE.steps), TOKENS))
     (row,) = views.expert_rows(m, usage)
-    assert row[0] == "e1" and row[5] == 3 and row[7] == "1 of 3"
-    assert float(row[6]) == pytest.approx(((0.1 + 0.3) / 2 + (0.4 + 0.8) / 2 + (0.5 + 0.1) / 2) / 3, abs=1e-4)
+    assert row[0] == "e1" and row[2] == "2" and row[6] == 3 and row[8] == "1 of 3"   # its episodes: the sleep's
+    assert views.expert_rows({**m, "expert_episodes": {"e1": [2, 5]}}, usage)[0][2] == "2, 5"
+    assert float(row[7]) == pytest.approx(((0.1 + 0.3) / 2 + (0.4 + 0.8) / 2 + (0.5 + 0.1) / 2) / 3, abs=1e-4)
     assert views.matrix_csv({"episodes": [1, 2], "R": [[1.0], [0.5, 0.75]]}).splitlines() == [
         "sleep,episode_1,episode_2", "1,1.0000,", "2,0.5000,0.7500"]
 
