@@ -591,6 +591,21 @@ class Consolidator:
         loss = group_policy_gradient_loss(per_seq, rewards, torch.tensor(lens, device=per_seq.device), cfg.lti_group)
         return loss, float(rewards.mean())
 
+    def prepare_gates(self, examples: list[Example], new_ids: list[str], owners: dict) -> tuple[dict, dict, float]:
+        """Fit the new experts' gates (`fit_gate`); with `gate_frozen` they then stay as fitted: the
+        experts learn under the gates they will have, and nothing reopens them. Returns the fit's
+        numbers, the everyday negatives (for a gate loss during distillation) and the seconds."""
+        if self.cfg.gate_loss <= 0:
+            return {}, {}, 0.0
+        t0 = time.perf_counter()
+        negatives = self.gate_negative_states(new_ids)
+        fitted = self.fit_gate(examples, owners, negatives)
+        if fitted and self.cfg.gate_frozen:
+            for m in (m for eid in new_ids for m in self.memory.expert_modules(eid)):
+                m.gate.requires_grad_(False)
+                m.gate_bias.requires_grad_(False)
+        return fitted, negatives, round(time.perf_counter() - t0, 1)
+
     def seed(self, examples: list[Example], new_ids: list[str], owners: dict[str, set[int]] | None = None,
              phase: str = "consolidation") -> dict:
         """Train the new experts (only) on the teacher's data; returns summary numbers. `owners`:
@@ -601,7 +616,9 @@ class Consolidator:
                     "mean_reward": None}
         owners = owners or {eid: None for eid in new_ids}
         params = self.memory.train_only(new_ids)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        fitted, negatives, gate_s = self.prepare_gates(examples, new_ids, owners)
+        gate_on = cfg.gate_loss > 0 and not (fitted and cfg.gate_frozen)
+        opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
         # Every step: a batch of answers (episodes, replay, chat anchors) plus a few plain-text
         # anchors, so the pull to keep everyday text unchanged never skips a step.
         pool = [e for e in examples if e.prompt]
@@ -613,17 +630,6 @@ class Consolidator:
         divergences, rewards, seconds = [], [], []
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
-        gate_on = cfg.gate_loss > 0
-        t0 = time.perf_counter()
-        negatives = self.gate_negative_states(new_ids) if gate_on else {}
-        fitted = self.fit_gate(examples, owners, negatives) if gate_on else {}
-        gate_s = round(time.perf_counter() - t0, 1)
-        if fitted and cfg.gate_frozen:   # the expert learns under the gate it will have; nothing reopens it
-            for m in (m for eid in new_ids for m in self.memory.expert_modules(eid)):
-                m.gate.requires_grad_(False)
-                m.gate_bias.requires_grad_(False)
-            opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-            gate_on = False
         gate_losses: list[float] = []
         try:
             for step in range(planned):

@@ -30,9 +30,9 @@ def test_a_sleep_added_expert_is_born_closed_and_changes_no_logit(tiny_engine):
 
 def test_after_a_sleep_the_gate_is_open_on_its_episode_and_closed_on_everyday_questions(tiny_engine):
     teach_two(tiny_engine)
-    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, distill_steps=6), wait=True)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, distill_steps=6, episode_experts=1), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
-    eid = summary["experts_added"][0]
+    (eid,) = summary["experts_added"]
     own = [qa[0]["q"] for qa in QA]
     g = question_gates(tiny_engine.memory, tiny_engine.tokenizer, own + [EVERYDAY])[eid]
     assert min(g[:2]) > g[2], g                       # held-out everyday question below both own questions

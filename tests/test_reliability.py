@@ -55,7 +55,7 @@ def test_a_kill_between_the_commit_and_saving_current_keeps_the_sleep(tiny_engin
     tiny_engine.state._write_current(pre[0], dict(pre[1], model="tiny-llama"), None)
     again = reopen(tiny_engine, tokenizer)
     assert again.state.sleep_count() == 1 and again.pending_episodes() == []
-    assert again.memory.expert_ids() == ["e0"]
+    assert again.memory.expert_ids() == ["e0", "e1"]   # one per taught text
     got = memory(again)
     assert set(got) == set(after) and all(torch.equal(got[k], after[k]) for k in after)
     again.close()
@@ -69,7 +69,7 @@ def test_current_is_one_file_and_a_torn_one_falls_back_to_the_last_sleep(tiny_en
     assert not tiny_engine.state.memory_manifest.exists()         # no separate current.json to tear from
     cur.write_bytes(cur.read_bytes()[: cur.stat().st_size // 2])  # a torn write
     again = reopen(tiny_engine, tokenizer)
-    assert again.memory.expert_ids() == ["e0"] and again.pending_episodes() == []
+    assert again.memory.expert_ids() == ["e0", "e1"] and again.pending_episodes() == []
     assert any("unreadable" in n for n in again.notices())
     again.close()
 
@@ -135,7 +135,7 @@ def test_a_failure_after_the_commit_does_not_report_a_rollback(tiny_engine):
     tiny_engine.sleep(quick(), wait=True)
     last = tiny_engine.events.since(0)[-1]
     assert last.kind == "done" and tiny_engine.status().get("error") is None
-    assert tiny_engine.state.sleep_count() == 1 and tiny_engine.memory.expert_ids() == ["e0"]
+    assert tiny_engine.state.sleep_count() == 1 and tiny_engine.memory.expert_ids() == ["e0", "e1"]
 
 
 # -- 4. numerical faults, the sanity gate, undo ---------------------------------------------------

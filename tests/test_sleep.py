@@ -48,7 +48,7 @@ def test_sleep_trains_only_the_new_expert_and_resets_fast_weights(tiny_engine):
     assert {"phase", "loss", "sample", "dream", "expert", "probe", "timing", "done"} <= kinds, kinds
     after = state(tiny_engine.memory.lm)
     new_keys = set(after) - set(before)
-    assert new_keys and all(".experts.0." in k for k in new_keys)
+    assert new_keys and all(".experts.0." in k or ".experts.1." in k for k in new_keys)   # one per taught text
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert all(k.endswith("fast_B") for k in changed)          # only the reset fast weights
     assert tiny_engine.memory.fast_weight_norm() == 0
@@ -170,14 +170,14 @@ def test_restart_after_a_kill_during_sleep_keeps_checkpoint_and_episodes(tmp_pat
 def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     teach_two(tiny_engine)
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
-    assert [e.tier for e in tiny_engine.memory.experts()] == [2]
+    assert [e.tier for e in tiny_engine.memory.experts()] == [2, 2]      # one per taught text
     tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
-    assert summary["tier_consolidation"]["removed"] == ["e0", "e1"]
+    assert summary["tier_consolidation"]["removed"] == ["e0", "e1", "e2"]
     # the anchors come along: 3 episodes × 3 prompts alone would give at most 9 examples
     assert summary["tier_consolidation"]["examples"] >= summary["settings"]["anchor_texts"] == 12
-    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e2", 3)]
+    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e3", 3)]
     assert tiny_engine.state.sleep_count() == 2
 
 
@@ -192,14 +192,14 @@ def test_a_tier_step_that_does_not_fit_the_budget_keeps_tier_two(tiny_engine, mo
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     assert "steps need" in summary["tier_consolidation"]["deferred"]
-    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e0", 2), ("e1", 2)]
+    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e0", 2), ("e1", 2), ("e2", 2)]
     tiny_engine.wake.teach("The Orrin Valley ferry leaves at dawn.")
     monkeypatch.setattr(E, "tier_step_seconds", lambda steps, seconds: None)     # tried, then cut by the budget
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=3, budget_s=0.01, distill_steps=8),
                       wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     assert "cut it" in summary["tier_consolidation"]["deferred"], summary["tier_consolidation"]
-    assert [e.tier for e in tiny_engine.memory.experts()] == [2, 2, 2] and tiny_engine.state.sleep_count() == 3
+    assert [e.tier for e in tiny_engine.memory.experts()] == [2] * 4 and tiny_engine.state.sleep_count() == 3
 
 
 def test_tier_step_seconds_is_steps_times_the_median_step_over_the_training_share():
@@ -381,7 +381,7 @@ def test_chat_and_teach_while_asleep_use_the_pre_sleep_memory_and_wait_for_the_n
     engine.cfg.wake.fast_update_every = 1
     engine.sleep(tiny_settings(dreaming=False, lti=False))
     try:
-        assert inside.wait(60) and engine.memory.expert_ids() == ["e0"]
+        assert inside.wait(60) and engine.memory.expert_ids() == ["e0", "e1"]   # the taught text's, the chat turn's
         t0 = time.monotonic()
         during = engine.wake.reply("Where does it flow?", session="during")
         taught = engine.wake.teach(TEXTS[1])
