@@ -233,8 +233,8 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert seen["sleep_now_disabled_during"]
     assert "within 180 s" in seen["start_notice"]          # the quick preset is a time budget
     assert "started" not in seen["notice_after_finish"]    # the start notice does not outlive the sleep
-    # the locality table: the new expert, its episodes (the chat turn and the taught text) and gate numbers
-    assert re.search(r"\be\d+\s+1, 2\s+0\.\d{3}\s+0\.\d{3}\s+[\d.]+×", seen["locality"]), seen["locality"]
+    # the locality table: the taught text's own expert (episode 2; the chat turn has its own) and gate numbers
+    assert re.search(r"\be\d+\s+2\s+0\.\d{3}\s+0\.\d{3}\s+[\d.]+×", seen["locality"]), seen["locality"]
     panels_with_data = [k for k, v in seen["panels"].items() if v > 0]
     assert len(panels_with_data) >= 5, seen["panels"]
     assert seen["progress_moved"][0] != seen["progress_moved"][1]
