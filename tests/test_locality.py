@@ -206,3 +206,51 @@ def test_stop_lands_inside_the_gate_fit(tiny_engine):
     with pytest.raises(Stop):
         c.fit_gate(examples, {eid: None}, negatives)
     assert len(calls) == 3 and all(torch.equal(m.gate, g) for m, g in zip(mem.expert_modules(eid), before))
+
+
+def _bare_consolidator(**settings):
+    """A Consolidator for the gate-fit arithmetic alone (no model is touched)."""
+    c = Consolidator.__new__(Consolidator)
+    c.cfg, c.check = tiny_settings(**settings), lambda: None
+    import random
+    c.rng = random.Random(0)
+    return c
+
+
+def test_gate_fit_weights_balance_each_experts_own_tokens_against_the_rest():
+    """Hand-made tokens: kind 0 closed ×4; episode 1: 2 questions, 1 answer; episode 2: 1 question,
+    3 answers. Expert of episode 1: ½ split over its question and answer groups, ½ over the closed
+    tokens and the other episode's tokens (capped at `cap` tokens' worth)."""
+    kind = torch.tensor([0, 0, 0, 0, 1, 1, 2, 1, 2, 2, 2])
+    episode = torch.tensor([-1, -1, -1, -1, 1, 1, 1, 2, 2, 2, 2])
+    rows, w, t, counts = _bare_consolidator().gate_fit_weights(kind, episode, [{1}, {2}], cap=2)
+    assert rows[:8].tolist() == list(range(8)) and len(rows) == 10   # episode 2's answers capped at 2
+    assert counts[0] == {"question": 2, "answer": 1, "closed": 4, "other episodes": 3}
+    assert torch.allclose(w.sum(1), torch.ones(2))
+    assert w[0, 4].item() == pytest.approx(0.125) and w[0, 6].item() == pytest.approx(0.25)
+    assert w[0, 0].item() == pytest.approx(0.5 / 6)                       # 4 closed + min(3, cap=2) others
+    assert w[0, 7:].sum().item() == pytest.approx(0.5 * 2 / 6)            # the others weigh as 2 tokens
+    assert t[0].tolist()[:8] == [0, 0, 0, 0, 1, 1, 1, 0] and t[1, 7].item() == 1 and t[1, 4].item() == 0
+    none_owned = _bare_consolidator().gate_fit_weights(kind, episode, [None], cap=8)
+    assert none_owned[3][0]["other episodes"] == 0 and none_owned[2][0, 4:].eq(1).all()
+
+
+def test_the_joint_gate_fit_fits_each_expert_as_if_alone():
+    """One batched fit of two experts' gates = two separate fits on the same tokens."""
+    class Gate:
+        def __init__(self, d):
+            self.gate, self.gate_bias = torch.zeros(d), torch.tensor(-6.0)
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 8)
+    weights, targets = torch.rand(2, 40), (torch.rand(2, 40) > 0.5).float()
+    weights /= weights.sum(1, keepdim=True)
+    c = _bare_consolidator(gate_fit_steps=30)
+    both = [[Gate(8) for _ in range(3)] for _ in range(2)]
+    first, last = c._fit_gates(both, x, weights, targets)
+    for e in range(2):
+        alone = [[Gate(8) for _ in range(3)]]
+        f1, l1 = c._fit_gates(alone, x, weights[e:e + 1], targets[e:e + 1])
+        assert f1[0] == pytest.approx(first[e]) and l1[0] == pytest.approx(last[e], rel=1e-4) and last[e] < first[e]
+        for m_alone, m_both in zip(alone[0], both[e]):
+            assert torch.allclose(m_alone.gate, m_both.gate, atol=1e-4)
+            assert m_alone.gate_bias.item() == pytest.approx(m_both.gate_bias.item(), abs=1e-4)
