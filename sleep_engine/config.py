@@ -144,6 +144,7 @@ class SleepConfig:
     gate_loss: float = 1.0            # weight of the gate's BCE: open on episode tokens, closed on anchors/replay; 0 = off
     gate_negatives: int = 32          # extra everyday prompts per sleep that only teach the gate to stay closed
     gate_distractors: int = 24        # and questions about invented names of no episode (the gate keys on *its* names)
+    gate_old_questions: int = 0       # and questions about each older taught episode's subjects (cross-sleep leaks)
     gate_fit_steps: int = 80          # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
     gate_fit_lr: float = 0.1
     gate_sharpness: float = 3.0       # after the fit the gate is σ(k·(z − θ)): shut where the classifier is unsure
@@ -222,7 +223,7 @@ class SleepConfig:
                              ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0),
                              ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
                              ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
-                             ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
+                             ("gate_old_questions", 0, 32), ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
                              ("episode_experts", 1, 16)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)

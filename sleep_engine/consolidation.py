@@ -6,6 +6,7 @@ Seeding maximises (1−α)·E[imitation reward] − α·E[generalized JSD(teache
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -222,6 +223,7 @@ class Consolidator:
         self.pad = tokenizer.pad_token_id or 0
         self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
         self.studied: dict = {}              # what self-study asked and kept (`study_questions`), for the summary
+        self.older_texts: list[str] = []     # the older taught episodes (`teacher_data`): the new gates stay shut on them
         a, b = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "b")
         # tokens every chat prompt shares (template + system prompt): never a positive for the gate
         self.chat_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -234,6 +236,7 @@ class Consolidator:
         of questions about older episodes, answered from memory (no context): the new expert must
         not overwrite what older experts hold. Probe questions are never asked: they are the test."""
         t0 = time.perf_counter()
+        self.older_texts = [ep.text for ep in old_episodes if ep.kind == "taught"]
         prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_ids))
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
         with self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
@@ -348,12 +351,14 @@ class Consolidator:
         """Hidden states (MLP inputs, per layer) of prompts the new expert must stay closed on,
         captured once from the pre-sleep model (the new expert muted): a closed expert does not move
         them, so they stay valid while it trains. Everyday requests, and the seeding questions about
-        invented names of no episode (`distractor_names`); half bare, half in the probes' answer
-        prompt (the gate also sees the episodes' questions in both forms, `fit_gate`)."""
+        invented names of no episode (`distractor_names`) and about the older taught episodes'
+        subjects (`older_questions`); half bare, half in the probes' answer prompt (the gate also
+        sees the episodes' questions in both forms, `fit_gate`)."""
         n = min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS))
         asks = self.rng.sample(GATE_NEGATIVE_PROMPTS, n)
         asks += [self.rng.choice(SUBJECT_TEMPLATES).format(s=name)
                  for name in distractor_names(self.rng, self.cfg.gate_distractors)]
+        asks += self.older_questions()
         if not asks:
             return {}
         seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q) for i, q in enumerate(asks)]
@@ -364,6 +369,18 @@ class Consolidator:
         with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
             self.lm.model(input_ids=ids, attention_mask=mask)
         return {layer: got[-1][mask].float() for layer, got in xs.items()}
+
+    def older_questions(self, cap: int = 64) -> list[str]:
+        """`gate_old_questions` subject questions about each older taught episode (at most `cap`
+        in all, sampled), which the new gates must stay shut on: a new expert that opens on an
+        older episode's question puts its own facts into that answer (dev, 2 sleeps: p05's "small
+        burrowing mammal" in p01's and p04's answers). No teacher answer is needed; the self-replay
+        keeps the older answers themselves. Never the probe questions: those are the test."""
+        k = self.cfg.gate_old_questions
+        asks = [SUBJECT_TEMPLATES[(i + j) % len(SUBJECT_TEMPLATES)].format(s=name)
+                for i, text in enumerate(self.older_texts) for j, name in
+                enumerate(itertools.islice(itertools.cycle(subjects(text)), k) if subjects(text) else [])]
+        return self.rng.sample(asks, cap) if len(asks) > cap else asks
 
     @torch.no_grad()
     def gate_states(self, examples: list[Example], new_ids: list[str], negatives: dict[int, torch.Tensor]):

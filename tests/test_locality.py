@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sleep_engine.consolidation import Consolidator
+from sleep_engine.consolidation import Consolidator, subjects
 from sleep_engine.lab.data import general_questions
 from sleep_engine.probes import gate_selectivity, interference, passage_names, question_gates
 from test_sleep import QA, TEXTS, teach_two, tiny_settings
@@ -211,7 +211,7 @@ def test_stop_lands_inside_the_gate_fit(tiny_engine):
 def _bare_consolidator(**settings):
     """A Consolidator for the gate-fit arithmetic alone (no model is touched)."""
     c = Consolidator.__new__(Consolidator)
-    c.cfg, c.check = tiny_settings(**settings), lambda: None
+    c.cfg, c.check, c.older_texts = tiny_settings(**settings), lambda: None, []
     import random
     c.rng = random.Random(0)
     return c
@@ -254,3 +254,19 @@ def test_the_joint_gate_fit_fits_each_expert_as_if_alone():
         for m_alone, m_both in zip(alone[0], both[e]):
             assert torch.allclose(m_alone.gate, m_both.gate, atol=1e-4)
             assert m_alone.gate_bias.item() == pytest.approx(m_both.gate_bias.item(), abs=1e-4)
+
+
+def test_the_new_gates_are_fitted_shut_on_questions_about_older_episodes():
+    """`gate_old_questions` subject questions per older taught episode join the gate's negatives;
+    none is a probe question, and 0 adds none."""
+    c = _bare_consolidator(gate_old_questions=3)
+    c.older_texts = [TEXTS[0], TEXTS[1]]
+    asks = c.older_questions()
+    names = [n for t in c.older_texts for n in subjects(t)]
+    assert len(asks) == 6 and all(any(n in q for n in names) for q in asks)
+    assert not {q for q in asks} & {item["q"] for qa in QA for item in qa}
+    off = _bare_consolidator(gate_old_questions=0)
+    off.older_texts = list(c.older_texts)
+    assert off.older_questions() == []
+    c.older_texts = [TEXTS[0]] * 40
+    assert len(c.older_questions(cap=16)) == 16
