@@ -17,6 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from sleep_engine.config import LabConfig, default_cache_dir  # noqa: E402
 
 torch.set_flush_denormal(True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each (two threads each under contention ran ~15× slower),
+    # and the CLI subprocesses a test starts inherit it
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def tiny_llama(vocab_size: int = 256, layers: int = 2, seed: int = 0):
@@ -36,10 +41,15 @@ def cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def embedded_source() -> Path:
     """Directory of the dequantized embedded model (built on first use)."""
+    import fcntl
+
     from sleep_engine import backbone
     target = backbone._embedded_cache(cache_dir())
-    if not (target / "sleep-lab.json").is_file():
-        backbone._dequantize_embedded_to(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".tests-build.lock", "w") as lock:   # pytest -n 2: one worker builds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "sleep-lab.json").is_file():
+            backbone._dequantize_embedded_to(target)
     return target
 
 
