@@ -239,9 +239,7 @@ class Consolidator:
         self.older_texts = [ep.text for ep in old_episodes if ep.kind == "taught"]
         prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_ids))
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
-        with self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
-            answers, logits = generate_batch(self.lm, self.tok, teacher_prompts, self.cfg.answer_tokens,
-                                             return_logits=True, batch_size=32, deadline=self.writing)
+        answers, logits = self.teacher_answers(teacher_prompts, [ep is not None for _, _, ep in prompts], new_ids)
         self.written = {"prompts": len(prompts), "answered": len(answers), "writing_s": round(time.perf_counter() - t0, 1)}
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
         for (q, _, ep), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
@@ -259,6 +257,32 @@ class Consolidator:
                 best[source] = (score, example)
         fallbacks = [example for source, (_, example) in best.items() if source not in passed]
         return out + fallbacks + self.text_anchors(new_ids)
+
+    def teacher_muted(self, in_context: bool, new_ids: list[str]) -> list[str]:
+        """The experts the teacher runs without: always this sleep's new ones; with
+        `teacher_old_experts` off, every routed expert when its episode is in the context (the
+        older experts' gates, fitted on other names, may still put their facts into its answer)."""
+        return self.memory.expert_ids() if in_context and not self.cfg.teacher_old_experts else list(new_ids)
+
+    def teacher_answers(self, prompts: list[list[int]], in_context: list[bool], new_ids: list[str]):
+        """The teacher's answers (and logits) to `prompts` in order, each run of prompts that share a
+        view (`teacher_muted`) in one batched call; a run cut by the writing deadline ends it."""
+        answers, logits, i = [], [], 0
+        while i < len(prompts):
+            j = i
+            while j < len(prompts) and in_context[j] == in_context[i]:
+                j += 1
+            if self.cfg.teacher_old_experts:   # one view for all: one call, as before
+                j = len(prompts)
+            with self.memory.configured(muted=self.teacher_muted(in_context[i], new_ids), fast_weights=self.teacher_fast):
+                got, lg = generate_batch(self.lm, self.tok, prompts[i:j], self.cfg.answer_tokens,
+                                         return_logits=True, batch_size=32, deadline=self.writing)
+            answers += got
+            logits += lg
+            if len(got) < j - i:
+                break
+            i = j
+        return answers, logits
 
     def teacher_prompts(self, new_episodes, old_episodes, studied: dict[int, list[str]]) -> list[tuple]:
         """(question, teacher's system prompt or None, the episode it is about or None), most needed
@@ -287,7 +311,7 @@ class Consolidator:
         per_episode = [[(ep, chat_ids(self.tok, STUDY_PROMPT.format(s=sentence), CONTEXT_SYSTEM.format(notes=ep.text)))
                         for sentence in sentences(ep.text) for _ in range(n)] for ep in taught]
         owners, asks = zip(*round_robin(per_episode)) if any(per_episode) else ((), ())
-        with self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
+        with self.memory.configured(muted=self.teacher_muted(True, new_ids), fast_weights=self.teacher_fast):
             replies = generate_batch(self.lm, self.tok, list(asks), 32, temperature=0.7 if n > 1 else 0.0,
                                      seed=self.rng.randrange(1 << 30), batch_size=32, deadline=self.writing)
         out: dict[int, list[str]] = {}

@@ -270,3 +270,26 @@ def test_the_new_gates_are_fitted_shut_on_questions_about_older_episodes():
     assert off.older_questions() == []
     c.older_texts = [TEXTS[0]] * 40
     assert len(c.older_questions(cap=16)) == 16
+
+
+def test_the_teacher_can_answer_about_its_episode_without_the_older_experts(tiny_engine):
+    """`teacher_old_experts=False`: prompts with their episode in context are answered with every
+    routed expert muted (an older expert's facts cannot leak into the new teacher data); the
+    others (chat anchors, self-replay) keep the older experts, which hold what they ask about."""
+    from sleep_engine.sampling import chat_ids, generate_batch
+    mem, tok = tiny_engine.memory, tiny_engine.tokenizer
+    old = mem.add_expert(tier=2, born=1, gate_bias=6.0)   # an older expert, wide open and loud
+    for m in mem.expert_modules(old):
+        torch.nn.init.normal_(m.B, std=2.0)
+    new = mem.add_expert(tier=2, born=2, gate_bias=-6.0)
+    prompts = [chat_ids(tok, "Tell me about Quarrow Point.", "Notes: " + TEXTS[0]), chat_ids(tok, "Name three kinds of fruit.")]
+    views = {}
+    for muted in ([old, new], [new]):
+        with mem.configured(muted=muted):
+            views[len(muted)] = generate_batch(mem.lm, tok, prompts, 6, return_logits=True)
+    assert views[1][0][0] != views[2][0][0]   # the older expert changes the in-context answer
+    for keep, expected in ((True, (views[1][0][0], views[1][0][1])), (False, (views[2][0][0], views[1][0][1]))):
+        c = Consolidator(mem, tok, tiny_settings(teacher_old_experts=keep, answer_tokens=6), lambda *a, **kw: None,
+                         lambda: None, seed=3)
+        answers, logits = c.teacher_answers(prompts, [True, False], [new])
+        assert tuple(answers) == expected and len(logits) == 2
