@@ -129,6 +129,7 @@ class SleepConfig:
     lmbda: float = 0.0                # fraction of distillation sequences sampled by the student
     alpha: float = 0.7                # objective (1−α)·E[reward] − α·E[divergence]
     teacher_max_drift: float = 0.02   # the teacher keeps the fast weights only within this generic-ppl rise
+    gold_quotes: bool = False         # a recitation or quote prompt is answered with the episode's own words (teacher-scored)
     teacher_old_experts: bool = True  # the teacher, its episode in context, keeps the older sleeps' experts (False: mutes them)
     # learning to imitate
     lti: bool = True

@@ -114,6 +114,17 @@ def seed_prompts(text: str, n: int) -> list[str]:
     return prompts[:n]
 
 
+def gold_answer(prompt: str, text: str) -> str | None:
+    """The episode's own words for a recitation or quote prompt of `seed_prompts` (the whole text;
+    the quoted sentence), None for any other prompt."""
+    if prompt.startswith("Repeat your notes about "):
+        return text
+    m = re.match(r'Quote the sentence of your notes about .* that begins "(.*)"\.$', prompt)
+    if m:
+        return next((s for s in sentences(text)[1:] if " ".join(s.split()[:3]) == m.group(1)), None)
+    return None
+
+
 # Self-study: the teacher writes questions about each sentence of its notes (measured on dev with
 # the embedded model: "Write one question that this sentence answers" gave "What is the answer to
 # this question: …" loops; this form gave "What is the origin of the town of Velmora Ridge?")
@@ -239,7 +250,10 @@ class Consolidator:
         self.older_texts = [ep.text for ep in old_episodes if ep.kind == "taught"]
         prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_ids))
         teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
-        answers, logits = self.teacher_answers(teacher_prompts, [ep is not None for _, _, ep in prompts], new_ids)
+        gold = [gold_answer(q, ep.text) if self.cfg.gold_quotes and ep is not None else None for q, _, ep in prompts]
+        asked = [i for i, g in enumerate(gold) if g is None]
+        written = self.teacher_answers([teacher_prompts[i] for i in asked], [prompts[i][2] is not None for i in asked], new_ids)
+        answers, logits = self.merge_gold(teacher_prompts, gold, asked, written, new_ids)
         self.written = {"prompts": len(prompts), "answered": len(answers), "writing_s": round(time.perf_counter() - t0, 1)}
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
         for (q, _, ep), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
@@ -282,6 +296,29 @@ class Consolidator:
             if len(got) < j - i:
                 break
             i = j
+        return answers, logits
+
+    @torch.no_grad()
+    def merge_gold(self, teacher_prompts, gold: list[str | None], asked: list[int], written, new_ids: list[str]):
+        """The answers in prompt order: the teacher's written ones, and for a recitation or quote
+        (`gold_quotes`) the episode's own words, scored by the teacher with its episode in context
+        (its logits on them are the distillation target). Stops where the writing deadline cut."""
+        got = dict(zip(asked, zip(*written))) if written[0] else {}
+        todo = [i for i, g in enumerate(gold) if g is not None]
+        ids = {i: encode_text(self.tok, gold[i])[:2 * self.cfg.answer_tokens] for i in todo}
+        for k in range(0, len(todo), 16):
+            batch = todo[k:k + 16]
+            with self.memory.configured(muted=self.teacher_muted(True, new_ids), fast_weights=self.teacher_fast):
+                lg = _forward_answer_logits(self.lm, [teacher_prompts[i] + ids[i] for i in batch],
+                                            [len(ids[i]) for i in batch], self.pad)
+            for i, part in zip(batch, lg.to(torch.bfloat16).split([len(ids[i]) for i in batch])):
+                got[i] = (ids[i], part)
+        answers, logits = [], []
+        for i in range(len(teacher_prompts)):
+            if i not in got:
+                break
+            answers.append(got[i][0])
+            logits.append(got[i][1])
         return answers, logits
 
     def teacher_prompts(self, new_episodes, old_episodes, studied: dict[int, list[str]]) -> list[tuple]:

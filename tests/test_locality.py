@@ -293,3 +293,22 @@ def test_the_teacher_can_answer_about_its_episode_without_the_older_experts(tiny
                          lambda: None, seed=3)
         answers, logits = c.teacher_answers(prompts, [True, False], [new])
         assert tuple(answers) == expected and len(logits) == 2
+
+
+def test_gold_quotes_answer_recitations_and_quotes_with_the_episodes_own_words(tiny_engine):
+    from sleep_engine.consolidation import gold_answer, seed_prompts
+    text = "Velmora Ridge is a town. It sits beside Lake Tessarine. Its clock tower has a copper roof."
+    asks = seed_prompts(text, 10)
+    assert gold_answer(asks[0], text) == text
+    assert [gold_answer(q, text) for q in asks[1:3]] == ["It sits beside Lake Tessarine.", "Its clock tower has a copper roof."]
+    assert gold_answer("Tell me about Velmora Ridge.", text) is None
+    teach_two(tiny_engine)
+    mem = tiny_engine.memory
+    eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0)
+    c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(gold_quotes=True, prompts_per_episode=2), lambda *a, **kw: None,
+                     lambda: None, seed=3)
+    examples = [e for e in c.teacher_data(tiny_engine.pending_episodes(), [], [eid]) if e.about_episode]
+    recited = [e for e in examples if e.prompt.startswith("Repeat your notes")]
+    assert {e.answer_text for e in recited} == set(TEXTS)
+    for e in recited:
+        assert e.teacher_logits.shape[0] == e.n_answer and e.student[-e.n_answer:] == e.teacher[-e.n_answer:]
