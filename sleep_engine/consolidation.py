@@ -6,7 +6,6 @@ Seeding maximises (1−α)·E[imitation reward] − α·E[generalized JSD(teache
 """
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import re
@@ -281,14 +280,13 @@ class Consolidator:
     def teacher_answers(self, prompts: list[list[int]], in_context: list[bool], new_ids: list[str]):
         """The teacher's answers (and logits) to `prompts` in order, each run of prompts that share a
         view (`teacher_muted`) in one batched call; a run cut by the writing deadline ends it."""
+        views = [tuple(self.teacher_muted(c, new_ids)) for c in in_context]   # all equal by default: one call
         answers, logits, i = [], [], 0
         while i < len(prompts):
             j = i
-            while j < len(prompts) and in_context[j] == in_context[i]:
+            while j < len(prompts) and views[j] == views[i]:
                 j += 1
-            if self.cfg.teacher_old_experts:   # one view for all: one call, as before
-                j = len(prompts)
-            with self.memory.configured(muted=self.teacher_muted(in_context[i], new_ids), fast_weights=self.teacher_fast):
+            with self.memory.configured(muted=views[i], fast_weights=self.teacher_fast):
                 got, lg = generate_batch(self.lm, self.tok, prompts[i:j], self.cfg.answer_tokens,
                                          return_logits=True, batch_size=32, deadline=self.writing)
             answers += got
@@ -437,10 +435,11 @@ class Consolidator:
         older episode's question puts its own facts into that answer (dev, 2 sleeps: p05's "small
         burrowing mammal" in p01's and p04's answers). No teacher answer is needed; the self-replay
         keeps the older answers themselves. Never the probe questions: those are the test."""
-        k = self.cfg.gate_old_questions
-        asks = [SUBJECT_TEMPLATES[(i + j) % len(SUBJECT_TEMPLATES)].format(s=name)
-                for i, text in enumerate(self.older_texts) for j, name in
-                enumerate(itertools.islice(itertools.cycle(subjects(text)), k) if subjects(text) else [])]
+        asks = []
+        for i, text in enumerate(self.older_texts):
+            names = subjects(text)
+            asks += [SUBJECT_TEMPLATES[(i + j) % len(SUBJECT_TEMPLATES)].format(s=names[j % len(names)])
+                     for j in range(self.cfg.gate_old_questions if names else 0)]
         return self.rng.sample(asks, cap) if len(asks) > cap else asks
 
     @torch.no_grad()
@@ -532,9 +531,9 @@ class Consolidator:
         closed = self._sample((kind == 0).nonzero().squeeze(1), 2 * cap)
         own_q, own_a = [], []
         for o in owned:
-            mine = kind > 0 if o is None else (kind > 0) & torch.isin(episode, torch.tensor(sorted(o), device=dev))
-            own_q.append(self._sample((mine & (kind == 1)).nonzero().squeeze(1), cap))
-            own_a.append(self._sample((mine & (kind == 2)).nonzero().squeeze(1), cap))
+            own = kind > 0 if o is None else (kind > 0) & torch.isin(episode, torch.tensor(sorted(o), device=dev))
+            own_q.append(self._sample((own & (kind == 1)).nonzero().squeeze(1), cap))
+            own_a.append(self._sample((own & (kind == 2)).nonzero().squeeze(1), cap))
         rows = torch.unique(torch.cat([closed, *own_q, *own_a]))   # sorted: a token's column is its rank
         at = lambda idx: torch.searchsorted(rows, idx).cpu()  # noqa: E731
         weights, targets = torch.zeros(len(owned), len(rows)), torch.zeros(len(owned), len(rows))
