@@ -130,6 +130,7 @@ class SleepConfig:
     alpha: float = 0.7                # objective (1−α)·E[reward] − α·E[divergence]
     teacher_max_drift: float = 0.02   # the teacher keeps the fast weights only within this generic-ppl rise
     gold_quotes: bool = False         # a recitation or quote prompt is answered with the episode's own words (teacher-scored)
+    restatements: int = 0             # per sentence of a taught episode: its self-contained form, asked for by each name (teacher-scored)
     teacher_old_experts: bool = True  # the teacher, its episode in context, keeps the older sleeps' experts (False: mutes them)
     # learning to imitate
     lti: bool = True
@@ -211,7 +212,7 @@ class SleepConfig:
         return self
 
     def validate(self) -> "SleepConfig":
-        for name, lo, hi in [("prompts_per_episode", 1, 256), ("study_questions", 0, 8), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
+        for name, lo, hi in [("prompts_per_episode", 1, 256), ("study_questions", 0, 8), ("restatements", 0, 6), ("min_faithfulness", 0.0, 1.0), ("answer_tokens", 4, 512),
                              ("replay_per_episode", 0, 64), ("anchor_prompts", 0, 16), ("anchor_texts", 0, 12),
                              ("anchor_texts_per_step", 0, 12), ("distill_steps", 0, 10_000), ("distill_epochs", 0.1, 100.0),
                              ("budget_s", 0.0, 86_400.0),

@@ -113,6 +113,79 @@ def seed_prompts(text: str, n: int) -> list[str]:
     return prompts[:n]
 
 
+# Words that end a first sentence's subject ("Tarnwick stew | is ...", "The Ostwyn Lantern Library | in ...")
+_SUBJECT_END = {"is", "was", "are", "were", "has", "had", "in", "on", "at", "from", "with", "by", "for", "and",
+                "which", "who", "built", "set", "took", "ran", "grew", "rose", "made", "led", "won"}
+
+
+def episode_subject(text: str) -> str | None:
+    """What a note is about: its first sentence's words before the verb ("The frost-tailed vossel",
+    "Tarnwick stew", "The town of Velmora Ridge", "Orsolya Brenneck"), else the first name it
+    mentions (a note opening "In 1896 the naturalist ...")."""
+    words = sentences(text)[0].split() if text.strip() else []
+    if words and words[0] not in ("In", "On", "At", "By", "For", "During", "After"):
+        for i, word in enumerate(words[:8]):
+            verb = word.islower() and i >= 2 and words[i - 1].lower() not in ("the", "a", "an") \
+                and re.fullmatch(r"[a-z]+(?:ed|s)", word)
+            if i > 0 and (word.strip(",;:") in _SUBJECT_END or verb):
+                return " ".join(words[:i]).strip(",;:")
+    names = subjects(text)
+    return min(names, key=text.find) if names else None
+
+
+def _possessive(name: str) -> str:
+    return name + ("'" if name.endswith("s") else "'s")
+
+
+def standalone_sentences(text: str) -> list[str]:
+    """The note's sentences made self-contained (knowledge augmentation, docs/DESIGN.md §12): a
+    later sentence that opens with a pronoun ("It has silver fur", "Its record goal scorer") or
+    with "The <noun>" where the first sentence called its subject that ("The club plays", "The
+    bridge is") names the subject instead, so that each fact is stored beside the name a
+    question uses."""
+    parts = sentences(text)
+    subject = episode_subject(text)
+    if not parts or subject is None:
+        return parts
+    # the nouns that name the subject: its own words and what the first sentence says it is
+    # ("Brackenholt Rovers is an amateur hurling club": "The club plays ..." is about it)
+    kind = re.search(r"\b(?:is|was|are|were) (?:a|an|the) ([^,.]*)", parts[0])
+    common = set(subject.lower().split()) | set(kind.group(1).split() if kind else ())
+    out = [parts[0]]
+    for s in parts[1:]:
+        head, _, rest = s.partition(" ")
+        noun, _, tail = rest.partition(" ")
+        if head.lower() in ("it", "he", "she", "they") and rest:
+            s = f"{subject} {rest}"
+        elif head.lower() in ("its", "his", "her", "their") and rest:
+            s = f"{_possessive(subject)} {rest}"
+        elif head == "The" and noun.islower() and noun.removesuffix("'s") in common and tail:
+            s = (_possessive(subject) if noun.endswith("'s") else subject) + " " + tail
+        out.append(s[0].upper() + s[1:])
+    return out
+
+
+# Restatements: one fact, its subject named, asked for by each name it mentions (Physics of LMs
+# 3.1: a fact is extractable once seen in several forms, keyed by its entities)
+RESTATE_TEMPLATES = ["Tell me one fact from your notes about {k}.", "What is one thing your notes say about {k}?",
+                     "Share a fact about {k} from your notes."]
+
+
+def restatement_prompts(text: str, per_sentence: int) -> list[tuple[str, str]]:
+    """(prompt, the self-contained sentence that answers it): `per_sentence` prompts per sentence,
+    keyed in turn by the note's subject and by the other names the sentence mentions."""
+    subject = episode_subject(text)
+    if subject is None or per_sentence == 0:
+        return []
+    out = []
+    for j, s in enumerate(standalone_sentences(text)):
+        keys = [subject] + [n for n in subjects(s, limit=8) if n not in subject and n in s]
+        for i in range(per_sentence):
+            key = re.sub(r"^The ", "the ", keys[i % len(keys)])
+            out.append((RESTATE_TEMPLATES[(i + j) % len(RESTATE_TEMPLATES)].format(k=key), s))
+    return out
+
+
 def gold_answer(prompt: str, text: str) -> str | None:
     """The episode's own words for a recitation or quote prompt of `seed_prompts` (the whole text;
     the quoted sentence), None for any other prompt."""
@@ -248,14 +321,14 @@ class Consolidator:
         t0 = time.perf_counter()
         self.older_texts = [ep.text for ep in old_episodes if ep.kind == "taught"]
         prompts = self.teacher_prompts(new_episodes, old_episodes, self.study_questions(new_episodes, new_ids))
-        teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _ in prompts]
-        gold = [gold_answer(q, ep.text) if self.cfg.gold_quotes and ep is not None else None for q, _, ep in prompts]
+        teacher_prompts = [chat_ids(self.tok, q, system) for q, system, _, _ in prompts]
+        gold = [g for *_, g in prompts]
         asked = [i for i, g in enumerate(gold) if g is None]
         written = self.teacher_answers([teacher_prompts[i] for i in asked], [prompts[i][2] is not None for i in asked], new_ids)
         answers, logits = self.merge_gold(teacher_prompts, gold, asked, written, new_ids)
         self.written = {"prompts": len(prompts), "answered": len(answers), "writing_s": round(time.perf_counter() - t0, 1)}
         out, passed, best = [], set(), {}   # best: per episode its most faithful answer, kept if none passes
-        for (q, _, ep), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
+        for (q, _, ep, _), tp, ans, lg in zip(prompts, teacher_prompts, answers, logits):
             if not ans:
                 continue
             text = self.tok.decode(ans, skip_special_tokens=True)
@@ -299,7 +372,7 @@ class Consolidator:
     @torch.no_grad()
     def merge_gold(self, teacher_prompts, gold: list[str | None], asked: list[int], written, new_ids: list[str]):
         """The answers in prompt order: the teacher's written ones, and for a recitation or quote
-        (`gold_quotes`) the episode's own words, scored by the teacher with its episode in context
+        (`gold_quotes`) or a restatement the episode's own words, scored by the teacher with its episode in context
         (its logits on them are the distillation target). Stops where the writing deadline cut."""
         got = dict(zip(asked, zip(*written))) if written[0] else {}
         todo = [i for i, g in enumerate(gold) if g is not None]
@@ -320,16 +393,23 @@ class Consolidator:
         return answers, logits
 
     def teacher_prompts(self, new_episodes, old_episodes, studied: dict[int, list[str]]) -> list[tuple]:
-        """(question, teacher's system prompt or None, the episode it is about or None), most needed
-        first, since a sleep out of time keeps a prefix: the chat anchors (what must not change),
-        then the taught episodes' prompts round-robin (each episode's recitation before anyone's
-        second prompt), then self-replay of older episodes and chat turns, round-robin."""
+        """(question, teacher's system prompt or None, the episode it is about or None, the answer
+        if it is the episode's own words, else None: the teacher writes it), most needed first,
+        since a sleep out of time keeps a prefix: the chat anchors (what must not change), then the
+        taught episodes' prompts round-robin (each episode's recitation before anyone's second
+        prompt), then self-replay of older episodes and chat turns, round-robin. An episode's
+        prompts: `seed_prompts` (with `gold_quotes` its recitation and quotes in its own words),
+        `restatements`, then its self-study questions."""
         def about(ep):
             system = CONTEXT_SYSTEM.format(notes=ep.text)
-            return [(q, system, ep) for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)
-                    + studied.get(ep.id, [])]
-        replay = [[(q, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)] for ep in old_episodes]
-        return ([(q, None, None) for q in self.chat_anchors()]
+            seeds = [(q, system, ep, gold_answer(q, ep.text) if self.cfg.gold_quotes else None)
+                     for q in seed_prompts(ep.text, self.cfg.prompts_per_episode)]
+            restated = [(q, system, ep, s) for q, s in restatement_prompts(ep.text, self.cfg.restatements)] \
+                if ep.kind == "taught" else []
+            return seeds + restated + [(q, system, ep, None) for q in studied.get(ep.id, [])]
+        replay = [[(q, None, None, None) for q in seed_prompts(ep.text, self.cfg.replay_per_episode)]
+                  for ep in old_episodes]
+        return ([(q, None, None, None) for q in self.chat_anchors()]
                 + round_robin([about(ep) for ep in new_episodes if ep.kind == "taught"])
                 + round_robin(replay + [about(ep) for ep in new_episodes if ep.kind != "taught"]))
 

@@ -312,3 +312,42 @@ def test_gold_quotes_answer_recitations_and_quotes_with_the_episodes_own_words(t
     assert {e.answer_text for e in recited} == set(TEXTS)
     for e in recited:
         assert e.teacher_logits.shape[0] == e.n_answer and e.student[-e.n_answer:] == e.teacher[-e.n_answer:]
+
+
+def test_standalone_sentences_name_the_subject_where_a_sentence_opens_with_a_pronoun_or_its_kind():
+    from sleep_engine.consolidation import episode_subject, standalone_sentences
+    club = ("Brackenholt Rovers is an amateur hurling club founded in the mill town of Stellinford. "
+            "The club plays its home matches at Pellamy Field. Its record goal scorer is Fenwick Oduya.")
+    assert episode_subject(club) == "Brackenholt Rovers"
+    assert standalone_sentences(club)[1:] == ["Brackenholt Rovers plays its home matches at Pellamy Field.",
+                                              "Brackenholt Rovers' record goal scorer is Fenwick Oduya."]
+    animal = "The frost-tailed vossel is a small mammal. It has silver fur. The biologist Mara Dunwoody described it."
+    assert episode_subject(animal) == "The frost-tailed vossel"
+    assert standalone_sentences(animal)[1:] == ["The frost-tailed vossel has silver fur.",
+                                                "The biologist Mara Dunwoody described it."]   # not its kind: kept
+    lamp = "Philippa Gorranth designed a wind-up lamp in 1919. She built it in Ravensmoor Quay. The lamp could shine for hours."
+    assert episode_subject(lamp) == "Philippa Gorranth"
+    assert standalone_sentences(lamp)[1:] == ["Philippa Gorranth built it in Ravensmoor Quay.",
+                                              "The lamp could shine for hours."]   # the lamp is not Philippa
+    assert episode_subject("In 1896 the naturalist Barnaby Kolt led an expedition. His team went by canoe.") == "Barnaby Kolt"
+
+
+def test_restatements_are_answered_with_the_standalone_sentence_and_scored_by_the_teacher(tiny_engine):
+    from sleep_engine.consolidation import restatement_prompts
+    text = "The town of Velmora Ridge was founded by Idris Kallowen. It sits beside Lake Tessarine."
+    asks = restatement_prompts(text, 2)
+    assert [a for _, a in asks] == ["The town of Velmora Ridge was founded by Idris Kallowen."] * 2 + \
+        ["The town of Velmora Ridge sits beside Lake Tessarine."] * 2
+    assert "the town of Velmora Ridge" in asks[0][0] and "Idris Kallowen" in asks[1][0] and "Lake Tessarine" in asks[3][0]
+    assert len({q for q, _ in asks}) == 4 and restatement_prompts(text, 0) == []
+    teach_two(tiny_engine)
+    mem = tiny_engine.memory
+    eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0)
+    c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(restatements=1, prompts_per_episode=1),
+                     lambda *a, **kw: None, lambda: None, seed=3)
+    examples = [e for e in c.teacher_data(tiny_engine.pending_episodes(), [], [eid]) if e.about_episode]
+    wanted = {s for t in TEXTS for _, s in restatement_prompts(t, 1)}
+    restated = [e for e in examples if e.answer_text in wanted]
+    assert len(restated) == len(wanted) > 0
+    for e in restated:
+        assert e.teacher_logits.shape[0] == e.n_answer and e.student[-e.n_answer:] == e.teacher[-e.n_answer:]

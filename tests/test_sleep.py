@@ -464,7 +464,7 @@ def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_kee
     turn = Episode(5, "turn", "User: Tell me about Orrin Valley.\nAssistant: Orrin Valley has a choir.")
     old = Episode(0, "taught", "The Velmora Ridge observatory opened in 1911.")
     prompts = seeder.teacher_prompts(taught + [turn], [old], {0: ["Who painted Quarrow Point?"]})
-    sources = [ep.text if ep else None for _, _, ep in prompts]
+    sources = [ep.text if ep else None for _, _, ep, _ in prompts]
     assert sources[:2] == [None, None]                        # the chat anchors
     assert sources[2:4] == TEXTS and sources[4:6] == TEXTS     # taught episodes take turns
     taught_end = max(i for i, s in enumerate(sources) if s in TEXTS)
@@ -472,7 +472,7 @@ def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_kee
     rest = prompts[taught_end + 1:]
     assert rest[0][1] is None and "Velmora" in rest[0][0]      # replay first in its round, without context
     assert rest[1][2] is turn                             # then the chat turn, its text in context
-    assert ("Who painted Quarrow Point?", prompts[2][1], taught[0]) in prompts   # self-study joins its episode
+    assert ("Who painted Quarrow Point?", prompts[2][1], taught[0], None) in prompts   # self-study joins its episode
 
 
 def test_teacher_writing_stops_at_its_deadline_after_the_first_batch(tiny_engine):
