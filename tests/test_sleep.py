@@ -294,9 +294,12 @@ def test_teacher_sees_only_the_episode_each_prompt_is_about(tiny_engine):
     assert old and all(not e.about_episode and TEXTS[0] not in tok.decode(e.teacher) for e in old)
     assert not any(qa["q"] in e.prompt for e in replay for qa in QA[0] + QA[1])
     # the filter: an impossible threshold keeps one (the most faithful) answer per episode, plus anchors
-    seeder.cfg.min_faithfulness = 1.0
+    seeder.cfg.min_faithfulness, seeder.cfg.restatements = 1.0, 0
     strict = seeder.teacher_data(episodes, [], [new_id])
     assert 2 + 2 + 2 <= len(strict) <= 2 + 2 + 2 + 1   # anchors + one per episode (+1 if one passes)
+    seeder.cfg.restatements = 1   # the episode's own words always pass (then no fallback is needed)
+    kept = [e.answer_text for e in seeder.teacher_data(episodes, [], [new_id]) if e.about_episode]
+    assert sorted(kept) == sorted(TEXTS)
 
 
 def test_every_seeding_step_carries_plain_text_anchors(tiny_engine):
