@@ -28,13 +28,13 @@ def session(engine, kind: str) -> None:
         engine.wake.clear()
 
 
-def one_sleep(threads: int, kind: str, preset: str, budget: float | None) -> dict:
+def one_sleep(threads: int, kind: str, preset: str, budget: float | None, **overrides) -> dict:
     from check_setup import fresh_engine
     from sleep_engine.config import SleepConfig
     engine = fresh_engine(f"budget-check-{kind}-{preset}", threads)
     try:
         session(engine, kind)
-        settings = SleepConfig.from_preset(preset, **({} if budget is None else {"budget_s": budget}))
+        settings = SleepConfig.from_preset(preset, **({} if budget is None else {"budget_s": budget}), **overrides)
         t0 = time.perf_counter()
         engine.sleep(settings, wait=True)
         wall = time.perf_counter() - t0
