@@ -179,7 +179,7 @@ def restatement_prompts(text: str, per_sentence: int) -> list[tuple[str, str]]:
         return []
     out = []
     for j, s in enumerate(standalone_sentences(text)):
-        keys = [subject] + [n for n in subjects(s, limit=8) if n not in subject and n in s]
+        keys = [subject] + [n for n in subjects(s, limit=8) if n not in subject]
         for i in range(per_sentence):
             key = re.sub(r"^The ", "the ", keys[i % len(keys)])
             out.append((RESTATE_TEMPLATES[(i + j) % len(RESTATE_TEMPLATES)].format(k=key), s))
@@ -372,8 +372,9 @@ class Consolidator:
     @torch.no_grad()
     def merge_gold(self, teacher_prompts, gold: list[str | None], asked: list[int], written, new_ids: list[str]):
         """The answers in prompt order: the teacher's written ones, and for a recitation or quote
-        (`gold_quotes`) or a restatement the episode's own words, scored by the teacher with its episode in context
-        (its logits on them are the distillation target). Stops where the writing deadline cut."""
+        (`gold_quotes`) or a restatement the episode's own words, scored by the teacher with its
+        episode in context (its logits on them are the distillation target). Stops where the
+        writing deadline cut."""
         got = dict(zip(asked, zip(*written))) if written[0] else {}
         todo = [i for i, g in enumerate(gold) if g is not None]
         ids = {i: encode_text(self.tok, gold[i])[:2 * self.cfg.answer_tokens] for i in todo}
