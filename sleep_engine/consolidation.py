@@ -72,6 +72,7 @@ def distractor_names(rng: random.Random, n: int) -> list[str]:
 # Plain text (not chat) the student must keep predicting as the pre-sleep model did: the chat
 # anchors above do not constrain raw-text behaviour. Disjoint from the drift test text.
 ANCHOR_TEXT = ASSETS / "anchor_text.txt"
+TEXT_SHARE = 0.25   # of the gate fit's closed side, the plain-text document (`gate_fit_weights`)
 _STOP = {"The", "This", "That", "These", "Those", "There", "Their", "When", "Every", "Each", "After", "Before"}
 
 
@@ -510,6 +511,26 @@ class Consolidator:
             self.lm.model(input_ids=ids, attention_mask=mask)
         return {layer: got[-1][mask].float() for layer, got in xs.items()}
 
+    @torch.no_grad()
+    def gate_text_states(self, new_ids: list[str], window: int = 192) -> dict[int, torch.Tensor]:
+        """Hidden states (MLP inputs, per layer) of every token of the plain-text anchors read as
+        one document, paragraphs and their breaks included, captured from the pre-sleep model: the
+        new gates must stay shut on all of them. Why a document, and all of it: a gate fitted on
+        paragraphs read one at a time opened at the first token of a paragraph after a break ("C" of
+        "Cooking", "Re" of "Recycling"), the state of a name starting an answer, and that one token
+        cost +14 nats (test split, third sleep: +2.8% generic perplexity from two such tokens)."""
+        ids = encode_text(self.tok, ANCHOR_TEXT.read_text(encoding="utf-8").strip())
+        if not ids or not new_ids:
+            return {}
+        dev = next(self.lm.parameters()).device
+        chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
+        width = len(chunks[0])
+        x = torch.tensor([c + [self.pad] * (width - len(c)) for c in chunks], device=dev)
+        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunks], device=dev, dtype=torch.bool)
+        with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
+            self.lm.model(input_ids=x, attention_mask=mask)
+        return {layer: got[-1][mask].float() for layer, got in xs.items()}
+
     def older_questions(self, cap: int = 64) -> list[str]:
         """`gate_old_questions` subject questions about each older taught episode (at most `cap`
         in all, sampled), which the new gates must stay shut on: a new expert that opens on an
@@ -524,12 +545,14 @@ class Consolidator:
         return self.rng.sample(asks, cap) if len(asks) > cap else asks
 
     @torch.no_grad()
-    def gate_states(self, examples: list[Example], new_ids: list[str], negatives: dict[int, torch.Tensor]):
+    def gate_states(self, examples: list[Example], new_ids: list[str], negatives: dict[int, torch.Tensor],
+                    text: dict[int, torch.Tensor] | None = None):
         """The pre-sleep hidden states (MLP inputs, the new experts muted) of every labelled token
         of the sleep's data, for `fit_gate`: x (layers, tokens, d), kind per token (0 closed,
-        1 question, 2 answer; `gate_targets`), episode per token (−1: none). The episodes'
-        questions come a second time in the probes' answer prompt, as the negatives do (there only
-        the question's own tokens from its first name on are labelled)."""
+        1 question, 2 answer, 3 closed plain text, `gate_text_states`; `gate_targets`), episode per
+        token (−1: none). The episodes' questions come a second time in the probes' answer prompt,
+        as the negatives do (there only the question's own tokens from its first name on are
+        labelled)."""
         dev = next(self.lm.parameters()).device
         layers = list(self._expert_layers(new_ids[0]))
         xs_all, kinds, owners = [], [], []
@@ -564,16 +587,17 @@ class Consolidator:
                     t[r, q_start + self.name_offset(e.prompt):len(q)] = 1.0
                 return t
             capture(seqs, labels, [-1 if e.episode is None else e.episode for e in batch])
-        if negatives:
-            n = next(iter(negatives.values())).shape[0]
-            xs_all.append(torch.stack([negatives[l] for l in layers]))
-            kinds.append(torch.zeros(n, dtype=torch.long, device=dev))
-            owners.append(torch.full((n,), -1, dtype=torch.long, device=dev))
+        for states, k in ((negatives, 0), (text or {}, 3)):
+            if states:
+                n = next(iter(states.values())).shape[0]
+                xs_all.append(torch.stack([states[l] for l in layers]))
+                kinds.append(torch.full((n,), k, dtype=torch.long, device=dev))
+                owners.append(torch.full((n,), -1, dtype=torch.long, device=dev))
         return layers, torch.cat(xs_all, 1), torch.cat(kinds), torch.cat(owners)
 
     @torch.no_grad()
     def fit_gate(self, examples: list[Example], owners: dict[str, set[int] | None],
-                 negatives: dict[int, torch.Tensor], cap: int = 320) -> dict:
+                 negatives: dict[int, torch.Tensor], cap: int = 320, text: dict[int, torch.Tensor] | None = None) -> dict:
         """Before distillation, fit each new expert's gate in every layer as a logistic classifier
         on the pre-sleep hidden states of the sleep's own data (`gate_states`): open on its
         episodes' questions and answers (`owners[expert]`; None = every episode example), closed
@@ -583,7 +607,7 @@ class Consolidator:
         and the expert could not learn at full strength on its own episodes."""
         if self.cfg.gate_fit_steps == 0 or not owners:
             return {}
-        layers, x, kind, episode = self.gate_states(examples, list(owners), negatives)
+        layers, x, kind, episode = self.gate_states(examples, list(owners), negatives, text)
         expert_ids = [e for e in owners if all(l in self._expert_layers(e) for l in layers)]
         if not expert_ids:
             return {}
@@ -603,19 +627,25 @@ class Consolidator:
         """The tokens every gate fit reads (`rows`, sampled once for all the sleep's experts) and,
         per expert, a weight and a target on each of them, so that its loss
             ½ · mean over {its questions, its answers} of mean BCE(z, 1)
-          + ½ · mean BCE(z, 0) over the closed tokens and (at most `cap` tokens' worth of) the
-                other experts' episode tokens
-        is Σ_n weight_n · BCE(z_n, target_n) (then averaged over layers). The closed tokens are
-        capped at 2·cap, each expert's questions and answers at `cap` each. `counts[i]` = the
-        tokens per group of expert i, {} when it has no positives or no negatives."""
+          + ½ · (1 − s) · mean BCE(z, 0) over the closed chat tokens and (at most `cap` tokens'
+                worth of) the other experts' episode tokens
+          + ½ · s · mean BCE(z, 0) over the plain-text document (kind 3), s = TEXT_SHARE
+        is Σ_n weight_n · BCE(z_n, target_n) (then averaged over layers). The closed chat tokens
+        are capped at 2·cap, each expert's questions and answers at `cap` each; the document is
+        kept whole (its rare paragraph starts are what sampling would drop) but weighs a share only:
+        the gate meets chat at chat time, and at a half share (its tokens counted like the chat's)
+        the tiny model's gate stopped telling its episode's questions from everyday ones.
+        `counts[i]` = the tokens per group of expert i, {} when it has no positives or no negatives."""
         dev = kind.device
         closed = self._sample((kind == 0).nonzero().squeeze(1), 2 * cap)
+        text = (kind == 3).nonzero().squeeze(1)
         own_q, own_a = [], []
         for o in owned:
-            own = kind > 0 if o is None else (kind > 0) & torch.isin(episode, torch.tensor(sorted(o), device=dev))
+            asked = (kind == 1) | (kind == 2)
+            own = asked if o is None else asked & torch.isin(episode, torch.tensor(sorted(o), device=dev))
             own_q.append(self._sample((own & (kind == 1)).nonzero().squeeze(1), cap))
             own_a.append(self._sample((own & (kind == 2)).nonzero().squeeze(1), cap))
-        rows = torch.unique(torch.cat([closed, *own_q, *own_a]))   # sorted: a token's column is its rank
+        rows = torch.unique(torch.cat([closed, text, *own_q, *own_a]))   # sorted: a token's column is its rank
         at = lambda idx: torch.searchsorted(rows, idx).cpu()  # noqa: E731
         weights, targets = torch.zeros(len(owned), len(rows)), torch.zeros(len(owned), len(rows))
         counts = []
@@ -626,17 +656,21 @@ class Consolidator:
                                + [torch.zeros(0, dtype=torch.long)])
             others = others[~torch.isin(others, mine)].unique()
             n_closed, n_other = closed.numel(), min(others.numel(), cap)
-            if not positives or not n_closed + n_other:
+            if not positives or not n_closed + n_other + text.numel():
                 counts.append({})
                 continue
             for g in positives:
                 weights[i, g] = 0.5 / len(positives) / g.numel()
             targets[i, mine] = 1.0
-            weights[i, at(closed)] = 0.5 / (n_closed + n_other)
+            share = TEXT_SHARE if text.numel() and n_closed + n_other else float(bool(text.numel()))
+            if text.numel():
+                weights[i, at(text)] = 0.5 * share / text.numel()
+            if n_closed + n_other:
+                weights[i, at(closed)] = 0.5 * (1 - share) / (n_closed + n_other)
             if others.numel():
-                weights[i, others] = 0.5 * n_other / (n_closed + n_other) / others.numel()
+                weights[i, others] = 0.5 * (1 - share) * n_other / (n_closed + n_other) / others.numel()
             counts.append({"question": own_q[i].numel(), "answer": own_a[i].numel(), "closed": n_closed,
-                           "other episodes": others.numel()})
+                           "plain text": text.numel(), "other episodes": others.numel()})
         return rows, weights.to(dev), targets.to(dev), counts
 
     def _sample(self, rows: torch.Tensor, cap: int) -> torch.Tensor:
@@ -793,8 +827,10 @@ class Consolidator:
         if self.cfg.gate_loss <= 0:
             return {}, {}, 0.0
         t0 = time.perf_counter()
-        negatives = self.gate_negative_states(new_ids)
-        fitted = self.fit_gate(examples, owners, negatives)
+        negatives, text = self.gate_negative_states(new_ids), self.gate_text_states(new_ids)
+        fitted = self.fit_gate(examples, owners, negatives, text=text)
+        if text:   # a gate trained during distillation stays shut on the document too
+            negatives = {l: torch.cat([negatives[l], text[l]]) if l in negatives else text[l] for l in text}
         if fitted and self.cfg.gate_frozen:
             for m in (m for eid in new_ids for m in self.memory.expert_modules(eid)):
                 m.gate.requires_grad_(False)

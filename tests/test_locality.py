@@ -225,7 +225,7 @@ def test_gate_fit_weights_balance_each_experts_own_tokens_against_the_rest():
     episode = torch.tensor([-1, -1, -1, -1, 1, 1, 1, 2, 2, 2, 2])
     rows, w, t, counts = _bare_consolidator().gate_fit_weights(kind, episode, [{1}, {2}], cap=2)
     assert rows[:8].tolist() == list(range(8)) and len(rows) == 10   # episode 2's answers capped at 2
-    assert counts[0] == {"question": 2, "answer": 1, "closed": 4, "other episodes": 3}
+    assert counts[0] == {"question": 2, "answer": 1, "closed": 4, "plain text": 0, "other episodes": 3}
     assert torch.allclose(w.sum(1), torch.ones(2))
     assert w[0, 4].item() == pytest.approx(0.125) and w[0, 6].item() == pytest.approx(0.25)
     assert w[0, 0].item() == pytest.approx(0.5 / 6)                       # 4 closed + min(3, cap=2) others
@@ -233,6 +233,36 @@ def test_gate_fit_weights_balance_each_experts_own_tokens_against_the_rest():
     assert t[0].tolist()[:8] == [0, 0, 0, 0, 1, 1, 1, 0] and t[1, 7].item() == 1 and t[1, 4].item() == 0
     none_owned = _bare_consolidator().gate_fit_weights(kind, episode, [None], cap=8)
     assert none_owned[3][0]["other episodes"] == 0 and none_owned[2][0, 4:].eq(1).all()
+
+
+def test_the_plain_text_document_is_kept_whole_at_its_share_of_the_closed_side():
+    """Hand-made tokens: 6 closed chat tokens (kind 0, sampled down to 2·cap = 4), 3 plain-text
+    tokens (kind 3, all kept), one episode's question and answer. The closed side's ½ splits
+    (1 − s) over the sampled chat tokens and s over the document, s = TEXT_SHARE."""
+    from sleep_engine.consolidation import TEXT_SHARE
+    kind = torch.tensor([0, 0, 0, 0, 0, 0, 3, 3, 3, 1, 2])
+    episode = torch.tensor([-1] * 9 + [1, 1])
+    rows, w, t, counts = _bare_consolidator().gate_fit_weights(kind, episode, [{1}], cap=2)
+    assert counts[0] == {"question": 1, "answer": 1, "closed": 4, "plain text": 3, "other episodes": 0}
+    assert rows[-5:].tolist() == [6, 7, 8, 9, 10] and len(rows) == 9
+    assert w[0, -5:-2].tolist() == pytest.approx([0.5 * TEXT_SHARE / 3] * 3)
+    assert w[0, :4].tolist() == pytest.approx([0.5 * (1 - TEXT_SHARE) / 4] * 4)
+    assert w.sum().item() == pytest.approx(1.0) and t[0, -5:].tolist() == [0, 0, 0, 1, 1]
+    only_text = _bare_consolidator().gate_fit_weights(kind[6:], episode[6:], [{1}], cap=2)
+    assert only_text[1][0, :3].sum().item() == pytest.approx(0.5)   # no chat negatives: the document is the closed side
+
+
+def test_the_gate_fit_reads_the_plain_text_as_one_document_with_its_paragraph_breaks(tiny_engine):
+    """`gate_text_states`: every token of assets/anchor_text.txt, breaks included, in windows."""
+    from sleep_engine.chat_format import encode_text
+    from sleep_engine.consolidation import ANCHOR_TEXT
+    eid = tiny_engine.memory.add_expert(tier=2, born=1, gate_bias=-6.0)
+    c = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(), lambda *a, **kw: None, lambda: None)
+    states = c.gate_text_states([eid], window=64)
+    n = len(encode_text(tiny_engine.tokenizer, ANCHOR_TEXT.read_text(encoding="utf-8").strip()))
+    assert "\n\n" in ANCHOR_TEXT.read_text() and n > 64
+    assert set(states) == set(tiny_engine.memory.mlps) and all(v.shape == (n, 64) for v in states.values())
+    assert c.gate_text_states([], window=64) == {}
 
 
 def test_the_joint_gate_fit_fits_each_expert_as_if_alone():
