@@ -502,14 +502,8 @@ class Consolidator:
         asks += self.older_questions()
         if not asks:
             return {}
-        seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q) for i, q in enumerate(asks)]
-        dev = next(self.lm.parameters()).device
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev, dtype=torch.bool)
-        with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
-            self.lm.model(input_ids=ids, attention_mask=mask)
-        return {layer: got[-1][mask].float() for layer, got in xs.items()}
+        return self._closed_states([chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q)
+                                    for i, q in enumerate(asks)], new_ids)
 
     @torch.no_grad()
     def gate_text_states(self, new_ids: list[str], window: int = 192) -> dict[int, torch.Tensor]:
@@ -522,13 +516,17 @@ class Consolidator:
         ids = encode_text(self.tok, ANCHOR_TEXT.read_text(encoding="utf-8").strip())
         if not ids or not new_ids:
             return {}
+        return self._closed_states([ids[i:i + window] for i in range(0, len(ids), window)], new_ids)
+
+    def _closed_states(self, seqs: list[list[int]], new_ids: list[str]) -> dict[int, torch.Tensor]:
+        """{layer: MLP inputs of every real token of `seqs`} in one padded pass of the pre-sleep
+        model (the new experts muted, no fast weights)."""
         dev = next(self.lm.parameters()).device
-        chunks = [ids[i:i + window] for i in range(0, len(ids), window)]
-        width = len(chunks[0])
-        x = torch.tensor([c + [self.pad] * (width - len(c)) for c in chunks], device=dev)
-        mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in chunks], device=dev, dtype=torch.bool)
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev, dtype=torch.bool)
         with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
-            self.lm.model(input_ids=x, attention_mask=mask)
+            self.lm.model(input_ids=ids, attention_mask=mask)
         return {layer: got[-1][mask].float() for layer, got in xs.items()}
 
     def older_questions(self, cap: int = 64) -> list[str]:
@@ -597,14 +595,16 @@ class Consolidator:
 
     @torch.no_grad()
     def fit_gate(self, examples: list[Example], owners: dict[str, set[int] | None],
-                 negatives: dict[int, torch.Tensor], cap: int = 320, text: dict[int, torch.Tensor] | None = None) -> dict:
+                 negatives: dict[int, torch.Tensor], cap: int = 320,
+                 text: dict[int, torch.Tensor] | None = None) -> dict:
         """Before distillation, fit each new expert's gate in every layer as a logistic classifier
         on the pre-sleep hidden states of the sleep's own data (`gate_states`): open on its
         episodes' questions and answers (`owners[expert]`; None = every episode example), closed
-        on the anchors, the self-replay, the everyday prompts and the other new experts' episodes
-        (`gate_fit_weights`; `gate_fit_steps` full-batch Adam steps on at most `cap` tokens per
-        group). Born closed at σ(−6), the gate would otherwise need most of a short sleep to open,
-        and the expert could not learn at full strength on its own episodes."""
+        on the anchors, the self-replay, the everyday prompts, the plain-text document (`text`,
+        `gate_text_states`) and the other new experts' episodes (`gate_fit_weights`;
+        `gate_fit_steps` full-batch Adam steps on at most `cap` tokens per group). Born closed at
+        σ(−6), the gate would otherwise need most of a short sleep to open, and the expert could
+        not learn at full strength on its own episodes."""
         if self.cfg.gate_fit_steps == 0 or not owners:
             return {}
         layers, x, kind, episode = self.gate_states(examples, list(owners), negatives, text)
