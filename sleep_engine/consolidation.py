@@ -662,7 +662,7 @@ class Consolidator:
             for g in positives:
                 weights[i, g] = 0.5 / len(positives) / g.numel()
             targets[i, mine] = 1.0
-            share = TEXT_SHARE if text.numel() and n_closed + n_other else float(bool(text.numel()))
+            share = 0.0 if not text.numel() else TEXT_SHARE if n_closed + n_other else 1.0
             if text.numel():
                 weights[i, at(text)] = 0.5 * share / text.numel()
             if n_closed + n_other:
@@ -823,18 +823,20 @@ class Consolidator:
     def prepare_gates(self, examples: list[Example], new_ids: list[str], owners: dict) -> tuple[dict, dict, float]:
         """Fit the new experts' gates (`fit_gate`); with `gate_frozen` they then stay as fitted: the
         experts learn under the gates they will have, and nothing reopens them. Returns the fit's
-        numbers, the everyday negatives (for a gate loss during distillation) and the seconds."""
+        numbers, the closed states for a gate loss during distillation (with the plain-text document
+        when the gate still trains) and the seconds."""
         if self.cfg.gate_loss <= 0:
             return {}, {}, 0.0
         t0 = time.perf_counter()
         negatives, text = self.gate_negative_states(new_ids), self.gate_text_states(new_ids)
         fitted = self.fit_gate(examples, owners, negatives, text=text)
-        if text:   # a gate trained during distillation stays shut on the document too
-            negatives = {l: torch.cat([negatives[l], text[l]]) if l in negatives else text[l] for l in text}
         if fitted and self.cfg.gate_frozen:
             for m in (m for eid in new_ids for m in self.memory.expert_modules(eid)):
                 m.gate.requires_grad_(False)
                 m.gate_bias.requires_grad_(False)
+        elif text:   # a gate trained during distillation stays shut on the document too
+            negatives = {l: torch.cat([v for v in (negatives.get(l), text.get(l)) if v is not None])
+                         for l in negatives.keys() | text.keys()}
         return fitted, negatives, round(time.perf_counter() - t0, 1)
 
     def seed(self, examples: list[Example], new_ids: list[str], owners: dict[str, set[int]] | None = None,

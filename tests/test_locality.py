@@ -265,6 +265,27 @@ def test_the_gate_fit_reads_the_plain_text_as_one_document_with_its_paragraph_br
     assert c.gate_text_states([], window=64) == {}
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_gate_that_still_trains_keeps_the_document_among_its_negatives(tiny_engine, frozen):
+    """`prepare_gates`: a frozen gate needs no negatives afterwards; one that trains during
+    distillation gets the everyday prompts' and the document's states for its gate loss."""
+    teach_two(tiny_engine)
+    eid = tiny_engine.memory.add_expert(tier=2, born=1, gate_bias=-6.0)
+    c = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(gate_frozen=frozen, lti=False),
+                     lambda *a, **kw: None, lambda: None, seed=3)
+    examples = c.teacher_data(tiny_engine.pending_episodes(), [], [eid])
+    tiny_engine.memory.train_only([eid])   # as `seed` does before it
+    drawn = c.rng.getstate()
+    fitted, negatives, _ = c.prepare_gates(examples, [eid], {eid: None})
+    c.rng.setstate(drawn)   # the same everyday prompts again
+    everyday, text = c.gate_negative_states([eid]), c.gate_text_states([eid])
+    assert fitted and all(m.gate.requires_grad is not frozen for m in tiny_engine.memory.expert_modules(eid))
+    assert set(negatives) == set(everyday) == set(text)
+    for layer, v in negatives.items():
+        want = everyday[layer] if frozen else torch.cat([everyday[layer], text[layer]])
+        assert torch.allclose(v, want, atol=1e-5)
+
+
 def test_the_joint_gate_fit_fits_each_expert_as_if_alone():
     """One batched fit of two experts' gates = two separate fits on the same tokens."""
     class Gate:
