@@ -281,15 +281,15 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
-    def rows_fn(self):
-        """x[m ≤ 64, in] float32 → y[m, out] through the lab's kernels with no checks (the Wake
-        decoder's one-token path), or None where those kernels are not there."""
-        if not self.use_kernels or self.bias is not None:
+    def kernel_tensors(self) -> list[torch.Tensor] | None:
+        """What the compiled decode step (`decoding.FastLlamaDecoder`) reads: int4 [packed codes,
+        step, lo, bias], int8 [q, scale per group, bias] (an empty bias when there is none), or
+        None where the lab's kernels are not there."""
+        if not self.use_kernels:
             return None
-        K = kernels.load()
-        if self.mode == "int8":
-            return lambda x: K.q8_linear(x, self.qweight, self.scale_f32)
-        return lambda x: K.q4_linear(x, self.qweight, self.step, self.lo)
+        bias = self.bias if self.bias is not None else torch.empty(0)
+        names = ("qweight", "scale_f32") if self.mode == "int8" else ("qweight", "step", "lo")
+        return [getattr(self, n).contiguous() for n in names] + [bias.contiguous()]
 
     def _aten_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """torch's packed kernels (bfloat16 x), where the lab's cannot be built."""

@@ -20,18 +20,36 @@ from .memory import MemoryMLP
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _KERNELS = kernels.load() if kernels.supported() else None
+_EMPTY = torch.empty(0)
 
 
-def _fuse(linears: list[nn.Module]):
-    """One callable computing all `linears` on the same input in one matmul, or None."""
+def _fuse(linears: list[nn.Module]) -> nn.Module | None:
+    """One linear layer computing all `linears` on the same input in one matmul, or None."""
     from .backbone import QuantLinear
     if all(isinstance(m, QuantLinear) for m in linears) and len({m.mode for m in linears}) == 1:
         return QuantLinear.concat(linears)
     if all(type(m) is nn.Linear for m in linears):
         w = torch.cat([m.weight for m in linears])
-        b = None if all(m.bias is None for m in linears) else torch.cat(
-            [m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in linears])
-        return lambda x: F.linear(x, w, b)
+        fused = torch.nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=any(m.bias is not None for m in linears),
+                                         device=w.device, dtype=w.dtype)
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        if fused.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias if m.bias is not None else
+                                                 torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in linears]),
+                                      requires_grad=False)
+        return fused
+    return None
+
+
+def _kernel_weight(linear: nn.Module) -> list[torch.Tensor] | None:
+    """The tensors the compiled decode step reads for one linear layer (bias last, empty when
+    there is none), or None where it cannot read this kind of layer."""
+    from .backbone import QuantLinear
+    if isinstance(linear, QuantLinear):
+        return linear.kernel_tensors()
+    if type(linear) is nn.Linear and linear.weight.dtype == torch.float32:
+        bias = linear.bias if linear.bias is not None else torch.empty(0)
+        return [linear.weight.detach().contiguous(), bias.detach().float().contiguous()]
     return None
 
 
@@ -52,24 +70,19 @@ class _Layer:
             self.inter = base.gate_proj.out_features
         self.mlp_module = mlp
         self.fused_memory = None
-        # the one-token path calls these on [1, d] float32 rows, past nn.Module and QuantLinear's
-        # checks (~10 µs a call, 120 calls a token)
         self.eps1, self.eps2 = (getattr(n, "variance_epsilon", getattr(n, "eps", 1e-6)) for n in (self.norm1, self.norm2))
-        self.one = (self.qkv is not None and self.gate_up is not None and
-                    all(_row_fn(m) is not None for m in (self.qkv, self.o, self.gate_up, self.down)))
-        if self.one:
-            self.qkv_fn, self.o_fn, self.gate_up_fn, self.down_fn = (
-                _row_fn(m) for m in (self.qkv, self.o, self.gate_up, self.down))
 
-
-def _row_fn(linear):
-    """x[m, in] → x·Wᵀ for a few float32 rows through the compiled kernels, or None."""
-    from .backbone import QuantLinear
-    if isinstance(linear, QuantLinear):
-        return linear.rows_fn()
-    if isinstance(linear, nn.Linear):
-        return lambda x: F.linear(x, linear.weight, linear.bias)
-    return linear if callable(linear) and not isinstance(linear, nn.Module) else None   # a _fuse of Linears
+    def add_to(self, plan) -> bool:
+        """Hand this layer's weights to the compiled decode step; False where it cannot run it."""
+        if self.qkv is None or self.gate_up is None or \
+                any(n.weight.dtype != torch.float32 for n in (self.norm1, self.norm2)):
+            return False
+        weights = [_kernel_weight(m) for m in (self.qkv, self.o, self.gate_up, self.down)]
+        if any(w is None for w in weights):
+            return False
+        qkv, o, gate_up, down = weights
+        plan.add_layer(self.norm1.weight.detach(), self.eps1, qkv, o, self.norm2.weight.detach(), self.eps2, gate_up, down)
+        return True
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +116,23 @@ class FastLlamaDecoder:
         self.k = torch.zeros(shape, dtype=self.dtype, device=emb.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=emb.device)
         self.tokens: list[int] = []   # token ids whose keys/values are in the cache
-        self.one = (_KERNELS is not None and self.dtype == torch.float32 and emb.device.type == "cpu"
-                    and all(L.one and L.norm1.weight.dtype == torch.float32 for L in self.layers)
-                    and self.head_dim % 2 == 0 and self.inner.norm.weight.shape[0] % 8 == 0)
+        self.plan_ready = False
+        self.plan = self._plan()
+        self.one = self.plan is not None   # one token at a time through the compiled step
+
+    def _plan(self):
+        """The compiled one-token step (sleep_engine/quant_matvec.cpp `DecodePlan`) over this
+        model's weights, or None where it cannot run (no kernels, not float32 on the CPU, a
+        layer of another shape): then `_step` does the same arithmetic with torch ops."""
+        emb, norm = self.inner.embed_tokens.weight, self.inner.norm
+        head = _kernel_weight(self.lm.lm_head)
+        if (_KERNELS is None or self.dtype != torch.float32 or emb.device.type != "cpu" or head is None
+                or norm.weight.dtype != torch.float32 or emb.shape[1] % 8 or self.head_dim % 2):
+            return None
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        plan = _KERNELS.DecodePlan(emb.detach().contiguous(), norm.weight.detach(), eps, head, self.k, self.v,
+                                   self.cos.contiguous(), self.sin.contiguous(), self.n_heads)
+        return plan if all(L.add_to(plan) for L in self.layers) else None
 
     @staticmethod
     def supports(lm: nn.Module) -> bool:
@@ -122,35 +149,40 @@ class FastLlamaDecoder:
     def begin(self) -> None:
         """Snapshot the memory weights for one generation (they cannot change mid-reply); if
         they changed since the last one, cached keys/values are stale and are dropped."""
-        for L in self.layers:
+        for i, L in enumerate(self.layers):
             if L.memory is not None:
                 fused = L.memory.fused_weights(self.dtype)
                 if fused is not L.fused_memory:
                     self.tokens = []
                 L.fused_memory = fused
+        self.plan_ready = self.plan is not None and all(self._set_plan_memory(i, L) for i, L in enumerate(self.layers))
+
+    def _set_plan_memory(self, i: int, L: _Layer) -> bool:
+        """Layer i's memory path into the compiled step; False where only torch can run it
+        (a forced expert while dreaming, a top-k cut)."""
+        fused = L.fused_memory
+        if fused is None:
+            self.plan.set_memory(i, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0)
+            return True
+        w_in, b_gate, w_out, E, rank, expand, forced = fused
+        if forced is not None or (L.memory.top_k and E > L.memory.top_k) or w_in.dtype != torch.float32:
+            return False
+        self.plan.set_memory(i, w_in.detach().contiguous(), b_gate.detach().contiguous() if E else _EMPTY,
+                             w_out.detach().contiguous(), expand, E)
+        return True
 
     def _step_one(self, token: int, pos: int) -> torch.Tensor:
-        """One new token at `pos` through the compiled kernels (sleep_engine/quant_matvec.cpp):
-        the same arithmetic as `_step`, ~5 calls per layer instead of ~40 small ops."""
-        K, H = _KERNELS, self.n_heads
-        x = self.inner.embed_tokens.weight[token].view(1, -1)
-        cos, sin = self.cos[pos], self.sin[pos]
+        """One new token at `pos` through the compiled step; routing gates go to the traces."""
+        logits, gates = self.plan.step(token, pos)
         for i, L in enumerate(self.layers):
-            qkv = L.qkv_fn(K.rms_norm(x, L.norm1.weight, L.eps1))
-            x = x + L.o_fn(K.attend_one(qkv.view(-1), self.k[i, 0], self.v[i, 0], cos, sin, H, pos).view(1, -1))
-            h = K.rms_norm(x, L.norm2.weight, L.eps2)
-            g, u = L.gate_up_fn(h).split(L.inter, -1)
-            y = L.down_fn(F.silu(g) * u)
-            if L.memory is not None:
-                d = L.memory.delta(h, L.fused_memory)
-                if d is not None:
-                    y = y + d
-            x = x + y
-        return self.lm.lm_head(_norm(self.inner.norm, x)).float()
+            if L.memory is not None and L.memory.trace is not None:
+                fused = L.fused_memory
+                L.memory.trace.append(None if fused is None else gates[i, :fused[3]])
+        return logits
 
     def _step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         T, end = ids.shape[1], start + ids.shape[1]
-        if T == 1 and self.one:
+        if T == 1 and self.one and self.plan_ready:
             return self._step_one(int(ids[0, 0]), start)
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)

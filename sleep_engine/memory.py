@@ -106,7 +106,9 @@ class MemoryMLP(nn.Module):
                 self.trace.append(gates[-1])
             return d.view(x.shape)
         h = x @ w_in.T
-        if E == 0:
+        if E == 0:   # fast weights alone: no gate to trace, but a step all the same
+            if self.trace is not None:
+                self.trace.append(h.new_zeros(0))
             return h @ w_out.T
         gates = torch.sigmoid(h[..., rank:rank + E] + b_gate)
         if self.top_k and E > self.top_k:

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -90,41 +91,114 @@ inline void by_chunks(int64_t m, RowFn fn) {
   for (; i < m; ++i) fn(std::integral_constant<int, 1>{}, i);
 }
 
+// x as the Q4_1 kernel reads it, per block of 32: Σ x (exact, for the lo term), and x as int16
+// with its scale. Kept between calls by the decode step (no allocation per token).
+struct QuantX {
+  std::vector<float> sum, dx;
+  std::vector<int16_t> x16;
+  void fill(const float* X, int64_t m, int64_t k) {
+    const int64_t nb = m * k / 32;
+    sum.resize(nb);
+    dx.resize(nb);
+    x16.resize(m * k);
+    for (int64_t i = 0; i < nb; ++i) {
+      const float* xb = X + 32 * i;
+      float s = 0.f, top = 0.f;
+      for (int j = 0; j < 32; ++j) { s += xb[j]; top = std::max(top, std::fabs(xb[j])); }
+      sum[i] = s;
+      dx[i] = top / 32767.f;
+      const float inv = top > 0.f ? 32767.f / top : 0.f;
+      for (int j = 0; j < 32; ++j) x16[32 * i + j] = static_cast<int16_t>(std::lrintf(xb[j] * inv));
+    }
+  }
+};
+
+// Y[m, n] = X·Wᵀ for Q4_1 W (see q4_linear), rows of W split over threads.
+void q4_rows(const float* X, int64_t m, int64_t k, int64_t n, const uint8_t* P, const float* S, const float* L,
+             float* Y, QuantX& xq) {
+  const int64_t nb = k / 32;
+  xq.fill(X, m, k);
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      by_chunks(m, [&](auto M, int64_t i) {
+        q4_row<decltype(M)::value>(P + r * (k / 2), S + r * nb, L + r * nb, xq.x16.data() + i * k,
+                                   xq.dx.data() + i * nb, xq.sum.data() + i * nb, k, nb, n, Y + i * n + r);
+      });
+  });
+}
+
+// Y[m, n] = X·Wᵀ for int8 W with one scale per group of G inputs (see q8_linear).
+void q8_rows(const float* X, int64_t m, int64_t k, int64_t n, const int8_t* Q, const float* SC, int64_t G, float* Y) {
+  const int64_t ng = k / G;
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      by_chunks(m, [&](auto M, int64_t i) { q8_row<decltype(M)::value>(Q + r * k, SC + r * ng, X + i * k, k, G, n, Y + i * n + r); });
+  });
+}
+
+// y[n] = W x for float32 W [n, k], rows split over threads.
+void f32_rows(const float* x, int64_t k, int64_t n, const float* W, float* y) {
+  at::parallel_for(0, n, 32, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) y[r] = dot(W + r * k, x, k);
+  });
+}
+
+// One new token's attention (see attend_one); out [n_heads · d] is overwritten. Heads split
+// over threads: at a 1,000-token context this is ~35 MFLOP per token.
+void attend(const float* QKV, float* K, float* V, int64_t KV, int64_t L, int64_t d, int64_t n_heads, int64_t pos,
+            const float* C, const float* S, float* O) {
+  const int64_t half = d / 2;
+  std::vector<float> q(n_heads * d);
+  auto rotate = [&](const float* x, float* y) {
+    for (int64_t i = 0; i < half; ++i) y[i] = x[i] * C[i] - x[i + half] * S[i];
+    for (int64_t i = half; i < d; ++i) y[i] = x[i] * C[i] + x[i - half] * S[i];
+  };
+  for (int64_t h = 0; h < n_heads; ++h) rotate(QKV + h * d, q.data() + h * d);
+  for (int64_t g = 0; g < KV; ++g) {
+    rotate(QKV + (n_heads + g) * d, K + (g * L + pos) * d);
+    std::copy(QKV + (n_heads + KV + g) * d, QKV + (n_heads + KV + g + 1) * d, V + (g * L + pos) * d);
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, n_heads, pos > 256 ? 1 : n_heads, [&](int64_t h0, int64_t h1) {
+    std::vector<float> w(pos + 1);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t g = h / (n_heads / KV);
+      float top = -INFINITY, total = 0.f;
+      for (int64_t p = 0; p <= pos; ++p) top = std::max(top, w[p] = dot(q.data() + h * d, K + (g * L + p) * d, d) * scale);
+      for (int64_t p = 0; p <= pos; ++p) total += (w[p] = std::exp(w[p] - top));
+      float* o = O + h * d;
+      std::fill(o, o + d, 0.f);
+      for (int64_t p = 0; p <= pos; ++p) {
+        const float a = w[p] / total;
+        const float* v = V + (g * L + p) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += a * v[i];
+      }
+    }
+  });
+}
+
+// y = x / sqrt(mean(x²) + eps) · weight for one row of d floats, d % 8 == 0.
+void rms_row(const float* xr, const float* W, int64_t d, float eps, float* y) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(xr + c), a);
+  __m256 r = _mm256_set1_ps(1.0f / std::sqrt(hsum(a) / d + eps));
+  for (int64_t c = 0; c < d; c += 8)
+    _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + c), r), _mm256_loadu_ps(W + c)));
+}
+
 }  // namespace
 
 // y = x·Wᵀ with W[r, 32b + j] = code · step[r, b] + lo[r, b]; packed[r, 16b + j] holds code j
 // in its low nibble and code 16 + j in its high nibble (the GGUF Q4_1 order).
 // x: float32 [m, k], m <= 64; packed: uint8 [n, k/2]; step, lo: float32 [n, k/32]. Returns [m, n].
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor step, torch::Tensor lo) {
-  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0), nb = k / 32;
+  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   TORCH_CHECK(m <= kMaxRows && k % 32 == 0 && packed.size(1) == k / 2, "q4_linear: bad shapes");
   auto xc = x.contiguous();
   auto out = torch::empty({m, n}, x.options());
-  const float* X = xc.data_ptr<float>();
-  // per block of 32: Σ x (exact, for the lo term), and x as int16 with its scale
-  std::vector<float> xsum(m * nb), dx(m * nb);
-  std::vector<int16_t> x16(m * k);
-  for (int64_t i = 0; i < m * nb; ++i) {
-    const float* xb = X + 32 * i;
-    float s = 0.f, top = 0.f;
-    for (int j = 0; j < 32; ++j) { s += xb[j]; top = std::max(top, std::fabs(xb[j])); }
-    xsum[i] = s;
-    dx[i] = top / 32767.f;
-    const float inv = top > 0.f ? 32767.f / top : 0.f;
-    for (int j = 0; j < 32; ++j) x16[32 * i + j] = static_cast<int16_t>(std::lrintf(xb[j] * inv));
-  }
-  const float* XS = xsum.data();
-  const uint8_t* P = packed.data_ptr<uint8_t>();
-  const float* S = step.data_ptr<float>();
-  const float* L = lo.data_ptr<float>();
-  float* Y = out.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      by_chunks(m, [&](auto M, int64_t i) {
-        q4_row<decltype(M)::value>(P + r * (k / 2), S + r * nb, L + r * nb, x16.data() + i * k, dx.data() + i * nb,
-                                   XS + i * nb, k, nb, n, Y + i * n + r);
-      });
-  });
+  QuantX xq;
+  q4_rows(xc.data_ptr<float>(), m, k, n, packed.data_ptr<uint8_t>(), step.data_ptr<float>(), lo.data_ptr<float>(),
+          out.data_ptr<float>(), xq);
   return out;
 }
 
@@ -135,17 +209,7 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q8, torch::Tensor scale) 
   TORCH_CHECK(m <= kMaxRows && G % 16 == 0 && G * scale.size(1) == k && q8.size(1) == k, "q8_linear: bad shapes");
   auto xc = x.contiguous();
   auto out = torch::empty({m, n}, x.options());
-  const float* X = xc.data_ptr<float>();
-  const int8_t* Q = q8.data_ptr<int8_t>();
-  const float* SC = scale.data_ptr<float>();
-  const int64_t ng = k / G;
-  float* Y = out.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      by_chunks(m, [&](auto M, int64_t i) {
-        q8_row<decltype(M)::value>(Q + r * k, SC + r * ng, X + i * k, k, G, n, Y + i * n + r);
-      });
-  });
+  q8_rows(xc.data_ptr<float>(), m, k, n, q8.data_ptr<int8_t>(), scale.data_ptr<float>(), G, out.data_ptr<float>());
   return out;
 }
 
@@ -157,41 +221,32 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q8, torch::Tensor scale) 
 // cos, sin: [d] for this position. Returns [H · d].
 torch::Tensor attend_one(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor v_cache,
                          torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t pos) {
-  const int64_t KV = k_cache.size(0), L = k_cache.size(1), d = k_cache.size(2), half = d / 2;
+  const int64_t KV = k_cache.size(0), L = k_cache.size(1), d = k_cache.size(2);
   TORCH_CHECK(qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() && pos < L &&
               qkv.numel() == (n_heads + 2 * KV) * d && n_heads % KV == 0, "attend_one: bad shapes");
-  const float* QKV = qkv.data_ptr<float>();
-  const float* C = cos.data_ptr<float>();
-  const float* S = sin.data_ptr<float>();
-  float* K = k_cache.data_ptr<float>();
-  float* V = v_cache.data_ptr<float>();
-  std::vector<float> q(n_heads * d), w(pos + 1);
-  auto rotate = [&](const float* x, float* y) {
-    for (int64_t i = 0; i < half; ++i) y[i] = x[i] * C[i] - x[i + half] * S[i];
-    for (int64_t i = half; i < d; ++i) y[i] = x[i] * C[i] + x[i - half] * S[i];
-  };
-  for (int64_t h = 0; h < n_heads; ++h) rotate(QKV + h * d, q.data() + h * d);
-  for (int64_t g = 0; g < KV; ++g) {
-    rotate(QKV + (n_heads + g) * d, K + (g * L + pos) * d);
-    std::copy(QKV + (n_heads + KV + g) * d, QKV + (n_heads + KV + g + 1) * d, V + (g * L + pos) * d);
-  }
-  auto out = torch::zeros({n_heads * d}, qkv.options());
-  float* O = out.data_ptr<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  for (int64_t h = 0; h < n_heads; ++h) {
-    const int64_t g = h / (n_heads / KV);
-    float top = -INFINITY, total = 0.f;
-    for (int64_t p = 0; p <= pos; ++p) top = std::max(top, w[p] = dot(q.data() + h * d, K + (g * L + p) * d, d) * scale);
-    for (int64_t p = 0; p <= pos; ++p) total += (w[p] = std::exp(w[p] - top));
-    float* o = O + h * d;
-    for (int64_t p = 0; p <= pos; ++p) {
-      const float a = w[p] / total;
-      const float* v = V + (g * L + p) * d;
-      for (int64_t i = 0; i < d; ++i) o[i] += a * v[i];
-    }
-  }
+  auto out = torch::empty({n_heads * d}, qkv.options());
+  attend(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), KV, L, d, n_heads, pos,
+         cos.data_ptr<float>(), sin.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
+
+namespace {
+
+// The memory path of one MemoryMLP for one row x [D] (see memory_delta); y [D] += delta,
+// g [E] = the gates. h [R] and hh [rank + F] are scratch.
+void memory_row(const float* x, const float* WI, const float* B, const float* WO, const int64_t* EX, int64_t D,
+                int64_t R, int64_t E, int64_t rank, float* h, float* hh, float* y, float* g) {
+  const int64_t RO = R - E;
+  f32_rows(x, D, R, WI, h);
+  for (int64_t e = 0; e < E; ++e) g[e] = 1.0f / (1.0f + std::exp(-(h[rank + e] + B[e])));
+  for (int64_t j = 0; j < rank; ++j) hh[j] = h[j] * g[EX[j]];
+  for (int64_t f = rank; f < RO; ++f) hh[f] = h[f + E];
+  at::parallel_for(0, D, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) y[o] += dot(WO + o * RO, hh, RO);
+  });
+}
+
+}  // namespace
 
 // The memory path of one MemoryMLP for a few rows (float32), as MemoryMLP.delta computes it:
 // h = x·w_inᵀ; gates g_e = σ(h[rank + e] + b_e); delta = w_out · [h[:rank] ⊙ g[expand], h[rank + E:]].
@@ -200,26 +255,15 @@ torch::Tensor attend_one(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor
 std::vector<torch::Tensor> memory_delta(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_gate,
                                         torch::Tensor w_out, torch::Tensor expand, int64_t n_experts) {
   const int64_t m = x.size(0), D = x.size(1), R = w_in.size(0), E = n_experts, rank = expand.size(0);
-  const int64_t RO = w_out.size(1);   // rank + F
-  TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out.is_contiguous() && RO == R - E &&
+  TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out.is_contiguous() && w_out.size(1) == R - E &&
               w_in.size(1) == D && w_out.size(0) == D, "memory_delta: bad shapes");
-  auto delta = torch::empty({m, D}, x.options());
+  auto delta = torch::zeros({m, D}, x.options());
   auto gates = torch::empty({m, E}, x.options());
-  const float* X = x.data_ptr<float>();
-  const float* WI = w_in.data_ptr<float>();
-  const float* WO = w_out.data_ptr<float>();
-  const float* B = E ? b_gate.data_ptr<float>() : nullptr;
-  const int64_t* EX = expand.data_ptr<int64_t>();
-  float* Y = delta.data_ptr<float>();
-  float* G = gates.data_ptr<float>();
-  std::vector<float> h(R), hh(RO);
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t r = 0; r < R; ++r) h[r] = dot(WI + r * D, X + i * D, D);
-    for (int64_t e = 0; e < E; ++e) G[i * E + e] = 1.0f / (1.0f + std::exp(-(h[rank + e] + B[e])));
-    for (int64_t j = 0; j < rank; ++j) hh[j] = h[j] * G[i * E + EX[j]];
-    for (int64_t f = rank; f < RO; ++f) hh[f] = h[f + E];
-    for (int64_t o = 0; o < D; ++o) Y[i * D + o] = dot(WO + o * RO, hh.data(), RO);
-  }
+  std::vector<float> h(R), hh(R - E);
+  for (int64_t i = 0; i < m; ++i)
+    memory_row(x.data_ptr<float>() + i * D, w_in.data_ptr<float>(), E ? b_gate.data_ptr<float>() : nullptr,
+               w_out.data_ptr<float>(), expand.data_ptr<int64_t>(), D, R, E, rank, h.data(), hh.data(),
+               delta.data_ptr<float>() + i * D, gates.data_ptr<float>() + i * E);
   return {delta, gates};
 }
 
@@ -231,19 +275,156 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
               "rms_norm: float32, size divisible by 8");
   auto xc = x.contiguous();
   auto out = torch::empty_like(xc);
-  const float* X = xc.data_ptr<float>();
-  const float* W = weight.data_ptr<float>();
-  float* Y = out.data_ptr<float>();
-  for (int64_t i = 0; i < m; ++i) {
-    const float* xr = X + i * d;
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t c = 0; c < d; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(xr + c), a);
-    __m256 r = _mm256_set1_ps(1.0f / std::sqrt(hsum(a) / d + static_cast<float>(eps)));
-    for (int64_t c = 0; c < d; c += 8)
-      _mm256_storeu_ps(Y + i * d + c, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + c), r), _mm256_loadu_ps(W + c)));
-  }
+  for (int64_t i = 0; i < m; ++i)
+    rms_row(xc.data_ptr<float>() + i * d, weight.data_ptr<float>(), d, static_cast<float>(eps), out.data_ptr<float>() + i * d);
   return out;
 }
+
+// ---- the whole one-token step of a Llama-family decoder (Wake) ------------------------------
+// Python builds the plan once per decoder (the frozen base) and sets each layer's memory path
+// at the start of a reply; `step` then runs every layer in C++: per token, ~10 µs of Python
+// instead of ~12 calls per layer (profiled: ~3 ms a token of call overhead at 30 layers).
+
+namespace {
+
+// One linear layer as the step reads it, from the tensors Python passes (bias last, empty if
+// none): Q4_1 [packed uint8, step, lo, bias], int8 [q, scale per group, bias], float32 [w, bias].
+struct Weight {
+  std::vector<torch::Tensor> t;   // kept alive here
+  int kind = 0;                   // 4, 8 or 32
+  int64_t n = 0, k = 0, G = 0;
+
+  explicit Weight(std::vector<torch::Tensor> tensors) : t(std::move(tensors)) {
+    TORCH_CHECK(t.size() >= 2, "Weight: tensors then bias");
+    for (auto& x : t) TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "Weight: contiguous CPU tensors");
+    const auto dtype = t[0].scalar_type();
+    n = t[0].size(0);
+    if (dtype == torch::kUInt8) {
+      kind = 4, k = 2 * t[0].size(1);
+      TORCH_CHECK(t.size() == 4 && k % 32 == 0 && t[1].size(1) == k / 32, "Weight: Q4_1 shapes");
+    } else if (dtype == torch::kInt8) {
+      kind = 8, k = t[0].size(1), G = k / t[1].size(1);
+      TORCH_CHECK(t.size() == 3 && G % 16 == 0 && G * t[1].size(1) == k, "Weight: int8 shapes");
+    } else {
+      kind = 32, k = t[0].size(1);
+      TORCH_CHECK(t.size() == 2 && dtype == torch::kFloat, "Weight: float32 [n, k] and bias");
+    }
+    const auto& bias = t.back();
+    TORCH_CHECK(bias.numel() == 0 || (bias.numel() == n && bias.scalar_type() == torch::kFloat), "Weight: bias");
+  }
+
+  void apply(const float* x, float* y, QuantX& xq) const {
+    if (kind == 4) q4_rows(x, 1, k, n, t[0].data_ptr<uint8_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), y, xq);
+    else if (kind == 8) q8_rows(x, 1, k, n, t[0].data_ptr<int8_t>(), t[1].data_ptr<float>(), G, y);
+    else f32_rows(x, k, n, t[0].data_ptr<float>(), y);
+    if (t.back().numel()) {
+      const float* b = t.back().data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r) y[r] += b[r];
+    }
+  }
+};
+
+struct Memory {   // a MemoryMLP's fused weights (see memory_delta)
+  torch::Tensor w_in, b_gate, w_out, expand;
+  int64_t E = 0, R = 0, rank = 0;
+};
+
+struct Layer {
+  torch::Tensor norm1, norm2;
+  float eps1, eps2;
+  Weight qkv, o, gate_up, down;
+  std::optional<Memory> memory;
+};
+
+}  // namespace
+
+class DecodePlan {
+ public:
+  // embed [V, D]; norm: the final norm's weight; head: the output head's tensors;
+  // k_cache, v_cache: [layers, 1, KV, max_len, d]; cos, sin: [max_len, d].
+  DecodePlan(torch::Tensor embed, torch::Tensor norm, double eps, std::vector<torch::Tensor> head,
+             torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor cos, torch::Tensor sin, int64_t n_heads)
+      : embed_(embed), norm_(norm), eps_(eps), head_(std::move(head)), k_(k_cache), v_(v_cache), cos_(cos), sin_(sin),
+        n_heads_(n_heads), D_(embed.size(1)) {
+    TORCH_CHECK(embed.scalar_type() == torch::kFloat && embed.is_contiguous() && D_ % 8 == 0 && head_.k == D_ &&
+                k_cache.scalar_type() == torch::kFloat && cos.scalar_type() == torch::kFloat &&
+                k_cache.is_contiguous() && v_cache.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+                cos.size(1) == k_cache.size(4) && n_heads % k_cache.size(2) == 0, "DecodePlan: bad shapes");
+  }
+
+  void add_layer(torch::Tensor norm1, double eps1, std::vector<torch::Tensor> qkv, std::vector<torch::Tensor> o,
+                 torch::Tensor norm2, double eps2, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down) {
+    const int64_t KV = k_.size(2), d = k_.size(4);
+    Layer L{norm1, norm2, static_cast<float>(eps1), static_cast<float>(eps2), Weight(std::move(qkv)), Weight(std::move(o)),
+            Weight(std::move(gate_up)), Weight(std::move(down)), std::nullopt};
+    TORCH_CHECK(static_cast<int64_t>(layers_.size()) < k_.size(0) && L.qkv.k == D_ && L.qkv.n == (n_heads_ + 2 * KV) * d &&
+                L.o.k == n_heads_ * d && L.o.n == D_ && L.gate_up.k == D_ && L.gate_up.n == 2 * L.down.k &&
+                L.down.n == D_, "DecodePlan.add_layer: bad shapes");
+    layers_.push_back(std::move(L));
+  }
+
+  // The memory path of layer i (see memory_delta), or none when w_in is empty.
+  void set_memory(int64_t i, torch::Tensor w_in, torch::Tensor b_gate, torch::Tensor w_out, torch::Tensor expand,
+                  int64_t n_experts) {
+    auto& L = layers_.at(i);
+    if (w_in.numel() == 0) { L.memory.reset(); return; }
+    const int64_t R = w_in.size(0);
+    TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && w_in.size(1) == D_ && w_out.size(0) == D_ &&
+                w_out.size(1) == R - n_experts && w_in.scalar_type() == torch::kFloat, "set_memory: bad shapes");
+    L.memory = Memory{w_in, b_gate, w_out, expand, n_experts, R, expand.size(0)};
+  }
+
+  // Token `token` at position `pos`: returns (logits [1, V], gates [layers, max E] — zeros where
+  // a layer has fewer experts).
+  std::vector<torch::Tensor> step(int64_t token, int64_t pos) {
+    const int64_t n_layers = layers_.size(), KV = k_.size(2), L = k_.size(3), d = k_.size(4), D = D_;
+    TORCH_CHECK(pos < L && token >= 0 && token < embed_.size(0), "DecodePlan.step: position or token out of range");
+    int64_t max_e = 0;
+    for (auto& layer : layers_) if (layer.memory) max_e = std::max(max_e, layer.memory->E);
+    auto gates = torch::zeros({n_layers, max_e}, embed_.options());
+    std::vector<float> x(embed_.data_ptr<float>() + token * D, embed_.data_ptr<float>() + (token + 1) * D);
+    std::vector<float> h(D), y(D), qkv((n_heads_ + 2 * KV) * d), att(n_heads_ * d), mh, mhh;
+    const float* C = cos_.data_ptr<float>() + pos * d;
+    const float* S = sin_.data_ptr<float>() + pos * d;
+    for (int64_t i = 0; i < n_layers; ++i) {
+      const Layer& ly = layers_[i];
+      const int64_t cache = i * KV * L * d;
+      rms_row(x.data(), ly.norm1.data_ptr<float>(), D, ly.eps1, h.data());
+      ly.qkv.apply(h.data(), qkv.data(), xq_);
+      attend(qkv.data(), k_.data_ptr<float>() + cache, v_.data_ptr<float>() + cache, KV, L, d, n_heads_, pos, C, S, att.data());
+      ly.o.apply(att.data(), y.data(), xq_);
+      for (int64_t c = 0; c < D; ++c) x[c] += y[c];
+      rms_row(x.data(), ly.norm2.data_ptr<float>(), D, ly.eps2, h.data());
+      const int64_t inter = ly.down.k;
+      gu_.resize(2 * inter);
+      ly.gate_up.apply(h.data(), gu_.data(), xq_);
+      for (int64_t j = 0; j < inter; ++j) gu_[j] = gu_[j] / (1.0f + std::exp(-gu_[j])) * gu_[inter + j];   // silu(g)·u
+      ly.down.apply(gu_.data(), y.data(), xq_);
+      if (ly.memory) {
+        const Memory& m = *ly.memory;
+        mh.resize(m.R), mhh.resize(m.R - m.E);
+        memory_row(h.data(), m.w_in.data_ptr<float>(), m.E ? m.b_gate.data_ptr<float>() : nullptr, m.w_out.data_ptr<float>(),
+                   m.expand.data_ptr<int64_t>(), D, m.R, m.E, m.rank, mh.data(), mhh.data(), y.data(),
+                   gates.data_ptr<float>() + i * max_e);
+      }
+      for (int64_t c = 0; c < D; ++c) x[c] += y[c];
+    }
+    rms_row(x.data(), norm_.data_ptr<float>(), D, static_cast<float>(eps_), h.data());
+    auto logits = torch::empty({1, head_.n}, embed_.options());
+    head_.apply(h.data(), logits.data_ptr<float>(), xq_);
+    return {logits, gates};
+  }
+
+ private:
+  torch::Tensor embed_, norm_;
+  double eps_;
+  Weight head_;
+  torch::Tensor k_, v_, cos_, sin_;
+  int64_t n_heads_, D_;
+  std::vector<Layer> layers_;
+  QuantX xq_;
+  std::vector<float> gu_;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x·Wᵀ, W in Q4_1 blocks of 32 (float32 x, AVX2)");
@@ -251,4 +432,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_delta", &memory_delta, "the memory path of a MemoryMLP for a few rows");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (float32, AVX2)");
   m.def("q8_linear", &q8_linear, "x·Wᵀ, W int8 with one scale per row (float32 x, AVX2)");
+  py::class_<DecodePlan>(m, "DecodePlan")
+      .def(py::init<torch::Tensor, torch::Tensor, double, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor,
+                    torch::Tensor, torch::Tensor, int64_t>())
+      .def("add_layer", &DecodePlan::add_layer)
+      .def("set_memory", &DecodePlan::set_memory)
+      .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>());
 }

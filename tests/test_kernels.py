@@ -130,6 +130,45 @@ def test_one_token_path_gives_the_torch_paths_tokens(quantize):
 
 
 @needs_kernels
+@pytest.mark.parametrize("quantize,memory", [("int8", "experts"), ("none", "fast weights only"),
+                                             ("int4", "forced expert"), ("int4", "bias")])
+def test_compiled_step_gives_the_torch_paths_tokens_and_gates(quantize, memory):
+    """The compiled decode step (DecodePlan) on each kind of weight it reads, with a memory of
+    fast weights only, with projection biases (Qwen2-style), and handing back to torch where it
+    cannot run (a forced expert while dreaming): the same tokens and routing gates."""
+    torch.manual_seed(4)
+    lab = tiny_llama(attention_bias=memory == "bias", seed=4)
+    if quantize != "none":
+        quantize_linears(lab, quantize)
+    mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
+    with torch.no_grad():
+        if memory == "fast weights only":
+            for mlp in mem.mlps.values():
+                mlp.fast_B.normal_(std=0.2)
+        else:
+            eid = mem.add_expert(2, 1)
+            for e in mem.expert_modules(eid):
+                e.B.normal_(std=0.2)
+                e.gate.normal_(std=1.0)
+            if memory == "forced expert":
+                for mlp in mem.mlps.values():
+                    mlp.forced_expert = eid
+    prompt = [5, 9, 33, 2, 71, 100]
+    fast, slow = FastLlamaDecoder(lab, 64), FastLlamaDecoder(lab, 64)
+    slow.one = False
+    assert fast.one
+    with mem.tracing() as t_fast:
+        a = list(generate_tokens(fast, prompt, 12, stop_ids=set()))
+    assert fast.plan_ready == (memory != "forced expert")
+    with mem.tracing() as t_slow:
+        b = list(generate_tokens(slow, prompt, 12, stop_ids=set()))
+    assert a == b
+    assert len(t_fast.steps) == len(t_slow.steps) == 12
+    for layer in t_fast.steps[-1]:
+        assert t_fast.steps[-1][layer] == pytest.approx(t_slow.steps[-1][layer], abs=1e-5)
+
+
+@needs_kernels
 def test_embedded_model_int4_kernels_give_the_float_models_greedy_text(embedded_source):
     """The embedded model: int4 blocks and the int8 head through the kernels against float32
     weights through transformers' own generate, greedy until the end-of-turn token."""
