@@ -7,8 +7,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <functional>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -60,6 +64,40 @@ inline void q4_row(const uint8_t* q, const float* st, const float* lb, const int
   for (int i = 0; i < M; ++i) y[i * ld_out] = hsum(acc[i]) + dot(lb, XS + i * nb, nb);
 }
 
+// Two output rows r, r + 1 (weights q, q + k/2) against M rows of x: each x block loaded once
+// serves both rows (prompts: the loads, not the multiplies, bound the one-row loop).
+template <int M>
+inline void q4_row_pair(const uint8_t* q, const float* st, const float* lb, const int16_t* X16, const float* DX,
+                        const float* XS, int64_t k, int64_t nb, int64_t ld_out, float* y) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const uint8_t* q2 = q + k / 2;
+  const float* st2 = st + nb;
+  __m256 acc[M], acc2[M];
+  for (int i = 0; i < M; ++i) acc[i] = acc2[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * b));
+    __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q2 + 16 * b));
+    __m256i c0 = _mm256_cvtepu8_epi16(_mm_and_si128(v, low4));
+    __m256i c1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4));
+    __m256i d0 = _mm256_cvtepu8_epi16(_mm_and_si128(v2, low4));
+    __m256i d1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v2, 4), low4));
+    for (int i = 0; i < M; ++i) {
+      const int16_t* xb = X16 + i * k + 32 * b;
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+      const __m256i xc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16));
+      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(c0, xa), _mm256_madd_epi16(c1, xc));
+      const __m256i p2 = _mm256_add_epi32(_mm256_madd_epi16(d0, xa), _mm256_madd_epi16(d1, xc));
+      const float dx = DX[i * nb + b];
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(st[b] * dx), acc[i]);
+      acc2[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p2), _mm256_set1_ps(st2[b] * dx), acc2[i]);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    y[i * ld_out] = hsum(acc[i]) + dot(lb, XS + i * nb, nb);
+    y[i * ld_out + 1] = hsum(acc2[i]) + dot(lb + nb, XS + i * nb, nb);
+  }
+}
+
 // One output row of int8 weights against M rows of x, one scale per group of G inputs
 // (G = 32: the GGUF Q8_0 blocks the embedded model's output head comes from, reproduced exactly).
 template <int M>
@@ -91,6 +129,72 @@ inline void by_chunks(int64_t m, RowFn fn) {
   for (; i < m; ++i) fn(std::integral_constant<int, 1>{}, i);
 }
 
+// Threads for the decode step. A token is ~180 small parallel loops; libgomp serves them in
+// ~1 µs each from the thread that loaded the model, but from any other thread (the web app
+// decodes in one thread per reply) a second OpenMP team exists, libgomp sees more threads than
+// cores and stops spinning: each loop then waited on a futex, and a token took 13.6 ms instead of
+// 6.9 (measured). So a step is one OpenMP region: its caller runs the step and hands out the
+// loops, the region's other threads spin for them until the step ends (as llama.cpp's do).
+class SpinTeam {
+ public:
+  // body(team) on the calling thread, the other threads of one OpenMP region serving its loops
+  template <typename Body>
+  static void run(int n_threads, const Body& body) {
+    SpinTeam team;
+    std::exception_ptr error;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp single
+      team.size_ = omp_get_num_threads();   // implicit barrier: every thread sees it
+      if (omp_get_thread_num() == 0) {
+        try { body(team); } catch (...) { error = std::current_exception(); }
+        team.running_.store(false, std::memory_order_release);
+      } else {
+        team.work(omp_get_thread_num());
+      }
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+  // fn(lo, hi) over [0, n) in size_ contiguous parts (multiples of `grain`); the caller runs part 0
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t part = (n + size_ - 1) / size_, step = (part + grain - 1) / grain * grain;
+    if (size_ == 1 || n <= grain) { if (n > 0) fn(0, n); return; }
+    fn_ = &fn, n_ = n, step_ = step;
+    done_.store(0, std::memory_order_relaxed);
+    job_.fetch_add(1, std::memory_order_release);
+    fn(0, std::min(step, n));
+    while (done_.load(std::memory_order_acquire) < size_ - 1) _mm_pause();
+  }
+
+ private:
+  void work(int w) {
+    uint64_t seen = 0;
+    while (running_.load(std::memory_order_acquire)) {
+      const uint64_t job = job_.load(std::memory_order_acquire);
+      if (job == seen) { _mm_pause(); continue; }
+      seen = job;
+      const int64_t lo = w * step_, hi = std::min(n_, lo + step_);
+      if (lo < hi) (*fn_)(lo, hi);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  int size_ = 1;
+  std::atomic<bool> running_{true};
+  std::atomic<uint64_t> job_{0};
+  std::atomic<int> done_{0};
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, step_ = 0;
+};
+
+// A loop over [0, n) on the step's team, or torch's threads when there is none.
+template <typename Fn>
+inline void par_for(SpinTeam* team, int64_t n, int64_t grain, const Fn& fn) {
+  if (team) team->parallel_for(n, grain, fn);
+  else at::parallel_for(0, n, grain, fn);
+}
+
 // x as the Q4_1 kernel reads it, per block of 32: Σ x (exact, for the lo term), and x as int16
 // with its scale. Kept between calls by the decode step (no allocation per token).
 struct QuantX {
@@ -115,11 +219,18 @@ struct QuantX {
 
 // Y[m, n] = X·Wᵀ for Q4_1 W (see q4_linear), rows of W split over threads.
 void q4_rows(const float* X, int64_t m, int64_t k, int64_t n, const uint8_t* P, const float* S, const float* L,
-             float* Y, QuantX& xq) {
+             float* Y, QuantX& xq, SpinTeam* team = nullptr) {
   const int64_t nb = k / 32;
   xq.fill(X, m, k);
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
+  par_for(team, n, 16, [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    if (m > 1)   // prompts: rows in pairs
+      for (; r + 2 <= r1; r += 2)
+        by_chunks(m, [&](auto M, int64_t i) {
+          q4_row_pair<decltype(M)::value>(P + r * (k / 2), S + r * nb, L + r * nb, xq.x16.data() + i * k,
+                                          xq.dx.data() + i * nb, xq.sum.data() + i * nb, k, nb, n, Y + i * n + r);
+        });
+    for (; r < r1; ++r)
       by_chunks(m, [&](auto M, int64_t i) {
         q4_row<decltype(M)::value>(P + r * (k / 2), S + r * nb, L + r * nb, xq.x16.data() + i * k,
                                    xq.dx.data() + i * nb, xq.sum.data() + i * nb, k, nb, n, Y + i * n + r);
@@ -128,17 +239,18 @@ void q4_rows(const float* X, int64_t m, int64_t k, int64_t n, const uint8_t* P, 
 }
 
 // Y[m, n] = X·Wᵀ for int8 W with one scale per group of G inputs (see q8_linear).
-void q8_rows(const float* X, int64_t m, int64_t k, int64_t n, const int8_t* Q, const float* SC, int64_t G, float* Y) {
+void q8_rows(const float* X, int64_t m, int64_t k, int64_t n, const int8_t* Q, const float* SC, int64_t G, float* Y,
+             SpinTeam* team = nullptr) {
   const int64_t ng = k / G;
-  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+  par_for(team, n, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       by_chunks(m, [&](auto M, int64_t i) { q8_row<decltype(M)::value>(Q + r * k, SC + r * ng, X + i * k, k, G, n, Y + i * n + r); });
   });
 }
 
 // y[n] = W x for float32 W [n, k], rows split over threads.
-void f32_rows(const float* x, int64_t k, int64_t n, const float* W, float* y) {
-  at::parallel_for(0, n, 32, [&](int64_t r0, int64_t r1) {
+void f32_rows(const float* x, int64_t k, int64_t n, const float* W, float* y, SpinTeam* team = nullptr) {
+  par_for(team, n, 32, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) y[r] = dot(W + r * k, x, k);
   });
 }
@@ -146,7 +258,7 @@ void f32_rows(const float* x, int64_t k, int64_t n, const float* W, float* y) {
 // One new token's attention (see attend_one); out [n_heads · d] is overwritten. Heads split
 // over threads: at a 1,000-token context this is ~35 MFLOP per token.
 void attend(const float* QKV, float* K, float* V, int64_t KV, int64_t L, int64_t d, int64_t n_heads, int64_t pos,
-            const float* C, const float* S, float* O) {
+            const float* C, const float* S, float* O, SpinTeam* team = nullptr) {
   const int64_t half = d / 2;
   std::vector<float> q(n_heads * d);
   auto rotate = [&](const float* x, float* y) {
@@ -159,7 +271,7 @@ void attend(const float* QKV, float* K, float* V, int64_t KV, int64_t L, int64_t
     std::copy(QKV + (n_heads + KV + g) * d, QKV + (n_heads + KV + g + 1) * d, V + (g * L + pos) * d);
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  at::parallel_for(0, n_heads, pos > 256 ? 1 : n_heads, [&](int64_t h0, int64_t h1) {
+  par_for(team, n_heads, pos > 256 ? 1 : n_heads, [&](int64_t h0, int64_t h1) {
     std::vector<float> w(pos + 1);
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t g = h / (n_heads / KV);
@@ -235,13 +347,13 @@ namespace {
 // The memory path of one MemoryMLP for one row x [D] (see memory_delta); y [D] += delta,
 // g [E] = the gates. h [R] and hh [rank + F] are scratch.
 void memory_row(const float* x, const float* WI, const float* B, const float* WO, const int64_t* EX, int64_t D,
-                int64_t R, int64_t E, int64_t rank, float* h, float* hh, float* y, float* g) {
+                int64_t R, int64_t E, int64_t rank, float* h, float* hh, float* y, float* g, SpinTeam* team = nullptr) {
   const int64_t RO = R - E;
-  f32_rows(x, D, R, WI, h);
+  f32_rows(x, D, R, WI, h, team);
   for (int64_t e = 0; e < E; ++e) g[e] = 1.0f / (1.0f + std::exp(-(h[rank + e] + B[e])));
   for (int64_t j = 0; j < rank; ++j) hh[j] = h[j] * g[EX[j]];
   for (int64_t f = rank; f < RO; ++f) hh[f] = h[f + E];
-  at::parallel_for(0, D, 64, [&](int64_t o0, int64_t o1) {
+  par_for(team, D, 64, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) y[o] += dot(WO + o * RO, hh, RO);
   });
 }
@@ -313,10 +425,10 @@ struct Weight {
     TORCH_CHECK(bias.numel() == 0 || (bias.numel() == n && bias.scalar_type() == torch::kFloat), "Weight: bias");
   }
 
-  void apply(const float* x, float* y, QuantX& xq) const {
-    if (kind == 4) q4_rows(x, 1, k, n, t[0].data_ptr<uint8_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), y, xq);
-    else if (kind == 8) q8_rows(x, 1, k, n, t[0].data_ptr<int8_t>(), t[1].data_ptr<float>(), G, y);
-    else f32_rows(x, k, n, t[0].data_ptr<float>(), y);
+  void apply(const float* x, float* y, QuantX& xq, SpinTeam* team) const {
+    if (kind == 4) q4_rows(x, 1, k, n, t[0].data_ptr<uint8_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), y, xq, team);
+    else if (kind == 8) q8_rows(x, 1, k, n, t[0].data_ptr<int8_t>(), t[1].data_ptr<float>(), G, y, team);
+    else f32_rows(x, k, n, t[0].data_ptr<float>(), y, team);
     if (t.back().numel()) {
       const float* b = t.back().data_ptr<float>();
       for (int64_t r = 0; r < n; ++r) y[r] += b[r];
@@ -377,11 +489,19 @@ class DecodePlan {
   // Token `token` at position `pos`: returns (logits [1, V], gates [layers, max E] — zeros where
   // a layer has fewer experts).
   std::vector<torch::Tensor> step(int64_t token, int64_t pos) {
-    const int64_t n_layers = layers_.size(), KV = k_.size(2), L = k_.size(3), d = k_.size(4), D = D_;
-    TORCH_CHECK(pos < L && token >= 0 && token < embed_.size(0), "DecodePlan.step: position or token out of range");
+    const int64_t n_layers = layers_.size();
+    TORCH_CHECK(pos < k_.size(3) && token >= 0 && token < embed_.size(0), "DecodePlan.step: position or token out of range");
     int64_t max_e = 0;
     for (auto& layer : layers_) if (layer.memory) max_e = std::max(max_e, layer.memory->E);
     auto gates = torch::zeros({n_layers, max_e}, embed_.options());
+    auto logits = torch::empty({1, head_.n}, embed_.options());
+    SpinTeam::run(at::get_num_threads(), [&](SpinTeam& t) { run_layers(token, pos, max_e, gates, logits, &t); });
+    return {logits, gates};
+  }
+
+ private:
+  void run_layers(int64_t token, int64_t pos, int64_t max_e, torch::Tensor& gates, torch::Tensor& logits, SpinTeam* team) {
+    const int64_t n_layers = layers_.size(), KV = k_.size(2), L = k_.size(3), d = k_.size(4), D = D_;
     std::vector<float> x(embed_.data_ptr<float>() + token * D, embed_.data_ptr<float>() + (token + 1) * D);
     std::vector<float> h(D), y(D), qkv((n_heads_ + 2 * KV) * d), att(n_heads_ * d), mh, mhh;
     const float* C = cos_.data_ptr<float>() + pos * d;
@@ -390,32 +510,29 @@ class DecodePlan {
       const Layer& ly = layers_[i];
       const int64_t cache = i * KV * L * d;
       rms_row(x.data(), ly.norm1.data_ptr<float>(), D, ly.eps1, h.data());
-      ly.qkv.apply(h.data(), qkv.data(), xq_);
-      attend(qkv.data(), k_.data_ptr<float>() + cache, v_.data_ptr<float>() + cache, KV, L, d, n_heads_, pos, C, S, att.data());
-      ly.o.apply(att.data(), y.data(), xq_);
+      ly.qkv.apply(h.data(), qkv.data(), xq_, team);
+      attend(qkv.data(), k_.data_ptr<float>() + cache, v_.data_ptr<float>() + cache, KV, L, d, n_heads_, pos, C, S, att.data(), team);
+      ly.o.apply(att.data(), y.data(), xq_, team);
       for (int64_t c = 0; c < D; ++c) x[c] += y[c];
       rms_row(x.data(), ly.norm2.data_ptr<float>(), D, ly.eps2, h.data());
       const int64_t inter = ly.down.k;
       gu_.resize(2 * inter);
-      ly.gate_up.apply(h.data(), gu_.data(), xq_);
+      ly.gate_up.apply(h.data(), gu_.data(), xq_, team);
       for (int64_t j = 0; j < inter; ++j) gu_[j] = gu_[j] / (1.0f + std::exp(-gu_[j])) * gu_[inter + j];   // silu(g)·u
-      ly.down.apply(gu_.data(), y.data(), xq_);
+      ly.down.apply(gu_.data(), y.data(), xq_, team);
       if (ly.memory) {
         const Memory& m = *ly.memory;
         mh.resize(m.R), mhh.resize(m.R - m.E);
         memory_row(h.data(), m.w_in.data_ptr<float>(), m.E ? m.b_gate.data_ptr<float>() : nullptr, m.w_out.data_ptr<float>(),
                    m.expand.data_ptr<int64_t>(), D, m.R, m.E, m.rank, mh.data(), mhh.data(), y.data(),
-                   gates.data_ptr<float>() + i * max_e);
+                   gates.data_ptr<float>() + i * max_e, team);
       }
       for (int64_t c = 0; c < D; ++c) x[c] += y[c];
     }
     rms_row(x.data(), norm_.data_ptr<float>(), D, static_cast<float>(eps_), h.data());
-    auto logits = torch::empty({1, head_.n}, embed_.options());
-    head_.apply(h.data(), logits.data_ptr<float>(), xq_);
-    return {logits, gates};
+    head_.apply(h.data(), logits.data_ptr<float>(), xq_, team);
   }
 
- private:
   torch::Tensor embed_, norm_;
   double eps_;
   Weight head_;

@@ -203,3 +203,28 @@ def test_a_model_with_kernels_can_be_deep_copied():
     a, b = next(iter(mem.mlps.values())), next(iter(twin.mlps.values()))
     assert a is not b and a.use_kernels == b.use_kernels
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@needs_kernels
+def test_compiled_step_from_other_threads_gives_the_same_tokens():
+    """The web app decodes in a thread per reply: the step's own worker team must give the
+    same tokens there as in the main thread, reply after reply, with any torch thread count."""
+    import threading
+    torch.manual_seed(5)
+    lab = tiny_llama(layers=3, seed=5)
+    quantize_linears(lab, "int4")
+    MemoryModel(lab, MemoryConfig(expert_rank=4))
+    dec = FastLlamaDecoder(lab, 64)
+    prompt = [7, 3, 99, 41]
+    want = list(generate_tokens(dec, prompt, 20, stop_ids=set()))
+    got, threads = [], torch.get_num_threads()
+    try:
+        for n in (2, 1, 2):
+            torch.set_num_threads(n)
+            t = threading.Thread(target=lambda: got.append(list(generate_tokens(dec, prompt, 20, stop_ids=set()))))
+            t.start()
+            t.join(timeout=60)
+            assert not t.is_alive()
+    finally:
+        torch.set_num_threads(threads)
+    assert got == [want] * 3
