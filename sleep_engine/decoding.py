@@ -171,9 +171,13 @@ class FastLlamaDecoder:
                              w_out.detach().contiguous(), expand, E)
         return True
 
-    def _step_one(self, token: int, pos: int) -> torch.Tensor:
-        """One new token at `pos` through the compiled step; routing gates go to the traces."""
-        logits, gates = self.plan.step(token, pos)
+    # The compiled step takes up to this many tokens at once (a new token, or a short prompt);
+    # longer prompts go through torch, whose float32 GEMM wins for many rows (README "Measured").
+    PLAN_MAX_TOKENS = 64
+
+    def _compiled_step(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """`tokens` at `pos`… through the compiled step; the last one's routing gates go to the traces."""
+        logits, gates = self.plan.step(tokens, pos)
         for i, L in enumerate(self.layers):
             if L.memory is not None and L.memory.trace is not None:
                 fused = L.fused_memory
@@ -182,8 +186,8 @@ class FastLlamaDecoder:
 
     def _step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         T, end = ids.shape[1], start + ids.shape[1]
-        if T == 1 and self.one and self.plan_ready:
-            return self._step_one(int(ids[0, 0]), start)
+        if self.one and self.plan_ready and T <= self.PLAN_MAX_TOKENS:
+            return self._compiled_step(ids[0].tolist(), start)
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]

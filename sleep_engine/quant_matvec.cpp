@@ -425,13 +425,15 @@ struct Weight {
     TORCH_CHECK(bias.numel() == 0 || (bias.numel() == n && bias.scalar_type() == torch::kFloat), "Weight: bias");
   }
 
-  void apply(const float* x, float* y, QuantX& xq, SpinTeam* team) const {
-    if (kind == 4) q4_rows(x, 1, k, n, t[0].data_ptr<uint8_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), y, xq, team);
-    else if (kind == 8) q8_rows(x, 1, k, n, t[0].data_ptr<int8_t>(), t[1].data_ptr<float>(), G, y, team);
-    else f32_rows(x, k, n, t[0].data_ptr<float>(), y, team);
+  // Y[m, n] = X[m, k]·Wᵀ + bias
+  void apply(const float* X, int64_t m, float* Y, QuantX& xq, SpinTeam* team) const {
+    if (kind == 4) q4_rows(X, m, k, n, t[0].data_ptr<uint8_t>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), Y, xq, team);
+    else if (kind == 8) q8_rows(X, m, k, n, t[0].data_ptr<int8_t>(), t[1].data_ptr<float>(), G, Y, team);
+    else for (int64_t i = 0; i < m; ++i) f32_rows(X + i * k, k, n, t[0].data_ptr<float>(), Y + i * n, team);
     if (t.back().numel()) {
       const float* b = t.back().data_ptr<float>();
-      for (int64_t r = 0; r < n; ++r) y[r] += b[r];
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t r = 0; r < n; ++r) Y[i * n + r] += b[r];
     }
   }
 };
@@ -486,51 +488,64 @@ class DecodePlan {
     L.memory = Memory{w_in, b_gate, w_out, expand, n_experts, R, expand.size(0)};
   }
 
-  // Token `token` at position `pos`: returns (logits [1, V], gates [layers, max E] — zeros where
-  // a layer has fewer experts).
-  std::vector<torch::Tensor> step(int64_t token, int64_t pos) {
-    const int64_t n_layers = layers_.size();
-    TORCH_CHECK(pos < k_.size(3) && token >= 0 && token < embed_.size(0), "DecodePlan.step: position or token out of range");
+  // Tokens at positions pos, pos + 1, … (a new token, or up to kMaxRows of a prompt): their keys
+  // and values go into the caches; returns the last one's (logits [1, V], gates [layers, max E]:
+  // zeros where a layer has fewer experts).
+  std::vector<torch::Tensor> step(std::vector<int64_t> tokens, int64_t pos) {
+    const int64_t n_layers = layers_.size(), T = tokens.size();
+    TORCH_CHECK(T >= 1 && T <= kMaxRows && pos + T <= k_.size(3), "DecodePlan.step: 1 to 64 tokens inside the cache");
+    for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < embed_.size(0), "DecodePlan.step: token out of range");
     int64_t max_e = 0;
     for (auto& layer : layers_) if (layer.memory) max_e = std::max(max_e, layer.memory->E);
     auto gates = torch::zeros({n_layers, max_e}, embed_.options());
     auto logits = torch::empty({1, head_.n}, embed_.options());
-    SpinTeam::run(at::get_num_threads(), [&](SpinTeam& t) { run_layers(token, pos, max_e, gates, logits, &t); });
+    SpinTeam::run(at::get_num_threads(), [&](SpinTeam& t) { run_layers(tokens, pos, max_e, gates, logits, &t); });
     return {logits, gates};
   }
 
  private:
-  void run_layers(int64_t token, int64_t pos, int64_t max_e, torch::Tensor& gates, torch::Tensor& logits, SpinTeam* team) {
+  void run_layers(const std::vector<int64_t>& tokens, int64_t pos, int64_t max_e, torch::Tensor& gates,
+                  torch::Tensor& logits, SpinTeam* team) {
     const int64_t n_layers = layers_.size(), KV = k_.size(2), L = k_.size(3), d = k_.size(4), D = D_;
-    std::vector<float> x(embed_.data_ptr<float>() + token * D, embed_.data_ptr<float>() + (token + 1) * D);
-    std::vector<float> h(D), y(D), qkv((n_heads_ + 2 * KV) * d), att(n_heads_ * d), mh, mhh;
-    const float* C = cos_.data_ptr<float>() + pos * d;
-    const float* S = sin_.data_ptr<float>() + pos * d;
+    const int64_t T = tokens.size(), QKV = (n_heads_ + 2 * KV) * d, A = n_heads_ * d;
+    std::vector<float> x(T * D), h(T * D), y(T * D), qkv(T * QKV), att(T * A), mh, mhh, scratch_gates(max_e);
+    for (int64_t t = 0; t < T; ++t) std::copy_n(embed_.data_ptr<float>() + tokens[t] * D, D, x.data() + t * D);
+    auto norm_rows = [&](const torch::Tensor& w, float eps) {
+      for (int64_t t = 0; t < T; ++t) rms_row(x.data() + t * D, w.data_ptr<float>(), D, eps, h.data() + t * D);
+    };
     for (int64_t i = 0; i < n_layers; ++i) {
       const Layer& ly = layers_[i];
       const int64_t cache = i * KV * L * d;
-      rms_row(x.data(), ly.norm1.data_ptr<float>(), D, ly.eps1, h.data());
-      ly.qkv.apply(h.data(), qkv.data(), xq_, team);
-      attend(qkv.data(), k_.data_ptr<float>() + cache, v_.data_ptr<float>() + cache, KV, L, d, n_heads_, pos, C, S, att.data(), team);
-      ly.o.apply(att.data(), y.data(), xq_, team);
-      for (int64_t c = 0; c < D; ++c) x[c] += y[c];
-      rms_row(x.data(), ly.norm2.data_ptr<float>(), D, ly.eps2, h.data());
+      norm_rows(ly.norm1, ly.eps1);
+      ly.qkv.apply(h.data(), T, qkv.data(), xq_, team);
+      for (int64_t t = 0; t < T; ++t)   // in order: row t attends to the rows before it, already cached
+        attend(qkv.data() + t * QKV, k_.data_ptr<float>() + cache, v_.data_ptr<float>() + cache, KV, L, d, n_heads_,
+               pos + t, cos_.data_ptr<float>() + (pos + t) * d, sin_.data_ptr<float>() + (pos + t) * d,
+               att.data() + t * A, team);
+      ly.o.apply(att.data(), T, y.data(), xq_, team);
+      for (int64_t c = 0; c < T * D; ++c) x[c] += y[c];
+      norm_rows(ly.norm2, ly.eps2);
       const int64_t inter = ly.down.k;
-      gu_.resize(2 * inter);
-      ly.gate_up.apply(h.data(), gu_.data(), xq_, team);
-      for (int64_t j = 0; j < inter; ++j) gu_[j] = gu_[j] / (1.0f + std::exp(-gu_[j])) * gu_[inter + j];   // silu(g)·u
-      ly.down.apply(gu_.data(), y.data(), xq_, team);
+      gu_.resize(2 * inter * T), act_.resize(inter * T);
+      ly.gate_up.apply(h.data(), T, gu_.data(), xq_, team);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < inter; ++j) {
+          const float g = gu_[t * 2 * inter + j];
+          act_[t * inter + j] = g / (1.0f + std::exp(-g)) * gu_[t * 2 * inter + inter + j];   // silu(g)·u
+        }
+      ly.down.apply(act_.data(), T, y.data(), xq_, team);
       if (ly.memory) {
         const Memory& m = *ly.memory;
         mh.resize(m.R), mhh.resize(m.R - m.E);
-        memory_row(h.data(), m.w_in.data_ptr<float>(), m.E ? m.b_gate.data_ptr<float>() : nullptr, m.w_out.data_ptr<float>(),
-                   m.expand.data_ptr<int64_t>(), D, m.R, m.E, m.rank, mh.data(), mhh.data(), y.data(),
-                   gates.data_ptr<float>() + i * max_e, team);
+        for (int64_t t = 0; t < T; ++t)
+          memory_row(h.data() + t * D, m.w_in.data_ptr<float>(), m.E ? m.b_gate.data_ptr<float>() : nullptr,
+                     m.w_out.data_ptr<float>(), m.expand.data_ptr<int64_t>(), D, m.R, m.E, m.rank, mh.data(), mhh.data(),
+                     y.data() + t * D, t == T - 1 ? gates.data_ptr<float>() + i * max_e : scratch_gates.data(), team);
       }
-      for (int64_t c = 0; c < D; ++c) x[c] += y[c];
+      for (int64_t c = 0; c < T * D; ++c) x[c] += y[c];
     }
-    rms_row(x.data(), norm_.data_ptr<float>(), D, static_cast<float>(eps_), h.data());
-    head_.apply(h.data(), logits.data_ptr<float>(), xq_, team);
+    rms_row(x.data() + (T - 1) * D, norm_.data_ptr<float>(), D, static_cast<float>(eps_), h.data());
+    head_.apply(h.data(), 1, logits.data_ptr<float>(), xq_, team);
   }
 
   torch::Tensor embed_, norm_;
@@ -540,7 +555,7 @@ class DecodePlan {
   int64_t n_heads_, D_;
   std::vector<Layer> layers_;
   QuantX xq_;
-  std::vector<float> gu_;
+  std::vector<float> gu_, act_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -131,11 +131,12 @@ def test_one_token_path_gives_the_torch_paths_tokens(quantize):
 
 @needs_kernels
 @pytest.mark.parametrize("quantize,memory", [("int8", "experts"), ("none", "fast weights only"),
-                                             ("int4", "forced expert"), ("int4", "bias")])
+                                             ("int4", "forced expert"), ("int4", "bias"), ("int4", "long prompt")])
 def test_compiled_step_gives_the_torch_paths_tokens_and_gates(quantize, memory):
     """The compiled decode step (DecodePlan) on each kind of weight it reads, with a memory of
     fast weights only, with projection biases (Qwen2-style), and handing back to torch where it
-    cannot run (a forced expert while dreaming): the same tokens and routing gates."""
+    cannot run (a forced expert while dreaming), and after a prompt too long for it (prefilled by
+    torch, then decoded by it): the same tokens and routing gates."""
     torch.manual_seed(4)
     lab = tiny_llama(attention_bias=memory == "bias", seed=4)
     if quantize != "none":
@@ -153,10 +154,10 @@ def test_compiled_step_gives_the_torch_paths_tokens_and_gates(quantize, memory):
             if memory == "forced expert":
                 for mlp in mem.mlps.values():
                     mlp.forced_expert = eid
-    prompt = [5, 9, 33, 2, 71, 100]
-    fast, slow = FastLlamaDecoder(lab, 64), FastLlamaDecoder(lab, 64)
+    prompt = [5, 9, 33, 2, 71, 100] * (12 if memory == "long prompt" else 1)
+    fast, slow = FastLlamaDecoder(lab, 96), FastLlamaDecoder(lab, 96)
     slow.one = False
-    assert fast.one
+    assert fast.one and (len(prompt) > fast.PLAN_MAX_TOKENS) == (memory == "long prompt")
     with mem.tracing() as t_fast:
         a = list(generate_tokens(fast, prompt, 12, stop_ids=set()))
     assert fast.plan_ready == (memory != "forced expert")
