@@ -330,7 +330,8 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q8, torch::Tensor scale) 
 // written into the caches at `pos`, then softmax(q·Kᵀ/√d)·V over positions 0..pos, query heads
 // sharing key/value heads in groups (GQA).
 // qkv: [H + 2·KV, d] (queries, keys, values); k_cache, v_cache: [KV, max_len, d];
-// cos, sin: [d] for this position. Returns [H · d].
+// cos, sin: [d] for this position. Returns [H · d]. (The decode step calls `attend` itself; this
+// binding is how tests/test_kernels.py checks it against rotary + SDPA.)
 torch::Tensor attend_one(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor v_cache,
                          torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t pos) {
   const int64_t KV = k_cache.size(0), L = k_cache.size(1), d = k_cache.size(2);
