@@ -97,10 +97,19 @@ def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class FastLlamaDecoder:
     """Batch-1 decoder with a static KV cache that remembers which tokens it holds, so a new
-    chat turn only prefills what is new (the shared prefix is reused)."""
+    chat turn only prefills what is new (the shared prefix is reused). `beside_work`: it decodes
+    while other threads of the process compute (chat during a sleep), so its threads spin less."""
 
-    def __init__(self, lm: nn.Module, max_len: int):
+    # How long the compiled step's threads spin for the next loop before they sleep (pauses). Measured
+    # on 2 cores, 100 tokens decoded in a thread (2026-12-04; `bench wake` rows lab_thread_… and
+    # lab_beside_training_…): alone 2,048 → 137–146 tokens/s, 256 → 104–130; beside a 2-thread
+    # training loop 2,048 → 35–38 (the spinner holds the core the trainer needs), 256 → 64–67 with
+    # the trainer at 57–68 steps/s (torch's own threads: 59–72 tokens/s, trainer 52–60).
+    PAUSES_ALONE, PAUSES_BESIDE_WORK = 2048, 256
+
+    def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False):
         cfg = lm.config
+        self.pauses = self.PAUSES_BESIDE_WORK if beside_work else self.PAUSES_ALONE
         self.lm, self.inner = lm, lm.model
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -177,7 +186,7 @@ class FastLlamaDecoder:
 
     def _compiled_step(self, tokens: list[int], pos: int) -> torch.Tensor:
         """`tokens` at `pos`… through the compiled step; the last one's routing gates go to the traces."""
-        logits, gates = self.plan.step(tokens, pos)
+        logits, gates = self.plan.step(tokens, pos, self.pauses)
         for i, L in enumerate(self.layers):
             if L.memory is not None and L.memory.trace is not None:
                 fused = L.fused_memory
@@ -264,8 +273,10 @@ class HFDecoder:
         return out.logits[:, -1].float()
 
 
-def make_decoder(lm: nn.Module, max_len: int, fast: bool = True):
-    return FastLlamaDecoder(lm, max_len) if fast and FastLlamaDecoder.supports(lm) else HFDecoder(lm, max_len)
+def make_decoder(lm: nn.Module, max_len: int, fast: bool = True, beside_work: bool = False):
+    if fast and FastLlamaDecoder.supports(lm):
+        return FastLlamaDecoder(lm, max_len, beside_work)
+    return HFDecoder(lm, max_len)
 
 
 def stop_token_ids(tokenizer, lm) -> set[int]:

@@ -143,9 +143,10 @@ class SpinTeam {
  public:
   // body(team) on the calling thread, the other threads of one OpenMP region serving its loops
   template <typename Body>
-  static void run(int n_threads, const Body& body) {
+  static void run(int n_threads, int pauses, const Body& body) {
     n_threads = std::max(1, std::min(n_threads, usable_cpus()));   // more spinners than cores: each loop
     SpinTeam team;                                                  // would wait out a time slice
+    team.pauses_ = pauses;
     std::exception_ptr error;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -181,8 +182,8 @@ class SpinTeam {
   }
 
   // the waiting caller spins a while, then lets other threads run
-  static void relax(int spins) {
-    if (spins < kSpins) _mm_pause();
+  void relax(int spins) const {
+    if (spins < pauses_) _mm_pause();
     else std::this_thread::yield();
   }
 
@@ -193,18 +194,15 @@ class SpinTeam {
     }
   }
 
-  // A worker spins for the next loop a while (2,048 pauses: the gaps between a step's loops),
-  // then sleeps until one comes, so that between replies and beside other work it gives its core
-  // back. Measured: `bench wake` alone 105–126 tokens/s with 2,048 (1.13× llama.cpp) against
-  // 78–84 with 256 pauses (0.91×: every loop then waited for a futex wake-up); decoding in a
-  // thread beside a 2-thread training loop (chat during a sleep): always spinning 19 tokens/s,
-  // 2,048 pauses 32–36, 256 pauses 56–59, libgomp's own loops 62.
+  // A worker spins for the next loop `pauses_` times (the gaps between a step's loops), then
+  // sleeps until one comes, so that between replies and beside other work it gives its core back.
+  // The caller picks the count (DecodePlan.step; decoding.py says what each count measured).
   void work(int w) {
     uint64_t seen = 0;
     for (int spins = 0; running_.load();) {
       const uint64_t job = job_.load();
       if (job == seen) {
-        if (++spins < kSpins) { _mm_pause(); continue; }
+        if (++spins < pauses_) { _mm_pause(); continue; }
         std::unique_lock<std::mutex> lk(mu_);
         sleepers_.fetch_add(1);
         cv_.wait(lk, [&] { return job_.load() != seen || !running_.load(); });
@@ -220,8 +218,7 @@ class SpinTeam {
     }
   }
 
-  static constexpr int kSpins = 2048;
-  int size_ = 1;
+  int size_ = 1, pauses_ = 0;
   std::atomic<bool> running_{true};
   std::atomic<int> sleepers_{0};
   std::mutex mu_;
@@ -536,7 +533,9 @@ class DecodePlan {
   // Tokens at positions pos, pos + 1, … (a new token, or up to kMaxRows of a prompt): their keys
   // and values go into the caches; returns the last one's (logits [1, V], gates [layers, max E]:
   // zeros where a layer has fewer experts).
-  std::vector<torch::Tensor> step(std::vector<int64_t> tokens, int64_t pos) {
+  // pauses: how long the step's threads spin for the next loop before they sleep; < 0: no team of
+  // its own, torch's threads serve the loops.
+  std::vector<torch::Tensor> step(std::vector<int64_t> tokens, int64_t pos, int64_t pauses) {
     const int64_t n_layers = layers_.size(), T = tokens.size();
     TORCH_CHECK(T >= 1 && T <= kMaxRows && pos + T <= k_.size(3), "DecodePlan.step: 1 to 64 tokens inside the cache");
     for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < embed_.size(0), "DecodePlan.step: token out of range");
@@ -544,7 +543,9 @@ class DecodePlan {
     for (auto& layer : layers_) if (layer.memory) max_e = std::max(max_e, layer.memory->E);
     auto gates = torch::zeros({n_layers, max_e}, embed_.options());
     auto logits = torch::empty({1, head_.n}, embed_.options());
-    SpinTeam::run(at::get_num_threads(), [&](SpinTeam& t) { run_layers(tokens, pos, max_e, gates, logits, &t); });
+    if (pauses < 0) run_layers(tokens, pos, max_e, gates, logits, nullptr);
+    else SpinTeam::run(at::get_num_threads(), static_cast<int>(pauses),
+                       [&](SpinTeam& t) { run_layers(tokens, pos, max_e, gates, logits, &t); });
     return {logits, gates};
   }
 
@@ -614,5 +615,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     torch::Tensor, torch::Tensor, int64_t>())
       .def("add_layer", &DecodePlan::add_layer)
       .def("set_memory", &DecodePlan::set_memory)
-      .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>());
+      .def("step", &DecodePlan::step, py::arg("tokens"), py::arg("pos"), py::arg("pauses") = 2048,
+           py::call_guard<py::gil_scoped_release>());
 }

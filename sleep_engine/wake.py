@@ -177,7 +177,9 @@ class WakeSession:
             if snapshot is not None:
                 if self._snapshot_lock.acquire(timeout=0.1):
                     if self._snapshot_decoder is None or self._snapshot_decoder[0] is not snapshot:
-                        self._snapshot_decoder = (snapshot, make_decoder(snapshot.lm, self.decoder.max_len))
+                        # beside the sleep's training: its threads must not hold the cores the trainer needs
+                        decoder = make_decoder(snapshot.lm, self.decoder.max_len, beside_work=True)
+                        self._snapshot_decoder = (snapshot, decoder)
                     return snapshot, self._snapshot_decoder[1], self._snapshot_lock
             elif self.wait_for_learning(0.1) and self.lock.acquire(timeout=0.1):
                 self._snapshot_decoder = None    # the sleep is over: its snapshot can go

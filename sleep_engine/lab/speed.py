@@ -52,9 +52,9 @@ def dense_rate(model, prompts_ids, tokens: int) -> float:
     return _median_rate(run, prompts_ids)
 
 
-def lab_rate(memory: MemoryModel, prompts_ids, tokens: int) -> tuple[float, float]:
+def lab_rate(memory: MemoryModel, prompts_ids, tokens: int, beside_work: bool = False) -> tuple[float, float]:
     """Lab decoder with routing traces on; returns (tokens/s, median time to first token in s)."""
-    decoder = make_decoder(memory.lm, max(len(i) for i in prompts_ids) + tokens + 8)
+    decoder = make_decoder(memory.lm, max(len(i) for i in prompts_ids) + tokens + 8, beside_work=beside_work)
     ttfts = []
 
     def run(ids):
@@ -139,6 +139,30 @@ def in_a_thread(fn):
     return out[0]
 
 
+def beside_training(fn):
+    """(fn() in a thread while another thread trains a layer the size of the embedded model's MLP,
+    as a sleep does while Wake answers from the pre-sleep memory; the trainer's steps per second)."""
+    stop, steps = threading.Event(), []
+
+    def train():
+        x = torch.randn(256, 576, requires_grad=True)
+        w = torch.randn(1536, 576, requires_grad=True)
+        n = 0
+        while not stop.is_set():
+            torch.nn.functional.linear(x, w).relu().sum().backward()
+            n += 1
+        steps.append(n)
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    t = time.perf_counter()
+    try:
+        result = in_a_thread(fn)
+    finally:
+        stop.set()
+        trainer.join()
+    return result, steps[0] / (time.perf_counter() - t)
+
+
 def add_trained_looking_experts(memory: MemoryModel, n: int, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
@@ -219,6 +243,11 @@ def bench_wake(cfg: LabConfig, tokens: int = 64, modes: list[str] = (), cold: bo
     result["speedup_vs_fp32"] = round(result["lab_tokens_per_s"] / result["dense_fp32_tokens_per_s"], 3)
     log("lab model, 6 routed experts, decoding in another thread (as the web app does) …")
     result["lab_thread_tokens_per_s"] = round(in_a_thread(lambda: lab_rate(memory, prompts_ids, tokens))[0], 2)
+    log("… and beside a training thread (chat during a sleep), with the threads' pauses for either case …")
+    for name, beside in (("beside_training", True), ("beside_training_alone_pauses", False)):
+        (rate, _), trainer = beside_training(lambda: lab_rate(memory, prompts_ids, tokens, beside_work=beside))
+        result[f"lab_{name}_tokens_per_s"] = round(rate, 2)
+        result[f"lab_{name}_trainer_steps_per_s"] = round(trainer, 1)
     if cfg.model == "embedded":
         log("llama.cpp on the same GGUF file, alternating with the lab (if llama-cpp-python is installed) …")
         result.update(against_llama_cpp(memory, prompts_ids, tokens))
