@@ -155,6 +155,10 @@ class SleepConfig:
     gate_sharpness: float = 3.0       # after the fit the gate is σ(k·(z − θ)): shut where the classifier is unsure
     gate_threshold: float = 2.0       # θ, in logit units (dev, 2 sleeps: θ = 1 → everyday/own 0.08×, 0.19×; θ = 2 → 0.015×, 0.037×)
     gate_frozen: bool = True          # the fitted gate stays as it is while the expert distils (no BCE, no output grad)
+    # before the teacher writes, each older expert's gate is shut on this sleep's episodes and kept
+    # elsewhere (`Consolidator.close_older_gates`): Adam steps on its gate; 0 = off
+    older_gate_steps: int = 0
+    older_gate_lr: float = 0.02       # on the sharpened gate (k · w), so smaller than gate_fit_lr
     # expansion and tiers
     expansion: bool = True            # False: keep training the newest existing expert instead
     # new experts per sleep: 1 = one holds every episode; n > 1 = one per taught episode (up to n), the
@@ -229,6 +233,7 @@ class SleepConfig:
                              ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
                              ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
                              ("gate_old_questions", 0, 32), ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
+                             ("older_gate_steps", 0, 10_000), ("older_gate_lr", 1e-6, 10.0),
                              ("episode_experts", 1, 16)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)

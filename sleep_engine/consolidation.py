@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import ASSETS
 from .budget import NEVER, Deadline, steps_that_fit
 from .config import SleepConfig
-from .losses import generalized_jsd_loss, group_policy_gradient_loss
+from .losses import gate_closing_loss, generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
 from .probes import ANSWER_PROMPT, normalize, sentences
 from .rewards import imitation_rewards
@@ -518,16 +518,21 @@ class Consolidator:
             return {}
         return self._closed_states([ids[i:i + window] for i in range(0, len(ids), window)], new_ids)
 
-    def _closed_states(self, seqs: list[list[int]], new_ids: list[str]) -> dict[int, torch.Tensor]:
-        """{layer: MLP inputs of every real token of `seqs`} in one padded pass of the pre-sleep
-        model (the new experts muted, no fast weights)."""
+    def _closed_states(self, seqs: list[list[int]], new_ids: list[str], batch: int = 16) -> dict[int, torch.Tensor]:
+        """{layer: MLP inputs of every real token of `seqs`} from padded passes of the pre-sleep
+        model (the new experts muted, no fast weights), `batch` sequences at a time."""
         dev = next(self.lm.parameters()).device
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs], device=dev)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev, dtype=torch.bool)
-        with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
-            self.lm.model(input_ids=ids, attention_mask=mask)
-        return {layer: got[-1][mask].float() for layer, got in xs.items()}
+        parts: dict[int, list[torch.Tensor]] = {}
+        for i in range(0, len(seqs), batch):
+            chunk = seqs[i:i + batch]
+            width = max(len(s) for s in chunk)
+            ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in chunk], device=dev)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=dev, dtype=torch.bool)
+            with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
+                self.lm.model(input_ids=ids, attention_mask=mask)
+            for layer, got in xs.items():
+                parts.setdefault(layer, []).append(got[-1][mask].float())
+        return {layer: torch.cat(p) for layer, p in parts.items()}
 
     def older_questions(self, cap: int = 64) -> list[str]:
         """`gate_old_questions` subject questions about each older taught episode (at most `cap`
@@ -748,6 +753,69 @@ class Consolidator:
                 if parts:
                     losses.append(sum(parts) / len(parts))
         return torch.stack(losses).mean() if losses else None
+
+    # -- the older experts' gates (locality across sleeps) -----------------------------------------
+    @torch.no_grad()
+    def close_older_gates(self, new_episodes, old_episodes, new_ids: list[str], cap: int = 4096) -> dict:
+        """Shut every older routed expert's gate on this sleep's episodes, before the teacher
+        writes: an older expert that opens on a new episode's names puts its facts into the
+        teacher's answers and later into the new episode's (user check, third sleep: "Who first
+        caught the lanternjaw pike?" → "… Philippa Venn from 1919", two older passages' names).
+        Each gate moves from where it is (`gate_closing_loss`, `older_gate_steps` Adam steps): kept
+        on the older taught episodes' text and subject questions and on everyday prompts, closed on
+        the new episodes' text and subject questions. Returns per expert the mean over the new
+        episodes' tokens of its largest gate across layers, before and after."""
+        older = [e.expert_id for e in self.memory.experts() if e.expert_id not in new_ids]
+        if self.cfg.older_gate_steps == 0 or not older or not new_episodes:
+            return {}
+        close = self._closed_states(self._episode_reading(new_episodes), new_ids)
+        everyday = self.rng.sample(GATE_NEGATIVE_PROMPTS, min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS)))
+        keep = self._closed_states(self._episode_reading([e for e in old_episodes if e.kind == "taught"])
+                                   + [chat_ids(self.tok, q) for q in everyday], new_ids)
+        keep = {layer: x[self._sample(torch.arange(x.shape[0]), cap)] for layer, x in keep.items()}
+        report = {}
+        for expert_id in older:
+            self.check()
+            modules = self._expert_layers(expert_id)
+            layers = [l for l in modules if l in close and l in keep]
+            report[expert_id] = self._close_gate([modules[l] for l in layers], torch.stack([keep[l] for l in layers]),
+                                                 torch.stack([close[l] for l in layers]))
+        return report
+
+    def _episode_reading(self, episodes, window: int = 192) -> list[list[int]]:
+        """Token sequences of what a gate meets of `episodes`: each text in windows, and the
+        subject questions about the taught ones, bare and in the probes' answer prompt."""
+        seqs = []
+        for ep in episodes:
+            ids = encode_text(self.tok, ep.text)
+            seqs += [ids[i:i + window] for i in range(0, len(ids), window)]
+            if ep.kind == "taught":
+                for j, name in enumerate(subjects(ep.text)):
+                    q = SUBJECT_TEMPLATES[j % len(SUBJECT_TEMPLATES)].format(s=name)
+                    seqs += [chat_ids(self.tok, q), chat_ids(self.tok, ANSWER_PROMPT.format(q=q))]
+        return [s for s in seqs if s]
+
+    def _close_gate(self, modules: list, keep: torch.Tensor, close: torch.Tensor) -> dict:
+        """One expert's gate in each of its layers (`modules`), keep and close: (layers, tokens, d)."""
+        w0 = torch.stack([m.gate.detach().float() for m in modules])        # (L, d)
+        b0 = torch.stack([m.gate_bias.detach().float() for m in modules])   # (L,)
+        logits = lambda w, b, x: torch.einsum("lnd,ld->ln", x, w) + b[:, None]   # noqa: E731
+        p_keep = torch.sigmoid(logits(w0, b0, keep))
+        w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([w, b], lr=self.cfg.older_gate_lr)
+        with torch.enable_grad():
+            for _ in range(self.cfg.older_gate_steps):
+                loss = gate_closing_loss(logits(w, b, keep), p_keep, logits(w, b, close)) \
+                    + 1e-3 * (w - w0).pow(2).sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        for m, wl, bl in zip(modules, w.detach(), b.detach()):
+            m.gate.copy_(wl.to(m.gate.dtype))
+            m.gate_bias.copy_(bl.to(m.gate_bias.dtype))
+        peak = lambda w_, b_, x: float(torch.sigmoid(logits(w_, b_, x)).amax(0).mean())   # noqa: E731
+        return {"new_before": round(peak(w0, b0, close), 4), "new_after": round(peak(w, b, close), 4),
+                "kept_before": round(peak(w0, b0, keep), 4), "kept_after": round(peak(w, b, keep), 4)}
 
     # -- the objective -------------------------------------------------------------------------
     def divergence(self, batch: list[Example], new_ids: list[str]) -> torch.Tensor:

@@ -605,6 +605,9 @@ class SleepEngine:
         seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
                               teacher_fast_weights=summary["teacher_fast_weights"], writing=writing, training=training)
         new_ids = list(owners)
+        closed = seeder.close_older_gates(pending, older, new_ids)   # before the teacher reads with them
+        if closed:
+            summary["older_gates"] = closed
         examples = seeder.teacher_data(pending, older, new_ids)
         gates = {eid: set(ids) for eid, ids in owners.items()} if len(owners) > 1 else None
         summary["consolidation"] = seeder.seed(examples, new_ids, gates)

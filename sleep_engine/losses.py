@@ -64,3 +64,19 @@ def weighted_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: tor
     nll = -torch.gather(lp, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     w = weights[:, 1:].to(nll.dtype)
     return (nll * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def gate_closing_loss(z_keep: torch.Tensor, p_keep: torch.Tensor, z_close: torch.Tensor) -> torch.Tensor:
+    """An older expert's gate shut on a new sleep's inputs and left as it was elsewhere:
+
+        loss = ½ · mean_keep BCE(σ(z), p⁰) + ½ · mean_close BCE(σ(z), 0)
+
+    z: the gate's logits on the tokens to keep (whose probabilities before were p⁰, a soft
+    target: BCE(σ(z), p⁰) is least at z = logit p⁰) and on the tokens to close. Either part is
+    left out when it has no tokens."""
+    parts = []
+    if z_keep.numel():
+        parts.append(F.binary_cross_entropy_with_logits(z_keep, p_keep))
+    if z_close.numel():
+        parts.append(F.binary_cross_entropy_with_logits(z_close, torch.zeros_like(z_close)))
+    return sum(parts) / len(parts) if parts else z_keep.sum() * 0

@@ -182,6 +182,31 @@ def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils
         assert torch.equal(m.gate, g) and not torch.equal(m.B, B)   # gate as fitted, B learned
 
 
+def test_an_older_gate_open_everywhere_is_shut_on_the_new_episode_and_kept_on_its_own(tiny_engine):
+    """`close_older_gates`: an older expert whose gate is open on every token (bias +4) is nudged
+    to closed on the new episode's text and questions, and stays more open on the older one's."""
+    teach_two(tiny_engine)
+    mem = tiny_engine.memory
+    old_ep, new_ep = tiny_engine.pending_episodes()
+    old = mem.add_expert(tier=2, born=1, gate_bias=4.0)
+    new = mem.add_expert(tier=2, born=2, gate_bias=-6.0)
+    c = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(older_gate_steps=60, older_gate_lr=0.05),
+                     lambda *a, **kw: None, lambda: None, seed=3)
+    new_gate = [m.gate_bias.item() for m in mem.expert_modules(new)]
+    report = c.close_older_gates([new_ep], [old_ep], [new])
+    assert list(report) == [old]                                   # the sleep's own expert is not touched
+    assert [m.gate_bias.item() for m in mem.expert_modules(new)] == new_gate
+    r = report[old]
+    assert r["new_before"] > 0.95 and r["new_after"] < 0.5 * r["new_before"], r
+    assert r["kept_after"] > r["new_after"] + 0.15, r          # a random tiny model: far from separable
+    own_q, new_q = QA[0][0]["q"], QA[1][0]["q"]
+    g = question_gates(mem, tiny_engine.tokenizer, [own_q, new_q])[old]
+    assert g[0] > g[1], g                                          # its own question above the new one's
+    off = Consolidator(mem, tiny_engine.tokenizer, tiny_settings(older_gate_steps=0), lambda *a, **kw: None,
+                       lambda: None)
+    assert off.close_older_gates([new_ep], [old_ep], [new]) == {}
+
+
 def test_stop_lands_inside_the_gate_fit(tiny_engine):
     """The gate fit reads every example and runs its Adam steps without other checkpoints: a Stop
     raised there must not wait for the whole fit (stop-check measured 8.5–11.8 s before)."""

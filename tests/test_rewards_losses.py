@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sleep_engine.losses import generalized_jsd_loss, group_policy_gradient_loss, sequence_logprob
+from sleep_engine.losses import gate_closing_loss, generalized_jsd_loss, group_policy_gradient_loss, sequence_logprob
 from sleep_engine.rewards import edit_rewards, imitation_rewards
 
 
@@ -30,6 +30,21 @@ def test_jsd_mask_averages_only_counted_tokens():
     only_first = generalized_jsd_loss(s, t, torch.tensor([[1, 0]]))
     only_second = generalized_jsd_loss(s, t, torch.tensor([[0, 1]]))
     assert only_first.item() == pytest.approx(0.0, abs=1e-7) and only_second.item() > 0.5
+
+
+def test_gate_closing_loss_matches_hand_computation():
+    """½ · mean BCE(σ(z_keep), p⁰) + ½ · mean BCE(σ(z_close), 0)."""
+    sig = lambda z: 1 / (1 + math.exp(-z))   # noqa: E731
+    bce = lambda z, p: -(p * math.log(sig(z)) + (1 - p) * math.log(1 - sig(z)))   # noqa: E731
+    z_keep, p_keep, z_close = [2.0, -3.0], [sig(2.0), 0.2], [-1.0, 0.5, 4.0]
+    want = 0.5 * (bce(2.0, sig(2.0)) + bce(-3.0, 0.2)) / 2 + 0.5 * sum(bce(z, 0.0) for z in z_close) / 3
+    got = gate_closing_loss(torch.tensor(z_keep), torch.tensor(p_keep), torch.tensor(z_close))
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    # a keep token already at its target costs only its entropy: moving it costs more
+    at = gate_closing_loss(torch.tensor([2.0]), torch.tensor([sig(2.0)]), torch.tensor([]))
+    moved = gate_closing_loss(torch.tensor([0.0]), torch.tensor([sig(2.0)]), torch.tensor([]))
+    assert float(at) < float(moved)
+    assert float(gate_closing_loss(torch.tensor([]), torch.tensor([]), torch.tensor([-1.0]))) == pytest.approx(bce(-1.0, 0.0))
 
 
 def test_policy_gradient_pushes_up_better_than_group_mean():
