@@ -762,16 +762,16 @@ class Consolidator:
         teacher's answers and later into the new episode's (user check, third sleep: "Who first
         caught the lanternjaw pike?" → "… Philippa Venn from 1919", two older passages' names).
         Each gate moves from where it is (`gate_closing_loss`, `older_gate_steps` Adam steps): kept
-        on the older taught episodes' text and subject questions and on everyday prompts, closed on
-        the new episodes' text and subject questions. Returns per expert the mean over the new
+        on the older episodes (text; subject questions of the taught ones; up to 32 episodes) and on
+        everyday prompts, closed on the new episodes' text and subject questions. Returns per expert the mean over the new
         episodes' tokens of its largest gate across layers, before and after."""
         older = [e.expert_id for e in self.memory.experts() if e.expert_id not in new_ids]
         if self.cfg.older_gate_steps == 0 or not older or not new_episodes:
             return {}
         close = self._closed_states(self._episode_reading(new_episodes), new_ids)
         everyday = self.rng.sample(GATE_NEGATIVE_PROMPTS, min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS)))
-        keep = self._closed_states(self._episode_reading([e for e in old_episodes if e.kind == "taught"])
-                                   + [chat_ids(self.tok, q) for q in everyday], new_ids)
+        olds = self.rng.sample(list(old_episodes), min(len(old_episodes), 32))   # cost bounded after long chats
+        keep = self._closed_states(self._episode_reading(olds) + [chat_ids(self.tok, q) for q in everyday], new_ids)
         keep = {layer: x[self._sample(torch.arange(x.shape[0]), cap)] for layer, x in keep.items()}
         report = {}
         for expert_id in older:

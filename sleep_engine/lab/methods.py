@@ -174,7 +174,7 @@ class SleepMethod(Learner):
         reported apart (`probe_seconds`)."""
         e, every, settings = self.engine, self.exp.passages_per_sleep, self.settings()
         keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after",
-                "gate_selectivity", "consolidation")
+                "gate_selectivity", "consolidation", "older_gates")
         t0 = time.perf_counter()
         sleeps, phases = [], {}
         for i in range(0, len(passages), every):
