@@ -763,8 +763,9 @@ class Consolidator:
         caught the lanternjaw pike?" → "… Philippa Venn from 1919", two older passages' names).
         Each gate moves from where it is (`gate_closing_loss`, `older_gate_steps` Adam steps): kept
         on the older episodes (text; subject questions of the taught ones; up to 32 episodes) and on
-        everyday prompts, closed on the new episodes' text and subject questions. Returns per expert the mean over the new
-        episodes' tokens of its largest gate across layers, before and after."""
+        everyday prompts, closed on the new episodes' text and subject questions. Returns per
+        expert the mean over the new episodes' tokens (`new_…`) and the kept ones (`kept_…`) of
+        its largest gate across layers, before and after."""
         older = [e.expert_id for e in self.memory.experts() if e.expert_id not in new_ids]
         if self.cfg.older_gate_steps == 0 or not older or not new_episodes:
             return {}
@@ -772,7 +773,8 @@ class Consolidator:
         everyday = self.rng.sample(GATE_NEGATIVE_PROMPTS, min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS)))
         olds = self.rng.sample(list(old_episodes), min(len(old_episodes), 32))   # cost bounded after long chats
         keep = self._closed_states(self._episode_reading(olds) + [chat_ids(self.tok, q) for q in everyday], new_ids)
-        keep = {layer: x[self._sample(torch.arange(x.shape[0]), cap)] for layer, x in keep.items()}
+        rows = self._sample(torch.arange(next(iter(keep.values())).shape[0]), cap)   # the same tokens in every layer
+        keep = {layer: x[rows.to(x.device)] for layer, x in keep.items()}
         report = {}
         for expert_id in older:
             self.check()
