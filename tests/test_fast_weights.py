@@ -144,6 +144,10 @@ def test_lab_wake_settings_kept_share_and_a_short_long_chat(tiny_engine):
     assert wake.fast_lr == 0.05
     with pytest.raises(ConfigError, match="unknown setting"):
         wm.apply_wake_settings(wake, {"fast_lrr": "1"})
+    assert exp.update({"sleep_overrides": '{"older_gate_steps": 0}'}) == {}
+    assert exp.sleep_overrides == {"older_gate_steps": 0}   # a sleep setting, for the sleeps after the chat
+    with pytest.raises(ConfigError, match="unknown sleep setting"):
+        wm.WakeExperiment().update({"sleep_overrides": '{"older_gate_stepz": 0}'})
     prompts = wm.chat_prompts(300)
     assert len(prompts) == 300 and prompts[0] == prompts[len(set(prompts))]   # cycles the asset's lines
     # kept = share of the fresh model's right answers still right (new right answers do not count)

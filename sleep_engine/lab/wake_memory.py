@@ -39,12 +39,16 @@ class WakeExperiment:
     sleeps: int = 0            # part 3: rounds of teach + sleep after the chat (0 = skip)
     passages_per_sleep: int = 2   # taught before each of those sleeps (passages after part 1's)
     sleep_preset: str = "quick"
+    sleep_overrides: dict = dataclasses.field(default_factory=dict)   # over the preset: '{"older_gate_steps": 0}'
 
     def update(self, values: dict) -> dict:
         """Take this experiment's keys from `values`; return the rest (wake settings)."""
         rest = {}
         for key, value in values.items():
-            if key in {f.name for f in dataclasses.fields(self)}:
+            if key == "sleep_overrides":
+                self.sleep_overrides = json.loads(value) if isinstance(value, str) else dict(value)
+                SleepConfig.from_preset(self.sleep_preset, **self.sleep_overrides)   # a wrong name fails now
+            elif key in {f.name for f in dataclasses.fields(self)}:
                 setattr(self, key, type(getattr(self, key))(value))
             else:
                 rest[key] = value
@@ -199,7 +203,7 @@ def run(cfg: LabConfig, exp: WakeExperiment, out: Path, log=print) -> dict:
         if exp.turns:
             result["long_chat"] = long_chat(engine, exp, questions, generic, fresh, log)
         if exp.sleeps:
-            settings = SleepConfig.from_preset(exp.sleep_preset)
+            settings = SleepConfig.from_preset(exp.sleep_preset, **exp.sleep_overrides)
             result["sleeps"] = sleeps_after_chat(engine, exp, settings, later, questions, generic, fresh, log)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "wake.json"
