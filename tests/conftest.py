@@ -76,5 +76,9 @@ def make_tiny_engine(root: Path, tokenizer):
 
 @pytest.fixture
 def tiny_engine(tmp_path, tokenizer):
-    """A SleepEngine on a tiny random Llama with the real tokenizer, in a fresh state dir."""
-    return make_tiny_engine(tmp_path, tokenizer)
+    """A SleepEngine on a tiny random Llama with the real tokenizer, in a fresh state dir; closed
+    after the test (a fast-weight update left running in a daemon thread aborted the process at
+    exit: "terminate called without an active exception", exit status 134)."""
+    engine = make_tiny_engine(tmp_path, tokenizer)
+    yield engine
+    engine.close()
