@@ -606,9 +606,11 @@ class SleepEngine:
         seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
                               teacher_fast_weights=summary["teacher_fast_weights"])
         new_ids = list(owners)
+        t0 = time.perf_counter()
         closed = seeder.close_older_gates(pending, older, new_ids)   # before the teacher reads with them
         if closed:
             summary["older_gates"] = closed
+            summary["older_gates_s"] = round(time.perf_counter() - t0, 1)
         # the writing and step shares come out of what is left after it (its cost grows with the experts)
         seeder.writing, seeder.training = run.deadlines(cfg.dreaming, tier_step)
         examples = seeder.teacher_data(pending, older, new_ids)

@@ -178,6 +178,8 @@ def test_lab_wake_sleeps_after_the_chat_take_its_turns_and_score_every_passage_t
     assert [r["closed_book"]["n"] for r in rounds] == [len(passages[0].qa), len(passages[0].qa) + len(passages[1].qa)]
     assert tiny_engine.state.sleep_count() == 2 and not tiny_engine.pending_episodes()
     assert all(0 <= r["kept"] <= 1 and r["interference"]["wrong"] <= r["closed_book"]["n"] for r in rounds)
+    assert all(1 <= r["learning"]["steps"] <= r["learning"]["planned_steps"] for r in rounds)
+    assert rounds[0]["learning"]["older_gates_s"] is None   # the first sleep has no older expert to shut
 
 
 def test_a_non_finite_loss_leaves_tier1_as_it_was(tiny_engine):

@@ -140,6 +140,16 @@ def _kept(g: dict, fresh: dict) -> float:
     return sum(g["per_question"][i] for i in right) / max(len(right), 1)
 
 
+def _learning(summary: dict) -> dict:
+    """What a sleep had time for: its steps against the plan, the teacher's answers, the seconds of
+    each part (a budgeted sleep's recall follows its steps)."""
+    seeded = summary.get("consolidation") or {}
+    return {"steps": seeded.get("steps"), "planned_steps": seeded.get("planned_steps"),
+            "answered": seeded.get("answered"), "prompts": seeded.get("prompts"),
+            "writing_s": seeded.get("writing_s"), "training_s": seeded.get("training_s"),
+            "older_gates_s": summary.get("older_gates_s"), "phases": summary.get("phases")}
+
+
 def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions, generic: str, fresh: dict,
                       log) -> dict:
     from ..probes import interference
@@ -170,13 +180,15 @@ def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions
                        "everyday_changed": summary.get("everyday_changed"),
                        "gate_selectivity": summary.get("gate_selectivity"),
                        "tier_consolidation": summary.get("tier_consolidation"),
+                       "learning": _learning(summary),
                        "wrong_everyday": [{"q": q, "reply": r} for (q, a), r, ok, was in
                                           zip(questions, g["replies"], g["per_question"], fresh["per_question"])
                                           if was and not ok]})
         log(f"sleep {i + 1} ({pending} episodes, {seconds:.0f}s{', ' + error if error else ''}): closed-book "
             f"{recall['correct']}/{recall['n']}, wrong answers naming another passage {mixed['from_other_passage']}/"
             f"{mixed['wrong']}; everyday {g['correct']}/{len(questions)} (fresh {fresh['correct']}, kept "
-            f"{100 * rounds[-1]['kept']:.0f}%), ppl {100 * rounds[-1]['drift']:+.2f}%")
+            f"{100 * rounds[-1]['kept']:.0f}%), ppl {100 * rounds[-1]['drift']:+.2f}%; steps "
+            f"{rounds[-1]['learning']['steps']}/{rounds[-1]['learning']['planned_steps']}")
     return {"preset": exp.sleep_preset, "settings": vars(settings), "rounds": rounds}
 
 
