@@ -96,6 +96,16 @@ SUBJECT_TEMPLATES = ["What do your notes say about {s}?", "Tell me about {s}.", 
                      "Describe {s} in two sentences.", "What do you know about {s}?"]
 
 
+def subject_question(name: str, k: int) -> str:
+    """The k-th phrasing (cycling) of a question about a subject (never a probe question)."""
+    return SUBJECT_TEMPLATES[k % len(SUBJECT_TEMPLATES)].format(s=name)
+
+
+def windows(ids: list[int], size: int = 192) -> list[list[int]]:
+    """A token sequence in `size`-token pieces: how a gate-fitting pass reads a long text."""
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 def seed_prompts(text: str, n: int) -> list[str]:
     """What the teacher is asked about a new episode: a recitation of the whole note; a quote of
     each later sentence (a recitation is cut at `answer_tokens` and the teacher recites from the
@@ -516,7 +526,7 @@ class Consolidator:
         ids = encode_text(self.tok, ANCHOR_TEXT.read_text(encoding="utf-8").strip())
         if not ids or not new_ids:
             return {}
-        return self._closed_states([ids[i:i + window] for i in range(0, len(ids), window)], new_ids)
+        return self._closed_states(windows(ids, window), new_ids)
 
     def _closed_states(self, seqs: list[list[int]], new_ids: list[str], batch: int = 16) -> dict[int, torch.Tensor]:
         """{layer: MLP inputs of every real token of `seqs`} from padded passes of the pre-sleep
@@ -543,7 +553,7 @@ class Consolidator:
         asks = []
         for i, text in enumerate(self.older_texts):
             names = subjects(text)
-            asks += [SUBJECT_TEMPLATES[(i + j) % len(SUBJECT_TEMPLATES)].format(s=names[j % len(names)])
+            asks += [subject_question(names[j % len(names)], i + j)
                      for j in range(self.cfg.gate_old_questions if names else 0)]
         return self.rng.sample(asks, cap) if len(asks) > cap else asks
 
@@ -790,10 +800,10 @@ class Consolidator:
         seqs = []
         for ep in episodes:
             ids = encode_text(self.tok, ep.text)
-            seqs += [ids[i:i + window] for i in range(0, len(ids), window)]
+            seqs += windows(ids, window)
             if ep.kind == "taught":
                 for j, name in enumerate(subjects(ep.text)):
-                    q = SUBJECT_TEMPLATES[j % len(SUBJECT_TEMPLATES)].format(s=name)
+                    q = subject_question(name, j)
                     seqs += [chat_ids(self.tok, q), chat_ids(self.tok, ANSWER_PROMPT.format(q=q))]
         return [s for s in seqs if s]
 

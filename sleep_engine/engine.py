@@ -601,18 +601,15 @@ class SleepEngine:
         for info in (e for e in self.memory.experts() if e.expert_id in owners):
             run.emit("expert", expert_id=info.expert_id, tier=2, layers=info.layers, params=info.params,
                      born=run.number, episodes=owners[info.expert_id])
-        tier_step = self._tier_step_due(run.number, cfg)
-        run.deadlines(cfg.dreaming, tier_step)   # starts the budget's clock: shutting older gates is learning time
+        writing, training = run.deadlines(cfg.dreaming, self._tier_step_due(run.number, cfg))
         seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
-                              teacher_fast_weights=summary["teacher_fast_weights"])
+                              teacher_fast_weights=summary["teacher_fast_weights"], writing=writing, training=training)
         new_ids = list(owners)
         t0 = time.perf_counter()
         closed = seeder.close_older_gates(pending, older, new_ids)   # before the teacher reads with them
         if closed:
             summary["older_gates"] = closed
             summary["older_gates_s"] = round(time.perf_counter() - t0, 1)
-        # the writing and step shares come out of what is left after it (its cost grows with the experts)
-        seeder.writing, seeder.training = run.deadlines(cfg.dreaming, tier_step)
         examples = seeder.teacher_data(pending, older, new_ids)
         gates = {eid: set(ids) for eid, ids in owners.items()} if len(owners) > 1 else None
         summary["consolidation"] = seeder.seed(examples, new_ids, gates)
