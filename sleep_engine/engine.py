@@ -20,7 +20,7 @@ from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
 from .budget import NEVER, Deadline, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
-from .consolidation import Consolidator, Example, distill_steps, episode_groups, round_robin, seed_prompts
+from .consolidation import ANCHOR_PROMPTS, Consolidator, Example, distill_steps, episode_groups, round_robin, seed_prompts
 from .dreaming import Dreamer
 from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
@@ -121,6 +121,7 @@ class SleepRun:
         self.weights = {k: v / sum(weights.values()) for k, v in weights.items()}
         self.done = 0.0                       # share of the sleep finished (phases done)
         self.phases: dict[str, float] = {}    # seconds per finished phase
+        self.tier_step = False                # a tier 2 → tier 3 step runs after the reset (_plan_tier_step)
         self.committed = False                # past the commit point: nothing is rolled back
         self.step_seconds: list[float] = []   # consolidation's measured step times (for time left)
         self.steps_left = 0
@@ -224,6 +225,7 @@ class SleepEngine:
         self._status: dict = {"state": "awake"}
         self._snapshot: MemoryModel | None = None   # the pre-sleep memory, while a sleep runs
         self._run: SleepRun | None = None             # the running sleep's bookkeeping (time left)
+        self._step_seconds: list[float] = []          # the last sleep's step times (is a tier step worth planning?)
         try:
             self._restore()
         except BaseException:
@@ -533,6 +535,7 @@ class SleepEngine:
                 generic = GENERIC_TEXT.read_text()
                 with run.phase("probe_before"):
                     everyday = self._probe_before(run, probes, generic, cfg, summary)
+                run.tier_step = self._plan_tier_step(run, older + list(pending), cfg, summary)
                 with run.phase("consolidation"):
                     owners = self._consolidate(run, pending, older, cfg, summary)
                 summary["dreams"] = {"generated": 0, "kept": 0, "rewarded": 0}
@@ -544,7 +547,7 @@ class SleepEngine:
                         summary["dreams"] = self._dream(run, pending, list(owners), cfg)
                 with run.phase("reset"):
                     self.memory.reset_fast_weights()
-                    if self._tier_step_due(number, cfg):
+                    if run.tier_step:
                         summary["tier_consolidation"] = self._consolidate_tier(run, older + list(pending), cfg)
                 with run.phase("probe_after"):
                     self._probe_after(run, probes, generic, everyday, owners, summary)
@@ -552,6 +555,7 @@ class SleepEngine:
                 with run.phase("checkpoint"):
                     self._checkpoint(run, pending, snapshot, summary)
                 self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
+                self._step_seconds = list(run.step_seconds) or self._step_seconds
                 run.emit("done", summary=summary)
         except Cancelled:
             self._rollback(snapshot)
@@ -601,7 +605,7 @@ class SleepEngine:
         for info in (e for e in self.memory.experts() if e.expert_id in owners):
             run.emit("expert", expert_id=info.expert_id, tier=2, layers=info.layers, params=info.params,
                      born=run.number, episodes=owners[info.expert_id])
-        writing, training = run.deadlines(cfg.dreaming, self._tier_step_due(run.number, cfg))
+        writing, training = run.deadlines(cfg.dreaming, run.tier_step)
         seeder = Consolidator(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
                               teacher_fast_weights=summary["teacher_fast_weights"], writing=writing, training=training)
         new_ids = list(owners)
@@ -711,6 +715,26 @@ class SleepEngine:
     def _tier_step_due(self, number: int, cfg: SleepConfig) -> bool:
         return number % cfg.consolidate_every == 0 and self.memory.cfg.tiers >= 3 and \
             any(e.tier == 2 for e in self.memory.experts())
+
+    def _plan_tier_step(self, run: "SleepRun", episodes, cfg: SleepConfig, summary: dict) -> bool:
+        """Whether a due tier step gets its share (half) of the budget: not when the last sleep's
+        step time already says it cannot fit the whole budget — it would be deferred after the
+        steps had lost that half for nothing (lab wake, quick, sleep 3: a 221-step tier step
+        "needs ~1460 s", 67 s of the budget went unused and consolidation ran 1 of 17 steps)."""
+        if not self._tier_step_due(run.number, cfg):
+            return False
+        if not cfg.budget_s or not self._step_seconds:
+            return True   # nothing measured yet: try it, the check before it still defers
+        pool = min(cfg.anchor_prompts, len(ANCHOR_PROMPTS)) + \
+            sum(len(seed_prompts(e.text, cfg.prompts_per_episode)) for e in episodes)
+        steps = distill_steps(cfg, pool)
+        need = tier_step_seconds(steps, self._step_seconds)
+        if need is None or need <= cfg.budget_s:
+            return True
+        summary["tier_consolidation"] = self._defer_tier(
+            run, None, f"its ~{steps} steps need ~{need:.0f} s at the last sleep's step time, "
+                       f"more than the {cfg.budget_s:g} s budget")
+        return False
 
     def _consolidate_tier(self, run: "SleepRun", episodes, cfg) -> dict:
         """Tier 2 → tier 3: a new slow expert learns from the model with its tier-2 experts

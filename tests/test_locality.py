@@ -332,6 +332,27 @@ def test_the_joint_gate_fit_fits_each_expert_as_if_alone():
             assert m_alone.gate_bias.item() == pytest.approx(m_both.gate_bias.item(), abs=1e-4)
 
 
+def test_older_gates_shut_together_move_each_as_if_alone():
+    """`_close_gates` of two experts at once = each shut alone on the same tokens (its readings too)."""
+    class Gate:
+        def __init__(self, w, b):
+            self.gate, self.gate_bias = w.clone(), b.clone()
+    torch.manual_seed(0)
+    keep, close = torch.randn(3, 30, 8), torch.randn(3, 20, 8)
+    start = [(torch.randn(3, 8), torch.randn(3) + 2) for _ in range(2)]
+    c = _bare_consolidator(older_gate_steps=25, older_gate_lr=0.05)
+    both = {f"e{i}": [Gate(w[l], b[l]) for l in range(3)] for i, (w, b) in enumerate(start)}
+    together = c._close_gates(both, keep, close)
+    for i, (w, b) in enumerate(start):
+        alone = {"x": [Gate(w[l], b[l]) for l in range(3)]}
+        reading = c._close_gates(alone, keep, close)["x"]
+        assert reading == pytest.approx(together[f"e{i}"], abs=2e-4)
+        assert reading["new_after"] < reading["new_before"]
+        for m_alone, m_both in zip(alone["x"], both[f"e{i}"]):
+            assert torch.allclose(m_alone.gate, m_both.gate, atol=1e-5)
+            assert m_alone.gate_bias.item() == pytest.approx(m_both.gate_bias.item(), abs=1e-5)
+
+
 def test_the_new_gates_are_fitted_shut_on_questions_about_older_episodes():
     """`gate_old_questions` subject questions per older taught episode join the gate's negatives;
     none is a probe question, and 0 adds none."""

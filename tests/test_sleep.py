@@ -191,7 +191,9 @@ def test_a_tier_step_that_does_not_fit_the_budget_keeps_tier_two(tiny_engine, mo
     monkeypatch.setattr(E, "tier_step_seconds", lambda steps, seconds: 1e6)     # would not fit: not started
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
-    assert "steps need" in summary["tier_consolidation"]["deferred"]
+    # decided before consolidation from the last sleep's step time: no half of the budget held for it
+    assert "at the last sleep's step time" in summary["tier_consolidation"]["deferred"]
+    assert not any(e.data.get("tier") == 3 for e in tiny_engine.events.since(0) if e.data)
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e0", 2), ("e1", 2), ("e2", 2)]
     tiny_engine.wake.teach("The Orrin Valley ferry leaves at dawn.")
     monkeypatch.setattr(E, "tier_step_seconds", lambda steps, seconds: None)     # tried, then cut by the budget
