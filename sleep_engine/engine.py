@@ -725,6 +725,7 @@ class SleepEngine:
             return False
         if not cfg.budget_s or not self._step_seconds:
             return True   # nothing measured yet: try it, the check before it still defers
+        # the size of `_tier_prompts`' list, without drawing its anchors
         pool = min(cfg.anchor_prompts, len(ANCHOR_PROMPTS)) + \
             sum(len(seed_prompts(e.text, cfg.prompts_per_episode)) for e in episodes)
         steps = distill_steps(cfg, pool)
