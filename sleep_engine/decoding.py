@@ -107,7 +107,7 @@ class FastLlamaDecoder:
     # the trainer at 57–68 steps/s (torch's own threads: 59–72 tokens/s, trainer 52–60).
     PAUSES_ALONE, PAUSES_BESIDE_WORK = 2048, 256
 
-    def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False):
+    def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False, cuda_graphs: bool = True):
         cfg = lm.config
         self.pauses = self.PAUSES_BESIDE_WORK if beside_work else self.PAUSES_ALONE
         self.lm, self.inner = lm, lm.model
@@ -128,6 +128,7 @@ class FastLlamaDecoder:
         self.plan_ready = False
         self.plan = self._plan()
         self.one = self.plan is not None   # one token at a time through the compiled step
+        self.graph = CudaGraphStep(self) if cuda_graphs and emb.device.type == "cuda" else None
 
     def _plan(self):
         """The compiled one-token step (sleep_engine/quant_matvec.cpp `DecodePlan`) over this
@@ -164,6 +165,8 @@ class FastLlamaDecoder:
                 if fused is not L.fused_memory:
                     self.tokens = []
                 L.fused_memory = fused
+        if self.graph is not None:
+            self.graph.refresh()
         self.plan_ready = self.plan is not None and all(self._set_plan_memory(i, L) for i, L in enumerate(self.layers))
 
     def _set_plan_memory(self, i: int, L: _Layer) -> bool:
@@ -197,6 +200,8 @@ class FastLlamaDecoder:
         T, end = ids.shape[1], start + ids.shape[1]
         if self.one and self.plan_ready and T <= self.PLAN_MAX_TOKENS:
             return self._compiled_step(ids[0].tolist(), start)
+        if self.graph is not None and T == 1:
+            return self.graph(ids, start)
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]
@@ -218,6 +223,27 @@ class FastLlamaDecoder:
             x = x + L.o(o.transpose(1, 2).reshape(1, T, H * hd))
             x = x + self._mlp(L, _norm(L.norm2, x))
         return self.lm.lm_head(_norm(self.inner.norm, x[:, -1:]))[:, -1].float()
+
+    def static_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """`_step` for one token with every shape fixed, so a CUDA graph can record it: the token
+        (1, 1) and its position (1,) are tensors, keys and values go in with `index_copy_`, and
+        attention reads the whole cache under a mask of the positions up to `pos`."""
+        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+        x = self.inner.embed_tokens(token)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        mask = (torch.arange(self.max_len, device=pos.device) <= pos)[None, None, None]
+        half = hd // 2
+        for i, L in enumerate(self.layers):
+            h = _norm(L.norm1, x)
+            qkv = L.qkv(h) if L.qkv is not None else torch.cat([L.q(h), L.k(h), L.v(h)], -1)
+            qk = qkv[..., :(H + KV) * hd].view(1, 1, H + KV, hd).transpose(1, 2)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            self.k[i].index_copy_(2, pos, qk[:, H:])
+            self.v[i].index_copy_(2, pos, qkv[..., (H + KV) * hd:].view(1, 1, KV, hd).transpose(1, 2))
+            o = F.scaled_dot_product_attention(qk[:, :H], self.k[i], self.v[i], attn_mask=mask, enable_gqa=KV != H)
+            x = x + L.o(o.transpose(1, 2).reshape(1, 1, H * hd))
+            x = x + self._mlp(L, _norm(L.norm2, x))
+        return self.lm.lm_head(_norm(self.inner.norm, x))[:, -1].float()
 
     @staticmethod
     def _mlp(L: _Layer, h: torch.Tensor) -> torch.Tensor:
@@ -248,6 +274,83 @@ class FastLlamaDecoder:
         return logits
 
 
+class CudaGraphStep:
+    """The one-token step replayed from a CUDA graph. A 135M model on a GPU is bound by kernel
+    launches (~400 per token), not arithmetic (H200, 2026-11-26: 71 tokens/s with 6 experts
+    through `_step`). The graph records `static_step` once and reads the memory path's weights by
+    address: when they change with the same shapes (fast weights after a Wake update, experts after
+    a sleep) `refresh` copies the new values in; anything else (an expert added or removed, a forced
+    one) records it again. Routing gates are recorded into graph memory and copied to the traces."""
+
+    def __init__(self, decoder: FastLlamaDecoder):
+        self.dec = decoder
+        dev = decoder.k.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = None
+        self.fused: list = []          # per layer, the memory tensors the graph reads
+        self.logits = None
+        self.gates: list = []          # per layer, the graph's gate tensor (None: no experts there)
+
+    @staticmethod
+    def _tensors(fused) -> list[torch.Tensor]:
+        return [] if fused is None else [t for t in fused[:3] if t is not None]
+
+    def refresh(self) -> None:
+        """Take the layers' current memory weights (`FastLlamaDecoder.begin`)."""
+        if self.graph is None:
+            return
+        now = [L.fused_memory for L in self.dec.layers]
+        same = all((a is None) == (b is None) and (a is None or (a[3:5] == b[3:5] and a[6] == b[6] and
+                   torch.equal(a[5], b[5]) and all(x.shape == y.shape for x, y in zip(a[:3], b[:3]))))
+                   for a, b in zip(self.fused, now))
+        if not same:
+            self.graph = None
+            return
+        for a, b in zip(self.fused, now):
+            for x, y in zip(self._tensors(a), self._tensors(b)):
+                if x is not y:
+                    x.copy_(y)
+
+    def _record(self) -> None:
+        layers = [L for L in self.dec.layers]
+        saved = [L.memory.trace if L.memory is not None else None for L in layers]
+        traces = [[] for _ in layers]
+        for L, t in zip(layers, traces):
+            if L.memory is not None:
+                L.memory.trace = t
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):   # warm-up outside the graph, as CUDA graphs require
+                for _ in range(2):
+                    self.dec.static_step(self.token, self.pos)
+            torch.cuda.current_stream().wait_stream(side)
+            for t in traces:
+                t.clear()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.dec.static_step(self.token, self.pos)
+        finally:
+            for L, t in zip(layers, saved):
+                if L.memory is not None:
+                    L.memory.trace = t
+        self.gates = [t[-1] if t and t[-1] is not None and t[-1].numel() else None for t in traces]
+        self.fused = [L.fused_memory for L in layers]
+        self.graph = graph
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        self.token.copy_(ids)
+        self.pos.fill_(start)
+        if self.graph is None:
+            self._record()   # its warm-up already wrote this token's keys and values; replaying rewrites them
+        self.graph.replay()
+        for L, g in zip(self.dec.layers, self.gates):
+            if L.memory is not None and L.memory.trace is not None:
+                L.memory.trace.append(None if g is None else g.clone())
+        return self.logits.clone()
+
+
 class HFDecoder:
     """Any causal LM through its own forward and a DynamicCache (no prefix reuse)."""
 
@@ -273,9 +376,9 @@ class HFDecoder:
         return out.logits[:, -1].float()
 
 
-def make_decoder(lm: nn.Module, max_len: int, fast: bool = True, beside_work: bool = False):
+def make_decoder(lm: nn.Module, max_len: int, fast: bool = True, beside_work: bool = False, cuda_graphs: bool = True):
     if fast and FastLlamaDecoder.supports(lm):
-        return FastLlamaDecoder(lm, max_len, beside_work)
+        return FastLlamaDecoder(lm, max_len, beside_work, cuda_graphs)
     return HFDecoder(lm, max_len)
 
 

@@ -33,6 +33,62 @@ def test_fast_decoder_matches_transformers_generate(experts):
     assert list(generate_tokens(HFDecoder(lab, 64), prompt, 12, stop_ids=set())) == want
 
 
+def _with_experts(lab, n, device="cpu"):
+    mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
+    for _ in range(n):
+        eid = mem.add_expert(2, 1)
+        with torch.no_grad():
+            for e in mem.expert_modules(eid):
+                e.B.normal_(std=0.2)
+                e.gate.normal_(std=1.0)
+    return mem
+
+
+def test_static_step_matches_the_step_and_traces_the_same_gates():
+    """The step a CUDA graph records (fixed shapes, whole-cache attention under a mask) gives the
+    logits and routing gates of the usual step, token by token after a prefilled prompt."""
+    lab = tiny_llama()
+    mem = _with_experts(lab, 2)
+    ref, static = FastLlamaDecoder(lab, 64), FastLlamaDecoder(lab, 64)
+    ref.one = static.one = False   # the torch path on both (the compiled step is CPU-only)
+    seq = [5, 9, 33, 2, 71, 100]
+    with torch.no_grad():
+        for dec in (ref, static):
+            dec.begin()
+            dec.feed(seq)
+        for t in (17, 42, 8):
+            pos = len(seq)
+            seq = seq + [t]
+            with mem.tracing() as tr_ref:
+                a = ref.feed(seq)
+            with mem.tracing() as tr_static:
+                b = static.static_step(torch.tensor([[t]]), torch.tensor([pos]))
+            assert torch.allclose(a, b, atol=1e-5)
+            assert torch.allclose(torch.tensor(tr_ref.matrix()), torch.tensor(tr_static.matrix()), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decoding_writes_the_same_tokens_and_follows_memory_changes():
+    lab = tiny_llama().cuda()
+    mem = _with_experts(lab, 2)
+    prompt = [5, 9, 33, 2, 71, 100]
+
+    def both():
+        plain = list(generate_tokens(FastLlamaDecoder(lab, 64, cuda_graphs=False), prompt, 12, stop_ids=set()))
+        return plain, list(generate_tokens(graphed, prompt, 12, stop_ids=set()))
+    graphed = FastLlamaDecoder(lab, 64)
+    plain, got = both()
+    assert got == plain
+    with torch.no_grad():   # same shapes: the graph's weights are refreshed in place
+        for m in mem.mlps.values():
+            m.fast_B.normal_(std=0.5)
+    plain, got = both()
+    assert got == plain
+    mem.add_expert(2, 2)    # a new expert: the graph is recorded again
+    plain, got = both()
+    assert got == plain and graphed.graph.graph is not None
+
+
 def test_prefix_reuse_gives_the_same_logits_as_a_fresh_cache():
     lab = tiny_llama()
     MemoryModel(lab, MemoryConfig())

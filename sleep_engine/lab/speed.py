@@ -52,9 +52,11 @@ def dense_rate(model, prompts_ids, tokens: int) -> float:
     return _median_rate(run, prompts_ids)
 
 
-def lab_rate(memory: MemoryModel, prompts_ids, tokens: int, beside_work: bool = False) -> tuple[float, float]:
+def lab_rate(memory: MemoryModel, prompts_ids, tokens: int, beside_work: bool = False,
+             cuda_graphs: bool = True) -> tuple[float, float]:
     """Lab decoder with routing traces on; returns (tokens/s, median time to first token in s)."""
-    decoder = make_decoder(memory.lm, max(len(i) for i in prompts_ids) + tokens + 8, beside_work=beside_work)
+    decoder = make_decoder(memory.lm, max(len(i) for i in prompts_ids) + tokens + 8, beside_work=beside_work,
+                           cuda_graphs=cuda_graphs)
     ttfts = []
 
     def run(ids):
@@ -241,6 +243,10 @@ def bench_wake(cfg: LabConfig, tokens: int = 64, modes: list[str] = (), cold: bo
     result["ttft_ms"] = round(ttft * 1000, 1)
     result["ratio"] = round(result["lab_tokens_per_s"] / result["dense_tokens_per_s"], 3)
     result["speedup_vs_fp32"] = round(result["lab_tokens_per_s"] / result["dense_fp32_tokens_per_s"], 3)
+    if lab_bb.device.type == "cuda":
+        log("lab model, 6 routed experts, without the CUDA graph …")
+        rate, ttft = lab_rate(memory, prompts_ids, tokens, cuda_graphs=False)
+        result.update(lab_no_graph_tokens_per_s=round(rate, 2), no_graph_ttft_ms=round(ttft * 1000, 1))
     log("lab model, 6 routed experts, decoding in another thread (as the web app does) …")
     result["lab_thread_tokens_per_s"] = round(in_a_thread(lambda: lab_rate(memory, prompts_ids, tokens))[0], 2)
     log("… and beside a training thread (chat during a sleep), with the threads' pauses for either case …")
