@@ -148,6 +148,7 @@ class SleepConfig:
     gate_bias_init: float = -6.0      # σ(−6) ≈ 0.0025: a new expert starts closed (0 = the old half-open birth)
     gate_loss: float = 1.0            # weight of the gate's BCE: open on episode tokens, closed on anchors/replay; 0 = off
     gate_negatives: int = 32          # extra everyday prompts per sleep that only teach the gate to stay closed
+    gate_negative_answers: int = 0    # and the pre-sleep model's own answers to them, up to this many tokens (0 = prompts only)
     gate_distractors: int = 24        # and questions about invented names of no episode (the gate keys on *its* names)
     gate_old_questions: int = 0       # and questions about each older taught episode's subjects (cross-sleep leaks)
     gate_fit_steps: int = 80          # before distilling, fit the gate on the sleep's data (logistic, cheap); 0 = off
@@ -232,7 +233,7 @@ class SleepConfig:
                              ("consolidate_every", 1, 1000), ("dreams", 1, 1024), ("keep_top", 0, 1024),
                              ("keep_random", 0, 1024), ("dream_tokens", 4, 1024), ("trial_steps", 1, 100),
                              ("rest_rounds", 0, 100), ("rest_steps", 0, 1000), ("dream_lr", 1e-7, 1.0),
-                             ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256),
+                             ("gate_bias_init", -30.0, 30.0), ("gate_loss", 0.0, 100.0), ("gate_negatives", 0, 256), ("gate_negative_answers", 0, 256),
                              ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
                              ("gate_old_questions", 0, 32), ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
                              ("older_gate_steps", 0, 10_000), ("older_gate_lr", 1e-6, 10.0),

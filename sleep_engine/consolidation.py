@@ -512,8 +512,12 @@ class Consolidator:
         asks += self.older_questions()
         if not asks:
             return {}
-        return self._closed_states([chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q)
-                                    for i, q in enumerate(asks)], new_ids)
+        seqs = [chat_ids(self.tok, ANSWER_PROMPT.format(q=q) if i % 2 else q) for i, q in enumerate(asks)]
+        if self.cfg.gate_negative_answers and n:
+            with self.memory.configured(muted=new_ids, fast_weights=False):
+                answers = generate_batch(self.lm, self.tok, seqs[:n], self.cfg.gate_negative_answers)
+            seqs[:n] = [s + a for s, a in zip(seqs[:n], answers)]
+        return self._closed_states(seqs, new_ids)
 
     @torch.no_grad()
     def gate_text_states(self, new_ids: list[str], window: int = 192) -> dict[int, torch.Tensor]:
