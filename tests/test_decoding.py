@@ -16,24 +16,7 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("experts", [0, 2])
-def test_fast_decoder_matches_transformers_generate(experts):
-    lab = tiny_llama()
-    mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
-    for _ in range(experts):
-        eid = mem.add_expert(2, 1)
-        with torch.no_grad():
-            for e in mem.expert_modules(eid):
-                e.B.normal_(std=0.2)
-                e.gate.normal_(std=1.0)
-    prompt = [5, 9, 33, 2, 71, 100]
-    want = hf_greedy(lab, prompt, 12)
-    dec = FastLlamaDecoder(lab, 64)
-    assert list(generate_tokens(dec, prompt, 12, stop_ids=set())) == want
-    assert list(generate_tokens(HFDecoder(lab, 64), prompt, 12, stop_ids=set())) == want
-
-
-def _with_experts(lab, n, device="cpu"):
+def _with_experts(lab, n):
     mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
     for _ in range(n):
         eid = mem.add_expert(2, 1)
@@ -42,6 +25,17 @@ def _with_experts(lab, n, device="cpu"):
                 e.B.normal_(std=0.2)
                 e.gate.normal_(std=1.0)
     return mem
+
+
+@pytest.mark.parametrize("experts", [0, 2])
+def test_fast_decoder_matches_transformers_generate(experts):
+    lab = tiny_llama()
+    _with_experts(lab, experts)
+    prompt = [5, 9, 33, 2, 71, 100]
+    want = hf_greedy(lab, prompt, 12)
+    dec = FastLlamaDecoder(lab, 64)
+    assert list(generate_tokens(dec, prompt, 12, stop_ids=set())) == want
+    assert list(generate_tokens(HFDecoder(lab, 64), prompt, 12, stop_ids=set())) == want
 
 
 def test_static_step_matches_the_step_and_traces_the_same_gates():
