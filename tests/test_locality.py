@@ -8,6 +8,7 @@ import torch
 from sleep_engine.consolidation import Consolidator, subjects
 from sleep_engine.lab.data import general_questions
 from sleep_engine.probes import gate_selectivity, interference, passage_names, question_gates
+from sleep_engine.sampling import chat_ids
 from test_sleep import QA, TEXTS, teach_two, tiny_settings
 
 EVERYDAY = "What is the capital of France?"   # one of assets/general_questions.jsonl: never a training negative
@@ -367,6 +368,23 @@ def test_the_new_gates_are_fitted_shut_on_questions_about_older_episodes():
     assert off.older_questions() == []
     c.older_texts = [TEXTS[0]] * 40
     assert len(c.older_questions(cap=16)) == 16
+
+
+def test_the_new_gates_are_fitted_shut_on_the_everyday_answers_too(tiny_engine):
+    """`gate_negative_answers`: the closed states hold each everyday prompt followed by the
+    pre-sleep model's own answer (up to that many tokens); the prompts' states are the same as
+    without, and 0 leaves the prompts alone."""
+    def states(answers):
+        c = Consolidator(tiny_engine.memory, tiny_engine.tokenizer,
+                         tiny_settings(gate_negatives=4, gate_distractors=0, gate_negative_answers=answers),
+                         lambda *a, **kw: None, lambda: None, seed=5)
+        return c.gate_negative_states([])
+    bare, with_answers = states(0), states(6)
+    layer = next(iter(bare))
+    added = with_answers[layer].shape[0] - bare[layer].shape[0]
+    assert 0 < added <= 4 * 6
+    first = len(chat_ids(tiny_engine.tokenizer, "x"))   # no everyday prompt is shorter: its tokens come first
+    assert torch.allclose(with_answers[layer][:first], bare[layer][:first], atol=1e-5)
 
 
 def test_the_teacher_can_answer_about_its_episode_without_the_older_experts(tiny_engine):
