@@ -8,6 +8,7 @@ their transformers forward with a DynamicCache. Both give the same tokens (tests
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -201,7 +202,9 @@ class FastLlamaDecoder:
         if self.one and self.plan_ready and T <= self.PLAN_MAX_TOKENS:
             return self._compiled_step(ids[0].tolist(), start)
         if self.graph is not None and T == 1:
-            return self.graph(ids, start)
+            logits = self.graph(ids, start)
+            if logits is not None:
+                return logits
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]
@@ -339,11 +342,18 @@ class CudaGraphStep:
         self.fused = [L.fused_memory for L in layers]
         self.graph = graph
 
-    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The next-token logits, or None when the step cannot be recorded (the decoder then runs
+        without a graph from here on)."""
         self.token.copy_(ids)
         self.pos.fill_(start)
         if self.graph is None:
-            self._record()   # its warm-up already wrote this token's keys and values; replaying rewrites them
+            try:
+                self._record()   # its warm-up already wrote this token's keys and values; replaying rewrites them
+            except RuntimeError as e:   # a layer whose kernels cannot be recorded (a host sync, say)
+                warnings.warn(f"decoding without a CUDA graph: {e}")
+                self.dec.graph = None
+                return None
         self.graph.replay()
         for L, g in zip(self.dec.layers, self.gates):
             if L.memory is not None and L.memory.trace is not None:
