@@ -316,7 +316,7 @@ class CudaGraphStep:
                     x.copy_(y)
 
     def _record(self) -> None:
-        layers = [L for L in self.dec.layers]
+        layers = list(self.dec.layers)
         saved = [L.memory.trace if L.memory is not None else None for L in layers]
         traces = [[] for _ in layers]
         for L, t in zip(layers, traces):
