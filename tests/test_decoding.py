@@ -73,11 +73,16 @@ def test_cuda_graph_decoding_writes_the_same_tokens_and_follows_memory_changes()
     graphed = FastLlamaDecoder(lab, 64)
     plain, got = both()
     assert got == plain
-    with torch.no_grad():   # same shapes: the graph's weights are refreshed in place
-        for m in mem.mlps.values():
-            m.fast_B.normal_(std=0.5)
-    plain, got = both()
-    assert got == plain
+    # the first change turns the fast weights on (new shapes: recorded again), the second keeps the
+    # shapes: the graph's weights are refreshed in place, the same graph replays
+    for std in (0.5, 0.3):
+        recorded = graphed.graph.graph
+        with torch.no_grad():
+            for m in mem.mlps.values():
+                m.fast_B.normal_(std=std)
+        plain, got = both()
+        assert got == plain
+    assert graphed.graph.graph is recorded
     mem.add_expert(2, 2)    # a new expert: the graph is recorded again
     plain, got = both()
     assert got == plain and graphed.graph.graph is not None
