@@ -150,7 +150,7 @@ class SleepConfig:
     gate_negatives: int = 32          # extra everyday prompts per sleep that only teach the gate to stay closed
     # and the pre-sleep model's own answers to them, up to this many tokens (0 = prompts only): gates
     # fitted on prompts alone opened on answers' generic words ("The", "a deep") in the last layers.
-    # Dev, 12 passages in 3 sleeps, side by side: 0 → 15/48, everyday kept 60/67; 24 → 22/48, 66/67
+    # Dev, 12 passages in 3 sleeps: 0 → 15/48, everyday kept 60/67; 24 → 22/48, 66/67; 12 → 15/48, 66/67
     gate_negative_answers: int = 24
     gate_distractors: int = 24        # and questions about invented names of no episode (the gate keys on *its* names)
     gate_old_questions: int = 0       # and questions about each older taught episode's subjects (cross-sleep leaks)
