@@ -504,7 +504,9 @@ class Consolidator:
         them, so they stay valid while it trains. Everyday requests, and the seeding questions about
         invented names of no episode (`distractor_names`) and about the older taught episodes'
         subjects (`older_questions`); half bare, half in the probes' answer prompt (the gate also
-        sees the episodes' questions in both forms, `fit_gate`)."""
+        sees the episodes' questions in both forms, `fit_gate`). With `gate_negative_answers` the
+        everyday prompts carry the pre-sleep model's own greedy answers: an answer's first words
+        look alike whatever the question, and gates fitted on prompts alone opened there."""
         n = min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS))
         asks = self.rng.sample(GATE_NEGATIVE_PROMPTS, n)
         asks += [self.rng.choice(SUBJECT_TEMPLATES).format(s=name)
