@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser, sub: bool = False) -> None:
                    help=f"where the dequantized embedded model is cached (default: {default_cache_dir()})")
     g.add_argument("--quantize", default=d("auto"), metavar="{" + ",".join(QUANTIZE_MODES) + "}",
                    help="storage of the frozen base weights; auto = int4 for the embedded model on CPU, "
-                        "int8 for others, nf4 on CUDA (default: auto)")
+                        "int8 for others; on CUDA bf16, nf4 for other models with bitsandbytes (default: auto)")
     g.add_argument("--device", default=d("auto"), help="auto, cpu, cuda or cuda:N (default: auto)")
     g.add_argument("--threads", type=int, default=d(0), help="CPU threads (default: all cores)")
     g.add_argument("--trust-remote-code", action="store_true", default=d(False),

@@ -55,8 +55,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_quantize(mode: str, device: torch.device, embedded: bool = True) -> str:
-    """`auto` picks the fastest mode that keeps answers right (measured, see README): int4 for
-    the embedded model, whose Q4_1 weights re-quantize to int4 exactly; int8 for other models."""
+    """`auto` picks the fastest mode that keeps answers right (measured, see README): on the CPU
+    int4 for the embedded model, whose Q4_1 weights re-quantize to int4 exactly, int8 for other
+    models; on CUDA bf16 for the embedded model (H200: 274 tokens/s at perplexity +0.03%, against
+    nf4's 233 at +28.6%), nf4 for other models when bitsandbytes is there (a backbone that may
+    not fit in bf16)."""
     if mode != "auto":
         if mode == "nf4" and device.type != "cuda":
             raise ConfigError("quantize nf4 needs a CUDA device (bitsandbytes); use int8 or int4 on CPU")
@@ -64,7 +67,7 @@ def resolve_quantize(mode: str, device: torch.device, embedded: bool = True) -> 
             raise ConfigError(f"quantize {mode} uses CPU kernels; on {device.type} use nf4 or bf16")
         return mode
     if device.type == "cuda":
-        return "nf4" if importlib.util.find_spec("bitsandbytes") else "bf16"
+        return "nf4" if not embedded and importlib.util.find_spec("bitsandbytes") else "bf16"
     return "int4" if embedded else "int8"
 
 

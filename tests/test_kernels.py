@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama
 from sleep_engine import kernels
-from sleep_engine.backbone import QuantLinear, quantize_linears
+from sleep_engine.backbone import QuantLinear, quantize_linears, resolve_quantize
+from sleep_engine.config import ConfigError
 from sleep_engine.config import MemoryConfig
 from sleep_engine.decoding import FastLlamaDecoder, generate_tokens
 from sleep_engine.memory import MemoryModel
@@ -37,6 +38,20 @@ def test_q4_and_q8_linear_equal_the_dequantized_float_product(rows):
         # torch's packed kernels (the fallback) agree up to their bfloat16 input
         q.use_kernels = False
         assert ((q(x) - ref).abs().max() / ref.abs().max()) < 2e-2, mode
+
+
+def test_auto_quantize_keeps_the_embedded_model_in_bf16_on_cuda(monkeypatch):
+    """nf4 cost the embedded model +28.6% perplexity on an H200 (README "On a GPU"); other models
+    get nf4 on CUDA only where bitsandbytes is installed."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_quantize("auto", cpu) == "int4" and resolve_quantize("auto", cpu, embedded=False) == "int8"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "bitsandbytes" else None)
+    assert resolve_quantize("auto", cuda) == "bf16"
+    assert resolve_quantize("auto", cuda, embedded=False) == "nf4"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    assert resolve_quantize("auto", cuda, embedded=False) == "bf16"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_quantize("nf4", cpu)
 
 
 def test_q4_packing_round_trips():
