@@ -1,8 +1,9 @@
 """Is recall limited by the gate (extraction) or by what the expert learned (storage)?
 Closed-book answers of a slept lab state (a `lab knowledge` run's `<out>/_state/sleep_2tier-1`):
-as routed, with the question's own expert forced open (gate 1) in every layer, and with another
-expert forced open (control); then the own expert's mean gate at the prompt's last token. Writes
-<out>/oracle.json.
+as routed, with the question's own expert forced open (gate 1) in every layer, with another
+expert forced open (control), with the own expert alone (every other one muted: what the others
+cost), and with the own expert's gate logit raised by 2 and 4 (a wider but not forced gate); then
+the own expert's mean gate at the prompt's last token. Writes <out>/oracle.json.
     .venv/bin/python tests/gate_oracle.py reports/lab-knowledge/_state/sleep_2tier-1 [threads]"""
 import dataclasses
 import json
@@ -45,6 +46,26 @@ for it in items:
     with mem.configured(forced={l: other for l in layers}):
         wrong += answer(mem.lm, tok, [it.q])
 out["other forced"] = wrong
+
+
+def own_only(it, shift: float = 0.0, alone: bool = False) -> str:
+    own = owner[it.passage_id]
+    gates = [e.gate_bias for l in layers for e in mem.mlps[l].experts if e.expert_id == own]
+    with torch.no_grad():
+        for b in gates:
+            b += shift
+    try:
+        with mem.configured(muted=[e for e in ids if e != own] if alone else ()):
+            return answer(mem.lm, tok, [it.q])[0]
+    finally:
+        with torch.no_grad():
+            for b in gates:
+                b -= shift
+
+
+out["own alone"] = [own_only(it, alone=True) for it in items]
+for shift in (2.0, 4.0):
+    out[f"own gate +{shift:g}"] = [own_only(it, shift) for it in items]
 res = {k: score(items, v) for k, v in out.items()}
 for k, r in res.items():
     print(k, {kk: r[kk] for kk in r if kk in ("correct", "n", "accuracy", "semantic")})
