@@ -48,7 +48,8 @@ for it in items:
 out["other forced"] = wrong
 
 
-def own_only(it, shift: float = 0.0, alone: bool = False) -> str:
+def answer_own(it, shift: float = 0.0, alone: bool = False) -> str:
+    """The answer with the own expert's gate logit raised by `shift` in every layer, the others muted if `alone`."""
     own = owner[it.passage_id]
     gates = [e.gate_bias for l in layers for e in mem.mlps[l].experts if e.expert_id == own]
     with torch.no_grad():
@@ -63,9 +64,9 @@ def own_only(it, shift: float = 0.0, alone: bool = False) -> str:
                 b -= shift
 
 
-out["own alone"] = [own_only(it, alone=True) for it in items]
+out["own alone"] = [answer_own(it, alone=True) for it in items]
 for shift in (2.0, 4.0):
-    out[f"own gate +{shift:g}"] = [own_only(it, shift) for it in items]
+    out[f"own gate +{shift:g}"] = [answer_own(it, shift) for it in items]
 res = {k: score(items, v) for k, v in out.items()}
 for k, r in res.items():
     print(k, {kk: r[kk] for kk in r if kk in ("correct", "n", "accuracy", "semantic")})

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 from sleep_engine import kernels
 from sleep_engine.backbone import QuantLinear, quantize_linears, resolve_quantize
-from sleep_engine.config import ConfigError
-from sleep_engine.config import MemoryConfig
+from sleep_engine.config import ConfigError, MemoryConfig
 from sleep_engine.decoding import FastLlamaDecoder, generate_tokens
 from sleep_engine.memory import MemoryModel
 
