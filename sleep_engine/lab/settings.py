@@ -101,7 +101,9 @@ class ExperimentConfig:
                   "many_methods": ("base", "in_context", "passage_sft", "seal_sft", "sleep_2tier"),
                   "continual_methods": ("seq_sft", "ewc", "sleep_2tier"), "speed_tokens": 32,
                   "frontier_passages": 3, "frontier_sweeps": FRONTIER_QUICK},
-        "full": {},
+        # full: Sleep with its full preset (test split, 12 passages in 3 sleeps: quick 12/48, full 20/48
+        # at everyday 64 → 63 of 67; README "Sleep")
+        "full": {"sleep_preset": "full"},
     }
 
     @classmethod
