@@ -33,7 +33,7 @@ def test_after_a_sleep_the_gate_is_open_on_its_episode_and_closed_on_everyday_qu
     teach_two(tiny_engine)
     # without the everyday answers among the negatives: a random model's answers are random tokens,
     # which crowd the everyday prompts out of the closed side's 640-token sample (with them this
-    # failed: own 0.109 / 0.086, everyday 0.109); their part has a test of its own
+    # failed: own 0.086, everyday 0.109); their part has a test of its own
     tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, distill_steps=6, episode_experts=1,
                                     gate_negative_answers=0), wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
