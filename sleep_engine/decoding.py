@@ -175,13 +175,13 @@ class FastLlamaDecoder:
         (a forced expert while dreaming, a top-k cut)."""
         fused = L.fused_memory
         if fused is None:
-            self.plan.set_memory(i, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0)
+            self.plan.set_memory(i, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0, 0.0)
             return True
         w_in, b_gate, w_out, E, rank, expand, forced = fused
         if forced is not None or (L.memory.top_k and E > L.memory.top_k) or w_in.dtype != torch.float32:
             return False
         self.plan.set_memory(i, w_in.detach().contiguous(), b_gate.detach().contiguous() if E else _EMPTY,
-                             w_out.detach().contiguous(), expand, E)
+                             w_out.detach().contiguous(), expand, E, L.memory.gate_floor)
         return True
 
     # The compiled step takes up to this many tokens at once (a new token, or a short prompt);

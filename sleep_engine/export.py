@@ -53,7 +53,8 @@ def read_export(path) -> dict | None:
 
 def export_memory_config(manifest: dict) -> MemoryConfig:
     known = {f.name for f in dataclasses.fields(MemoryConfig)}
-    cfg = MemoryConfig(**{k: v for k, v in manifest.get("memory_config", {}).items() if k in known})
+    saved = {"gate_floor": 0.0, **manifest.get("memory_config", {})}   # exports before the floor ran without one
+    cfg = MemoryConfig(**{k: v for k, v in saved.items() if k in known})
     cfg.validate()
     return cfg
 

@@ -1,6 +1,7 @@
 """The memory model: every chosen decoder MLP becomes a MemoryMLP (docs/DESIGN.md §2).
 
-    y = MLP_base(x) + Σ_{e ∈ TopK(g(x))} g_e(x) · B_e A_e x  +  B_h A_h x,   g_e(x) = σ(w_e·x + b_e)
+    y = MLP_base(x) + Σ_{e ∈ TopK(g(x))} g_e(x) · B_e A_e x  +  B_h A_h x,
+    g_e(x) = max(0, σ(w_e·x + b_e) − ε) / (1 − ε)     (`routed_gate`; ε = MemoryConfig.gate_floor)
 
 - MLP_base is the original (dense or native-MoE) block, frozen: the always-on shared expert.
 - Routed low-rank experts carry a tier (2 = mid frequency, 3+ = slower tiers). Gates are
@@ -27,6 +28,16 @@ from .config import MemoryConfig, parse_layers
 MLP_ATTRS = ("mlp", "block_sparse_moe", "feed_forward")
 
 
+def routed_gate(logits: torch.Tensor, floor: float) -> torch.Tensor:
+    """g = max(0, σ(z) − ε) / (1 − ε): the sigmoid gate with a dead zone of ε at the bottom, so a
+    nearly shut expert adds exactly nothing (an open one still reaches 1). Why: after three sleeps
+    a dozen experts each leaking a gate of a few hundredths tipped everyday answers whose greedy
+    choice was a near-tie (margins 0.02–0.17 nats: "The answer is: "The cat"" → "… "A small
+    burrowing mammal""). ε = 0 is the plain sigmoid."""
+    g = torch.sigmoid(logits)
+    return (g - floor).clamp(min=0) / (1 - floor) if floor > 0 else g
+
+
 class LowRankExpert(nn.Module):
     """x ↦ B A x with its own gate; B = 0 at birth so the expert is silent until trained."""
 
@@ -47,10 +58,10 @@ class LowRankExpert(nn.Module):
 class MemoryMLP(nn.Module):
     """A frozen MLP plus routed low-rank experts and fast weights (see module docstring)."""
 
-    def __init__(self, base: nn.Module, d_model: int, fast_rank: int, top_k: int = 0):
+    def __init__(self, base: nn.Module, d_model: int, fast_rank: int, top_k: int = 0, gate_floor: float = 0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.d_model, self.top_k = d_model, top_k
+        self.d_model, self.top_k, self.gate_floor = d_model, top_k, gate_floor
         self.experts = nn.ModuleList()
         self.fast_A = nn.Parameter(torch.randn(fast_rank, d_model) / math.sqrt(d_model), requires_grad=False)
         self.fast_B = nn.Parameter(torch.zeros(d_model, fast_rank), requires_grad=False)
@@ -101,7 +112,8 @@ class MemoryMLP(nn.Module):
             return None
         w_in, b_gate, w_out, E, rank, expand, forced = fused
         if E and self._kernel_fits(x, fused):   # decoding: one call instead of ~10 small ops
-            d, gates = kernels.load().memory_delta(x.reshape(-1, x.shape[-1]), w_in, b_gate, w_out, expand, E)
+            d, gates = kernels.load().memory_delta(x.reshape(-1, x.shape[-1]), w_in, b_gate, w_out, expand, E,
+                                                   self.gate_floor)
             if self.trace is not None:
                 self.trace.append(gates[-1])
             return d.view(x.shape)
@@ -110,7 +122,7 @@ class MemoryMLP(nn.Module):
             if self.trace is not None:
                 self.trace.append(h.new_zeros(0))
             return h @ w_out.T
-        gates = torch.sigmoid(h[..., rank:rank + E] + b_gate)
+        gates = routed_gate(h[..., rank:rank + E] + b_gate, self.gate_floor)
         if self.top_k and E > self.top_k:
             keep = torch.zeros_like(gates, dtype=torch.bool).scatter_(-1, gates.topk(self.top_k, -1).indices, True)
             gates = gates * keep
@@ -216,7 +228,7 @@ class MemoryModel:
         for i in self.layer_ids:
             attr = _mlp_attr(layers[i])
             base = getattr(layers[i], attr)
-            mlp = base if isinstance(base, MemoryMLP) else MemoryMLP(base, self.d_model, cfg.fast_rank, cfg.top_k)
+            mlp = base if isinstance(base, MemoryMLP) else MemoryMLP(base, self.d_model, cfg.fast_rank, cfg.top_k, cfg.gate_floor)
             mlp.fast_A.data = mlp.fast_A.data.to(ref.device)
             mlp.fast_B.data = mlp.fast_B.data.to(ref.device)
             setattr(layers[i], attr, mlp)

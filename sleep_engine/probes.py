@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .chat_format import encode_text
+from .memory import routed_gate
 from .sampling import chat_ids, generate_batch
 
 ANSWER_PROMPT = "Answer directly and concisely. {q}"   # fixed; used by every method and metric
@@ -140,7 +141,7 @@ def forgetting(R: list[list[float]]) -> float:
 @torch.no_grad()
 def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str] | None = None,
                    batch_size: int = 16) -> dict[str, list[float]]:
-    """Mean gate σ(w·x + b) of each routed expert on each question, closed-book in the probes'
+    """Mean gate g = routed_gate(w·x + b) of each routed expert on each question, closed-book in the probes'
     answer prompt: averaged over the question's own tokens (from where the prompts stop sharing
     the template and the fixed instruction, up to the start of the reply) and over layers.
     Returns {expert_id: [one mean gate per question]}."""
@@ -167,7 +168,7 @@ def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str
             x = xs[layer][-1].float()
             for e in mlp.experts:
                 if e.expert_id in sums:
-                    g = torch.sigmoid(x @ e.gate.float() + e.gate_bias.float())
+                    g = routed_gate(x @ e.gate.float() + e.gate_bias.float(), mlp.gate_floor)
                     sums[e.expert_id] += (g * own).sum(-1) / own.sum(-1).clamp(min=1)
         for e in ids_of:
             out[e] += (sums[e] / len(memory.mlps)).tolist()

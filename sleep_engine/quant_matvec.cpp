@@ -387,12 +387,16 @@ torch::Tensor attend_one(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor
 namespace {
 
 // The memory path of one MemoryMLP for one row x [D] (see memory_delta); y [D] += delta,
-// g [E] = the gates. h [R] and hh [rank + F] are scratch.
+// g [E] = the gates (with the dead zone `floor`, memory.routed_gate). h [R] and hh [rank + F] are scratch.
 void memory_row(const float* x, const float* WI, const float* B, const float* WO, const int64_t* EX, int64_t D,
-                int64_t R, int64_t E, int64_t rank, float* h, float* hh, float* y, float* g, SpinTeam* team = nullptr) {
+                int64_t R, int64_t E, int64_t rank, float floor, float* h, float* hh, float* y, float* g,
+                SpinTeam* team = nullptr) {
   const int64_t RO = R - E;
   f32_rows(x, D, R, WI, h, team);
-  for (int64_t e = 0; e < E; ++e) g[e] = 1.0f / (1.0f + std::exp(-(h[rank + e] + B[e])));
+  for (int64_t e = 0; e < E; ++e) {
+    const float s = 1.0f / (1.0f + std::exp(-(h[rank + e] + B[e])));
+    g[e] = floor > 0.0f ? std::max(0.0f, s - floor) / (1.0f - floor) : s;
+  }
   for (int64_t j = 0; j < rank; ++j) hh[j] = h[j] * g[EX[j]];
   for (int64_t f = rank; f < RO; ++f) hh[f] = h[f + E];
   par_for(team, D, 64, [&](int64_t o0, int64_t o1) {
@@ -403,11 +407,12 @@ void memory_row(const float* x, const float* WI, const float* B, const float* WO
 }  // namespace
 
 // The memory path of one MemoryMLP for a few rows (float32), as MemoryMLP.delta computes it:
-// h = x·w_inᵀ; gates g_e = σ(h[rank + e] + b_e); delta = w_out · [h[:rank] ⊙ g[expand], h[rank + E:]].
+// h = x·w_inᵀ; gates g_e = max(0, σ(h[rank + e] + b_e) − ε) / (1 − ε), ε = floor;
+// delta = w_out · [h[:rank] ⊙ g[expand], h[rank + E:]].
 // x: [m, D]; w_in: [rank + E + F, D]; b_gate: [E]; w_out: [D, rank + F]; expand: int64 [rank].
 // Returns (delta [m, D], gates [m, E]).
 std::vector<torch::Tensor> memory_delta(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_gate,
-                                        torch::Tensor w_out, torch::Tensor expand, int64_t n_experts) {
+                                        torch::Tensor w_out, torch::Tensor expand, int64_t n_experts, double floor) {
   const int64_t m = x.size(0), D = x.size(1), R = w_in.size(0), E = n_experts, rank = expand.size(0);
   TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out.is_contiguous() && w_out.size(1) == R - E &&
               w_in.size(1) == D && w_out.size(0) == D, "memory_delta: bad shapes");
@@ -416,7 +421,7 @@ std::vector<torch::Tensor> memory_delta(torch::Tensor x, torch::Tensor w_in, tor
   std::vector<float> h(R), hh(R - E);
   for (int64_t i = 0; i < m; ++i)
     memory_row(x.data_ptr<float>() + i * D, w_in.data_ptr<float>(), E ? b_gate.data_ptr<float>() : nullptr,
-               w_out.data_ptr<float>(), expand.data_ptr<int64_t>(), D, R, E, rank, h.data(), hh.data(),
+               w_out.data_ptr<float>(), expand.data_ptr<int64_t>(), D, R, E, rank, static_cast<float>(floor), h.data(), hh.data(),
                delta.data_ptr<float>() + i * D, gates.data_ptr<float>() + i * E);
   return {delta, gates};
 }
@@ -483,6 +488,7 @@ struct Weight {
 struct Memory {   // a MemoryMLP's fused weights (see memory_delta)
   torch::Tensor w_in, b_gate, w_out, expand;
   int64_t E = 0, R = 0, rank = 0;
+  float floor = 0.0f;
 };
 
 struct Layer {
@@ -521,13 +527,13 @@ class DecodePlan {
 
   // The memory path of layer i (see memory_delta), or none when w_in is empty.
   void set_memory(int64_t i, torch::Tensor w_in, torch::Tensor b_gate, torch::Tensor w_out, torch::Tensor expand,
-                  int64_t n_experts) {
+                  int64_t n_experts, double floor) {
     auto& L = layers_.at(i);
     if (w_in.numel() == 0) { L.memory.reset(); return; }
     const int64_t R = w_in.size(0);
     TORCH_CHECK(w_in.is_contiguous() && w_out.is_contiguous() && w_in.size(1) == D_ && w_out.size(0) == D_ &&
                 w_out.size(1) == R - n_experts && w_in.scalar_type() == torch::kFloat, "set_memory: bad shapes");
-    L.memory = Memory{w_in, b_gate, w_out, expand, n_experts, R, expand.size(0)};
+    L.memory = Memory{w_in, b_gate, w_out, expand, n_experts, R, expand.size(0), static_cast<float>(floor)};
   }
 
   // Tokens at positions pos, pos + 1, … (a new token, or up to kMaxRows of a prompt): their keys
@@ -585,7 +591,7 @@ class DecodePlan {
         mh.resize(m.R), mhh.resize(m.R - m.E);
         for (int64_t t = 0; t < T; ++t)
           memory_row(h.data() + t * D, m.w_in.data_ptr<float>(), m.E ? m.b_gate.data_ptr<float>() : nullptr,
-                     m.w_out.data_ptr<float>(), m.expand.data_ptr<int64_t>(), D, m.R, m.E, m.rank, mh.data(), mhh.data(),
+                     m.w_out.data_ptr<float>(), m.expand.data_ptr<int64_t>(), D, m.R, m.E, m.rank, m.floor, mh.data(), mhh.data(),
                      y.data() + t * D, t == T - 1 ? gates.data_ptr<float>() + i * max_e : scratch_gates.data(), team);
       }
       for (int64_t c = 0; c < T * D; ++c) x[c] += y[c];

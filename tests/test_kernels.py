@@ -92,10 +92,11 @@ def test_attend_one_equals_rotary_plus_sdpa_and_writes_the_cache():
 
 
 @needs_kernels
-def test_memory_delta_kernel_equals_the_torch_path():
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+def test_memory_delta_kernel_equals_the_torch_path(floor):
     torch.manual_seed(2)
     lab = tiny_llama()
-    mem = MemoryModel(lab, MemoryConfig(expert_rank=4))
+    mem = MemoryModel(lab, MemoryConfig(expert_rank=4, gate_floor=floor))
     for _ in range(3):
         eid = mem.add_expert(2, 1)
         with torch.no_grad():
@@ -114,6 +115,8 @@ def test_memory_delta_kernel_equals_the_torch_path():
         want = mlp.delta(x, fused)
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(mlp.trace[0], mlp.trace[1], atol=1e-6)   # the routing trace too
+    if floor:   # some gates fell in the dead zone and are exactly shut, in both paths
+        assert (mlp.trace[0] == 0).any() and (mlp.trace[1] == 0).any()
 
 
 @needs_kernels

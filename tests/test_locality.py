@@ -26,7 +26,10 @@ def test_a_sleep_added_expert_is_born_closed_and_changes_no_logit(tiny_engine):
     eid = tiny_engine.memory.add_expert(tier=2, born=1, gate_bias=cfg.gate_bias_init)
     assert torch.equal(_logits(tiny_engine, "The lighthouse of Quarrow Point was painted violet."), before)
     gates = question_gates(tiny_engine.memory, tiny_engine.tokenizer, [EVERYDAY, QA[0][0]["q"]])[eid]
-    assert cfg.gate_bias_init <= -4 and all(abs(g - 1 / (1 + math.exp(-cfg.gate_bias_init))) < 1e-6 for g in gates)
+    floor = tiny_engine.memory.cfg.gate_floor
+    born = max(0.0, 1 / (1 + math.exp(-cfg.gate_bias_init)) - floor) / (1 - floor)
+    assert cfg.gate_bias_init <= -4 and all(abs(g - born) < 1e-6 for g in gates)
+    assert floor == 0 or born == 0.0   # σ(−6) ≈ 0.0025 lies in the dead zone: the gate is exactly shut
 
 
 def test_after_a_sleep_the_gate_is_open_on_its_episode_and_closed_on_everyday_questions(tiny_engine):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_llama
 from sleep_engine.config import MemoryConfig
-from sleep_engine.memory import MemoryMLP, MemoryModel, remove_memory
+from sleep_engine.memory import MemoryMLP, MemoryModel, remove_memory, routed_gate
 
 
 def logits(model, ids):
@@ -168,6 +168,33 @@ def test_top_k_keeps_k_gates_per_token():
         lab(input_ids=IDS)
     for gates in trace.steps[0].values():
         assert sum(g > 0 for g in gates) == 2
+
+
+def test_routed_gate_has_a_dead_zone_of_epsilon():
+    # σ(0) = 0.5 → (0.5 − 0.1)/0.9 = 0.4444; σ(−3) = 0.0474 < 0.1 → 0; σ(+∞) → 1
+    got = routed_gate(torch.tensor([0.0, -3.0, 40.0]), 0.1)
+    assert torch.allclose(got, torch.tensor([0.4 / 0.9, 0.0, 1.0]), atol=1e-6)
+    assert torch.equal(routed_gate(torch.tensor([-3.0]), 0.0), torch.sigmoid(torch.tensor([-3.0])))
+
+
+def test_a_nearly_shut_expert_adds_nothing_under_the_floor():
+    """A trained expert whose gate sits at σ(−4) ≈ 0.018 still moves every logit with no floor,
+    and moves none with a floor of 0.05; opened wide it speaks through the floor."""
+    moved = {}
+    for floor in (0.0, 0.05):
+        lab = tiny_llama()
+        mem = MemoryModel(lab, MemoryConfig(expert_rank=4, gate_floor=floor))
+        before = logits(lab, IDS)
+        eid = mem.add_expert(2, 1, gate_bias=-4.0)
+        with torch.no_grad():
+            for e in mem.expert_modules(eid):
+                e.B.normal_(std=0.5)
+        moved[floor] = (logits(lab, IDS) - before).abs().max().item()
+        with torch.no_grad():
+            for e in mem.expert_modules(eid):
+                e.gate_bias.fill_(6.0)
+        assert (logits(lab, IDS) - before).abs().max() > 1e-2
+    assert moved[0.0] > 1e-3 and moved[0.05] == 0.0
 
 
 def test_native_moe_block_gains_routed_experts():
