@@ -177,7 +177,7 @@ class FastLlamaDecoder:
         if fused is None:
             self.plan.set_memory(i, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0, 0.0)
             return True
-        w_in, b_gate, w_out, E, rank, expand, forced = fused
+        w_in, b_gate, w_out, E, rank, expand, forced, _ = fused
         if forced is not None or (L.memory.top_k and E > L.memory.top_k) or w_in.dtype != torch.float32:
             return False
         self.plan.set_memory(i, w_in.detach().contiguous(), b_gate.detach().contiguous() if E else _EMPTY,

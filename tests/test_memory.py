@@ -197,6 +197,28 @@ def test_a_nearly_shut_expert_adds_nothing_under_the_floor():
     assert moved[0.0] > 1e-3 and moved[0.05] == 0.0
 
 
+def test_an_expert_in_training_sees_its_plain_gate():
+    """The floor is how experts are served: while an expert trains (its parameters require grad,
+    grad enabled) its gate is the plain sigmoid, so its low-gate tokens still teach it; a frozen
+    expert beside it stays floored."""
+    lab = tiny_llama()
+    mem = MemoryModel(lab, MemoryConfig(expert_rank=4, gate_floor=0.05))
+    old, new = mem.add_expert(2, 1, gate_bias=-4.0), mem.add_expert(2, 1, gate_bias=-4.0)
+    with torch.no_grad():
+        for e in mem.expert_modules(old) + mem.expert_modules(new):
+            e.B.normal_(std=0.5)
+    mlp = next(iter(mem.mlps.values()))
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        assert mlp.delta(x, mlp.fused_weights(torch.float32)).abs().max() == 0   # both served: shut
+    mem.train_only([new])
+    fused = mlp.fused_weights(torch.float32)
+    assert fused[-1].tolist() == pytest.approx([0.05, 0.0])   # the frozen one floored, the training one plain
+    mlp.delta(x, fused).sum().backward()
+    trained = next(e for e in mlp.experts if e.expert_id == new)
+    assert trained.B.grad is not None and trained.B.grad.abs().sum() > 0
+
+
 def test_native_moe_block_gains_routed_experts():
     """A tiny Qwen2-MoE: its own experts stay frozen; ours add function-preservingly."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
