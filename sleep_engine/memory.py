@@ -83,7 +83,8 @@ class MemoryMLP(nn.Module):
         experts = [e for e in self.experts if e.expert_id not in self.muted]
         params = [p for e in experts for p in (e.A, e.B, e.gate, e.gate_bias)] + [self.fast_A, self.fast_B]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (dtype, self.fast_enabled, self.forced_expert, tuple((p.data_ptr(), p._version) for p in params))
+        key = (dtype, self.fast_enabled, self.forced_expert, self.gate_floor,
+               tuple((p.data_ptr(), p._version) for p in params))
         if not training and self._fused is not None and self._fused[0] == key:
             return self._fused[1]
         E = len(experts)
