@@ -44,8 +44,9 @@ class MemoryConfig:
     fast_rank: int = 16        # rank of the fast weights B_h A_h
     top_k: int = 0             # routed experts active per token; 0 = every expert, each by its own gate
     # ε, the gate's dead zone: g = max(0, σ(z) − ε)/(1 − ε), so a nearly shut expert adds nothing
-    # (memory.routed_gate). Dev, 12 passages in 3 sleeps, applied to the slept state: full preset
-    # ε = 0 → everyday 63/67, closed-book 28/48; 0.05 → 65/67, 28/48; 0.1 → 64/67, 30/48
+    # (memory.routed_gate); how experts are served, not how they train. Dev, 12 passages in 3 sleeps,
+    # the full preset's state served with ε = 0 → everyday 63/67, closed-book 28/48; 0.05 → 65/67,
+    # 28/48; 0.1 → 64/67, 30/48 (trained under ε = 0.05 too: 65/67, 22/48; README "The dead zone")
     gate_floor: float = 0.05
     layers: str = "all"        # which decoder layers receive experts: "all" or e.g. "0-11,20"
 
