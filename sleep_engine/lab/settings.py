@@ -102,7 +102,8 @@ class ExperimentConfig:
                   "continual_methods": ("seq_sft", "ewc", "sleep_2tier"), "speed_tokens": 32,
                   "frontier_passages": 3, "frontier_sweeps": FRONTIER_QUICK},
         # full: Sleep with its full preset (test split, 12 passages in 3 sleeps: quick 12/48, full 20/48
-        # at everyday 64 → 63 of 67; n = 1: quick 9/16, full 11/16; README "Sleep")
+        # at everyday 64 → 63 of 67, with the gate's dead zone 20/48 at 67 of 67; n = 1: quick 9/16,
+        # full 11/16; README "Sleep")
         "full": {"sleep_preset": "full"},
     }
 
