@@ -305,7 +305,8 @@ class CudaGraphStep:
             return
         now = [L.fused_memory for L in self.dec.layers]
         same = all((a is None) == (b is None) and (a is None or (a[3:5] == b[3:5] and a[6] == b[6] and
-                   torch.equal(a[5], b[5]) and all(x.shape == y.shape for x, y in zip(a[:3], b[:3]))))
+                   torch.equal(a[5], b[5]) and torch.equal(a[7], b[7]) and   # the same experts, gate floors
+                   all(x.shape == y.shape for x, y in zip(a[:3], b[:3]))))
                    for a, b in zip(self.fused, now))
         if not same:
             self.graph = None
