@@ -103,8 +103,7 @@ class MemoryMLP(nn.Module):
                                   dtype=torch.long, device=w_in.device)
             forced = next((i for i, e in enumerate(experts) if e.expert_id == self.forced_expert), None)
             # the dead zone is how experts are served; an expert in training sees its plain gate
-            # (dev, 12 passages in 3 sleeps, full preset: trained under the floor 22/48 closed-book,
-            # trained without and served with it 28/48, as without any floor; everyday 65, 65, 63 of 67)
+            # (trained under it, it lost recall on dev: MemoryConfig.gate_floor)
             floors = torch.tensor([0.0 if training and any(p.requires_grad for p in (e.A, e.B, e.gate, e.gate_bias))
                                    else self.gate_floor for e in experts], dtype=dtype, device=w_in.device)
             fused = (w_in, b_gate, w_out, E, len(expand), expand, forced, floors)

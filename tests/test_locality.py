@@ -1,12 +1,12 @@
 """Locality of sleep-added experts (issue 13): born closed, gate trained on both sides, selectivity
 and interference metrics. Tiny random model with the real tokenizer; hand-made data for the metrics."""
-import math
 
 import pytest
 import torch
 
 from sleep_engine.consolidation import Consolidator, subjects
 from sleep_engine.lab.data import general_questions
+from sleep_engine.memory import routed_gate
 from sleep_engine.probes import gate_selectivity, interference, passage_names, question_gates
 from sleep_engine.sampling import chat_ids
 from test_sleep import QA, TEXTS, teach_two, tiny_settings
@@ -27,7 +27,7 @@ def test_a_sleep_added_expert_is_born_closed_and_changes_no_logit(tiny_engine):
     assert torch.equal(_logits(tiny_engine, "The lighthouse of Quarrow Point was painted violet."), before)
     gates = question_gates(tiny_engine.memory, tiny_engine.tokenizer, [EVERYDAY, QA[0][0]["q"]])[eid]
     floor = tiny_engine.memory.cfg.gate_floor
-    born = max(0.0, 1 / (1 + math.exp(-cfg.gate_bias_init)) - floor) / (1 - floor)
+    born = float(routed_gate(torch.tensor(cfg.gate_bias_init), floor))
     assert cfg.gate_bias_init <= -4 and all(abs(g - born) < 1e-6 for g in gates)
     assert floor == 0 or born == 0.0   # σ(−6) ≈ 0.0025 lies in the dead zone: the gate is exactly shut
 
