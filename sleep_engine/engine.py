@@ -26,6 +26,7 @@ from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
 from .lab.data import general_questions
 from .memory import MemoryModel
+from .readings import Readings, digest, readings_file
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
                      cloze_probes, episode_probes, forgetting, gate_selectivity, perplexity, question_gates)
 from .sampling import cancel_points, chat_ids, generate_batch
@@ -218,6 +219,7 @@ class SleepEngine:
         if self.export is not None:   # an export brings its own memory layout (docs/export.md)
             cfg.memory = export_memory_config(self.export)
         self.memory = MemoryModel(self.backbone.model, cfg.memory)
+        self.memory.readings = Readings(self.memory, *readings_file(self.backbone, cfg))
         self.lock = threading.RLock()   # one generation or memory change at a time
         self.events = EventBus()
         self._worker: threading.Thread | None = None
@@ -570,13 +572,14 @@ class SleepEngine:
 
     def _probe_before(self, run: "SleepRun", probes, generic: str, cfg: SleepConfig, summary: dict):
         """Closed-book probes and generic perplexity before (tier 1 off), the pre-sleep model's own
-        everyday answers (the sanity gate compares against them), and the teacher check."""
-        lm, tok = self.memory.lm, self.tokenizer
+        everyday answers (the sanity gate compares against them), and the teacher check. What the
+        last sleep's probes after read in this same state is not read again (readings.py)."""
+        lm, tok, readings = self.memory.lm, self.tokenizer, self.memory.readings
         new_probes, old_probes = probes
         with self.memory.configured(fast_weights=False):   # a Stop may land between any two readings
-            summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes)
+            summary["probe_accuracy_before"] = closed_book_accuracy(lm, tok, new_probes + old_probes, readings=readings)
             run.check()
-            summary["general_ppl_before"] = perplexity(lm, tok, generic)
+            summary["general_ppl_before"] = self._generic_perplexity(generic)
             run.check()
             summary["answer_logprob_before"] = answer_logprob(lm, tok, new_probes)
         run.check()
@@ -629,10 +632,11 @@ class SleepEngine:
     def _probe_after(self, run: "SleepRun", probes, generic: str, everyday, current: dict, summary: dict) -> None:
         lm, tok = self.memory.lm, self.tokenizer
         new_probes, old_probes = probes
-        after = closed_book_accuracy(lm, tok, new_probes + old_probes)
-        summary["probe_accuracy_after"] = after
-        run.check()
-        summary["general_ppl_after"] = perplexity(lm, tok, generic)
+        with self.memory.configured(fast_weights=False):   # (reset already: the same numbers, remembered)
+            after = closed_book_accuracy(lm, tok, new_probes + old_probes, readings=self.memory.readings)
+            summary["probe_accuracy_after"] = after
+            run.check()
+            summary["general_ppl_after"] = self._generic_perplexity(generic)
         run.check()
         summary["answer_logprob_after"] = answer_logprob(lm, tok, new_probes)
         run.check()
@@ -645,6 +649,12 @@ class SleepEngine:
         summary["probe_after"] = {str(i): after.get(i, 0.0) for i in ids}
         run.emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
                  before=summary["probe_accuracy_before"])
+
+    def _generic_perplexity(self, generic: str) -> float:
+        """Perplexity of the generic text as the memory is now, without tier 1 (remembered)."""
+        return self.memory.readings.remember(
+            "ppl:" + digest(generic), lambda: perplexity(self.memory.lm, self.tokenizer, generic),
+            keep=True)
 
     @staticmethod
     def _sanity_gate(summary: dict, cfg: SleepConfig) -> None:

@@ -32,7 +32,8 @@ from .consolidation import ANCHOR_PROMPTS, GATE_NEGATIVE_PROMPTS, subjects
 from .losses import weighted_lm_loss
 from .memory import MemoryModel
 from .probes import ANSWER_PROMPT
-from .sampling import chat_ids, generate_batch
+from .readings import digest
+from .sampling import chat_ids
 from .store import Episode
 
 ANCHOR_TEXT = ASSETS / "anchor_text.txt"
@@ -51,6 +52,13 @@ class GuardReading:
     text_ce: float             # mean next-token CE on the guard paragraphs
     chat_ce: float             # mean CE of the guard chats' reference answers
     choices: torch.Tensor      # argmax token at each answer position of the guard chats
+
+    def to_json(self) -> list:
+        return [self.text_ce, self.chat_ce, self.choices.tolist()]
+
+    @classmethod
+    def from_json(cls, value: list, device) -> "GuardReading":
+        return cls(value[0], value[1], torch.tensor(value[2], dtype=torch.long, device=device))
 
 
 @dataclass
@@ -119,8 +127,6 @@ class FastWeightLearner:
         self.anchors = [a for a in anchor_paragraphs(tokenizer) if len(a) > 1]
         self.guard_set = self.anchors[:GUARD_PARAGRAPHS]
         self._turn = 0   # updates so far: which anchors the next KL term uses (rotates over all of them)
-        self._reference: tuple | None = None   # (expert-state key, chats answered without tier 1)
-        self._without: tuple | None = None     # (expert-state key, guard losses without tier 1)
 
     def _batch(self, seqs: list[list[int]], weights: list[list[float]] | None = None):
         dev = next(self.lm.parameters()).device
@@ -129,40 +135,32 @@ class FastWeightLearner:
         w = torch.tensor(_pad(weights, 0.0), device=dev) if weights is not None else mask.float()
         return ids, mask, w
 
-    def _expert_key(self) -> tuple:
-        """Identifies the consolidated experts' weights: only tier 1 moves during Wake, so what is
-        computed without it stays valid until a sleep (or an undo) changes this key."""
-        return tuple((p.data_ptr(), p._version) for m in self.memory.mlps.values()
-                     for e in m.experts for p in e.parameters())
-
     @torch.no_grad()
     def reference_chats(self) -> dict[str, list[WeightedText]]:
         """Chats answered by the model without tier 1 (greedy, answer tokens weighted 1): "guard"
         (everyday questions, measured after every update) and "kl" (generic requests, pulled back
-        to during the steps). Generated once per expert state (~22 short answers)."""
-        key = self._expert_key()
-        if self._reference is None or self._reference[0] != key:
-            system = self.cfg.system_prompt or None
-            prompts = ([chat_ids(self.tok, ANSWER_PROMPT.format(q=q), system) for q in GUARD_QUESTIONS]
-                       + [chat_ids(self.tok, p, system) for p in ANCHOR_PROMPTS])
-            with self.memory.configured(fast_weights=False):
-                answers = generate_batch(self.lm, self.tok, prompts, REFERENCE_ANSWER_TOKENS)
-            chats = [WeightedText(p + a, [0.0] * len(p) + [1.0] * len(a)) for p, a in zip(prompts, answers) if a]
-            self._reference = (key, {"guard": chats[:len(GUARD_QUESTIONS)], "kl": chats[len(GUARD_QUESTIONS):]})
-        return self._reference[1]
+        to during the steps). Generated once per expert state (~22 short answers; only tier 1
+        moves during Wake, so they hold until a sleep or an undo: readings.py)."""
+        system = self.cfg.system_prompt or None
+        prompts = ([chat_ids(self.tok, ANSWER_PROMPT.format(q=q), system) for q in GUARD_QUESTIONS]
+                   + [chat_ids(self.tok, p, system) for p in ANCHOR_PROMPTS])
+        with self.memory.configured(fast_weights=False):
+            answers = self.memory.readings.answers(self.lm, self.tok, prompts, REFERENCE_ANSWER_TOKENS, keep=True)
+        chats = [WeightedText(p + a, [0.0] * len(p) + [1.0] * len(a)) if a else None for p, a in zip(prompts, answers)]
+        return {"guard": [c for c in chats[:len(GUARD_QUESTIONS)] if c],
+                "kl": [c for c in chats[len(GUARD_QUESTIONS):] if c]}
 
     @torch.no_grad()
     def guard_reading(self, fast_weights: bool) -> GuardReading:
-        """The guard sets read with or without tier 1 (the reading without is cached per expert
+        """The guard sets read with or without tier 1 (the reading without is remembered per expert
         state): mean cross-entropy on the paragraphs and on the chats' answers, and the chats'
         greedy (argmax) token at every answer position."""
-        key = self._expert_key()
-        if not fast_weights and self._without is not None and self._without[0] == key:
-            return self._without[1]
-        reading = self.read(self.reference_chats()["guard"], fast_weights)
-        if not fast_weights:
-            self._without = (key, reading)
-        return reading
+        chats = self.reference_chats()["guard"]
+        if fast_weights:
+            return self.read(chats, True)
+        name = "guard:" + digest([self.guard_set, [c.ids for c in chats]])
+        raw = self.memory.readings.remember(name, lambda: self.read(chats, False).to_json(), keep=True)
+        return GuardReading.from_json(raw, next(self.lm.parameters()).device)
 
     @torch.no_grad()
     def read(self, chats: list[WeightedText], fast_weights: bool) -> GuardReading:

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import kernels
 from .config import MemoryConfig, parse_layers
+from .readings import Readings
 
 MLP_ATTRS = ("mlp", "block_sparse_moe", "feed_forward")
 
@@ -244,6 +245,7 @@ class MemoryModel:
         self.fast_weight_steps = 0     # gradient steps taken on the fast weights since the last reset
         self.fast_weight_time: float | None = None   # wall-clock time of the last of those steps
         self.fast_weight_drift: float | None = None  # anchor-text perplexity drift after the last update
+        self.readings = Readings(self)   # readings per memory state (the engine gives it a file)
 
     # -- experts ---------------------------------------------------------------------------
     def add_expert(self, tier: int, born: int, rank: int | None = None, expert_id: str | None = None,

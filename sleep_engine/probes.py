@@ -90,12 +90,15 @@ def answer_logprob(lm, tokenizer, probes: list[Probe], batch_size: int = 16) -> 
     return total / max(count, 1)
 
 
-def closed_book_accuracy(lm, tokenizer, probes: list[Probe], max_new_tokens: int = 24) -> dict[int, float]:
-    """Accuracy per episode id (greedy reply to the fixed answer prompt, no context)."""
+def closed_book_accuracy(lm, tokenizer, probes: list[Probe], max_new_tokens: int = 24,
+                         readings=None) -> dict[int, float]:
+    """Accuracy per episode id (greedy reply to the fixed answer prompt, no context); with
+    `readings` (readings.Readings) a reply already read in this memory state is not generated again."""
     if not probes:
         return {}
     prompts = [chat_ids(tokenizer, ANSWER_PROMPT.format(q=p.q)) for p in probes]
-    replies = generate_batch(lm, tokenizer, prompts, max_new_tokens, temperature=0.0)
+    replies = (readings.answers(lm, tokenizer, prompts, max_new_tokens) if readings is not None else
+               generate_batch(lm, tokenizer, prompts, max_new_tokens, temperature=0.0))
     per: dict[int, list[bool]] = {}
     for p, r in zip(probes, replies):
         per.setdefault(p.episode_id, []).append(is_correct(tokenizer.decode(r, skip_special_tokens=True), p.a))

@@ -1,0 +1,108 @@
+"""Readings remembered per memory state (sleep_engine/readings.py): taken once per state, taken
+again when the weights move, read from disk only for the un-slept model and only in its context."""
+import json
+
+import torch
+
+from sleep_engine import engine as engine_module
+from sleep_engine import sampling
+from sleep_engine.readings import Readings
+from sleep_engine.sampling import chat_ids, generate_batch
+from test_sleep import teach_two, tiny_settings
+
+
+def counted(value):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return value
+    return compute, calls
+
+
+def open_expert(memory, eid):
+    """Give expert `eid` a wide-open gate and a large random output: it changes every answer."""
+    with torch.no_grad():
+        for m in memory.expert_modules(eid):
+            m.gate_bias.fill_(8.0)
+            m.B.normal_(0, 2.0)
+
+
+def test_a_reading_is_taken_once_per_state_and_again_when_the_weights_move(tiny_engine):
+    memory = tiny_engine.memory
+    readings = Readings(memory)
+    compute, calls = counted(1.5)
+    assert readings.remember("x", compute) == readings.remember("x", compute) == 1.5
+    assert len(calls) == 1 and readings.key() == "base"   # no expert yet: the un-slept model
+    memory.add_expert(tier=2, born=1, gate_bias=-6.0)
+    saved = {n: p.detach().clone() for n, p in memory.expert_modules("e0")[0].named_parameters()}
+    readings.remember("x", compute)
+    assert len(calls) == 2                                 # another state
+    open_expert(memory, "e0")
+    readings.remember("x", compute)
+    assert len(calls) == 3                                 # the weights moved in place
+    with torch.no_grad():                                  # back to the same numbers: the same state
+        for n, p in memory.expert_modules("e0")[0].named_parameters():
+            p.copy_(saved[n])
+        for m in memory.expert_modules("e0")[1:]:
+            m.gate_bias.fill_(-6.0)
+            m.B.zero_()
+    readings.remember("x", compute)
+    assert len(calls) == 3
+
+
+def test_answers_generate_only_what_was_not_read_and_base_ignores_every_expert(tiny_engine, monkeypatch):
+    memory, tok = tiny_engine.memory, tiny_engine.tokenizer
+    lm = memory.lm
+    prompts = [chat_ids(tok, q) for q in ("What is a cat?", "Name a colour.", "Why is ice cold?")]
+    fresh = generate_batch(lm, tok, prompts, 6)
+    readings = Readings(memory)
+    assert readings.answers(lm, tok, prompts[:2], 6) == fresh[:2]
+    asked = []
+    monkeypatch.setattr(sampling, "generate_batch", lambda lm_, tok_, ps, n, **kw:
+                        asked.append(len(ps)) or generate_batch(lm_, tok_, ps, n, **kw))
+    assert readings.answers(lm, tok, prompts, 6) == fresh
+    assert asked == [1]                                    # only the third prompt was generated
+    memory.add_expert(tier=2, born=1)
+    open_expert(memory, "e0")
+    opened = readings.answers(lm, tok, prompts, 6)
+    assert asked == [1, 3] and opened != fresh             # a new state, new answers
+    assert readings.answers(lm, tok, prompts, 6, base=True) == fresh   # the un-slept model's, remembered
+    assert asked == [1, 3]
+
+
+def test_only_the_un_slept_models_kept_readings_reach_the_file_and_only_in_their_context(tiny_engine, tmp_path, caplog):
+    memory = tiny_engine.memory
+    path = tmp_path / "readings.json"
+    readings = Readings(memory, path, context="model A, 2 threads")
+    readings.remember("ppl", lambda: 12.5, keep=True)
+    readings.remember("question", lambda: [1, 2], keep=False)   # an episode's probe: never on disk
+    memory.add_expert(tier=2, born=1)
+    open_expert(memory, "e0")
+    readings.remember("slept", lambda: 3.0, keep=True)          # a slept state: never on disk
+    assert json.loads(path.read_text())["readings"] == {"ppl": 12.5}
+    compute, calls = counted(99.0)
+    assert Readings(memory, path, context="model A, 2 threads").remember("ppl", compute, base=True) == 12.5
+    assert calls == []
+    assert Readings(memory, path, context="model A, 1 thread").remember("ppl", compute, base=True) == 99.0
+    path.write_text("{not json")
+    assert Readings(memory, path, context="model A, 1 thread").remember("ppl", compute, base=True) == 99.0
+    assert "ignoring the readings cache" in caplog.text
+
+
+def test_a_sleeps_probes_before_are_the_last_sleeps_probes_after(tiny_engine, monkeypatch):
+    calls = []
+    real = engine_module.perplexity
+    monkeypatch.setattr(engine_module, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False), wait=True)
+    first = tiny_engine.events.since(0)[-1].data["summary"]
+    assert len(calls) == 2                                  # before and after
+    tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.", qa=[{"q": "When does the choir sing?",
+                                                                            "a": "Tuesdays"}])
+    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False), wait=True)
+    second = tiny_engine.events.since(0)[-1].data["summary"]
+    assert len(calls) == 3                                  # after only: before is the first sleep's after
+    assert second["general_ppl_before"] == first["general_ppl_after"]
+    older = {k: v for k, v in second["probe_accuracy_before"].items() if k in first["probe_accuracy_after"]}
+    assert older == first["probe_accuracy_after"]
