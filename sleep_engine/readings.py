@@ -1,5 +1,5 @@
 """Readings of a memory state, remembered: what the model answers and scores on fixed inputs
-depends only on its weights, so a reading is taken once per state (docs/DESIGN.md §6).
+depends only on its weights, so a reading is taken once per state (docs/DESIGN.md §8).
 
 A sleep's "before" probes are then the last sleep's "after" probes (the state did not change in
 between: readings are always taken without fast weights), and the un-slept model's readings —

@@ -3,7 +3,9 @@ A quick and a full sleep on the embedded model, each over a
 small session (2 taught passages, quick only) and a typical one (4 taught passages + 6 chat turns: 10
 episodes), timed wall to wall, with what the budget cut (steps, teacher prompts, dreaming) and
 what the sleep learned (closed-book probes, perplexity drift); the typical session's quick sleep
-once more without a budget, to show what the cut costs. `make budget-check` (~20 min, 2 threads).
+once more without a budget, to show what the cut costs. `base_readings_on_disk`: whether the
+un-slept model's readings came from the cache dir (readings.py; the first sleep on a machine
+takes them). `make budget-check` (~20 min, 2 threads).
 README "Sleep presets are time budgets"."""
 import json
 import sys
@@ -34,6 +36,7 @@ def one_sleep(threads: int, kind: str, preset: str, budget: float | None, **over
     engine = fresh_engine(f"budget-check-{kind}-{preset}", threads)
     try:
         session(engine, kind)
+        cached = engine.memory.readings.path is not None and engine.memory.readings.path.exists()
         settings = SleepConfig.from_preset(preset, **({} if budget is None else {"budget_s": budget}), **overrides)
         t0 = time.perf_counter()
         engine.sleep(settings, wait=True)
@@ -44,6 +47,7 @@ def one_sleep(threads: int, kind: str, preset: str, budget: float | None, **over
         s, c = last.data["summary"], last.data["summary"]["consolidation"]
         before, after = s["probe_accuracy_before"], s["probe_accuracy_after"]
         return {"session": kind, "preset": preset, "budget_s": settings.budget_s, "episodes": len(s["episode_ids"]),
+                "base_readings_on_disk": cached,
                 "wall_s": round(wall, 1), "phases": s["phases"], "steps": c["steps"], "planned_steps": c["planned_steps"],
                 "prompts_answered": c.get("answered"), "prompts": c.get("prompts"), "writing_s": c.get("writing_s"),
                 "gate_s": c.get("gate_s"), "training_s": c.get("training_s"),
