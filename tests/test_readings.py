@@ -1,11 +1,15 @@
 """Readings remembered per memory state (sleep_engine/readings.py): taken once per state, taken
-again when the weights move, read from disk only for the un-slept model and only in its context."""
+again when the weights move, read from disk only for the un-slept model and only in its context;
+and the probes' shared-prefix pass, which reads what a full pass reads."""
 import json
 
 import torch
 
 from sleep_engine import engine as engine_module
 from sleep_engine import sampling
+from sleep_engine.chat_format import encode_text
+from sleep_engine.memory import routed_gate
+from sleep_engine.probes import ANSWER_PROMPT, Probe, answer_logprob, question_gates, shared_prefix_pass
 from sleep_engine.readings import Readings
 from sleep_engine.sampling import chat_ids, generate_batch
 from test_sleep import teach_two, tiny_settings
@@ -106,3 +110,46 @@ def test_a_sleeps_probes_before_are_the_last_sleeps_probes_after(tiny_engine, mo
     assert second["general_ppl_before"] == first["general_ppl_after"]
     older = {k: v for k, v in second["probe_accuracy_before"].items() if k in first["probe_accuracy_after"]}
     assert older == first["probe_accuracy_after"]
+
+
+def test_the_shared_prefix_pass_reads_what_a_full_pass_reads(tiny_engine):
+    """Keys and values of the common prefix computed once serve every row: the remaining tokens'
+    logits, the gates on them and the answers' log-likelihood are a full forward's."""
+    memory, tok = tiny_engine.memory, tiny_engine.tokenizer
+    eid = memory.add_expert(tier=2, born=1, gate_bias=0.5)
+    with torch.no_grad():
+        for m in memory.expert_modules(eid):
+            m.gate.normal_(0, 0.5)
+            m.B.normal_(0, 0.5)
+    questions = ["Who painted the lighthouse of Quarrow Point?", "What is a cat?", "Why is the sky blue today?"]
+    seqs = [chat_ids(tok, ANSWER_PROMPT.format(q=q)) for q in questions]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    full = memory.lm(input_ids=ids, attention_mask=mask).logits
+    out, P, got_mask = shared_prefix_pass(memory.lm, seqs, 0, 100)
+    assert P >= 10 and torch.equal(got_mask, mask)            # the template and the instruction
+    real = mask[:, P:].bool()
+    assert torch.allclose(out.logits[real], full[:, P:][real], atol=1e-4)
+    # question_gates over the shared prefix = the gates of a full pass's captured states
+    with memory.capturing() as xs:
+        memory.lm.model(input_ids=ids, attention_mask=mask)
+    gates = question_gates(memory, tok, questions)[eid]
+    a, b = chat_ids(tok, ANSWER_PROMPT.format(q="a")), chat_ids(tok, ANSWER_PROMPT.format(q="b"))
+    start = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    own = mask.clone().float()
+    own[:, :start] = 0
+    expect = sum((routed_gate(xs[l][-1] @ e.gate + e.gate_bias, m.gate_floor) * own).sum(-1) / own.sum(-1)
+                 for l, m in memory.mlps.items() for e in m.experts) / len(memory.mlps)
+    assert torch.allclose(torch.tensor(gates), expect, atol=1e-5)
+    # answer log-likelihood: the same sums as a full pass
+    probes = [Probe(1, q, "Senna Alvik") for q in questions]
+    answer = encode_text(tok, " Senna Alvik")
+    whole = [s + answer for s in seqs]
+    w = max(map(len, whole))
+    logp = torch.log_softmax(memory.lm(input_ids=torch.tensor([s + [0] * (w - len(s)) for s in whole]),
+                                       attention_mask=torch.tensor([[1] * len(s) + [0] * (w - len(s)) for s in whole])
+                                       ).logits, -1)
+    expect = sum(float(logp[r, len(s) - len(answer) - 1 + k, answer[k]]) for r, s in enumerate(whole)
+                 for k in range(len(answer))) / (len(whole) * len(answer))
+    assert abs(answer_logprob(memory.lm, tok, probes) - expect) < 1e-4
