@@ -20,7 +20,7 @@ from .budget import NEVER, Deadline, steps_that_fit
 from .config import SleepConfig
 from .losses import gate_closing_loss, generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel
-from .probes import ANSWER_PROMPT, normalize, sentences
+from .probes import ANSWER_PROMPT, normalize, sentences, shared_prefix_pass
 from .rewards import imitation_rewards
 from .chat_format import encode_text
 from .sampling import chat_ids, generate_batch
@@ -540,17 +540,14 @@ class Consolidator:
     def _closed_states(self, seqs: list[list[int]], new_ids: list[str], batch: int = 16) -> dict[int, torch.Tensor]:
         """{layer: MLP inputs of every real token of `seqs`} from padded passes of the pre-sleep
         model (the new experts muted, no fast weights), `batch` sequences at a time."""
-        dev = next(self.lm.parameters()).device
         parts: dict[int, list[torch.Tensor]] = {}
         for i in range(0, len(seqs), batch):
             chunk = seqs[i:i + batch]
-            width = max(len(s) for s in chunk)
-            ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in chunk], device=dev)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=dev, dtype=torch.bool)
             with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
-                self.lm.model(input_ids=ids, attention_mask=mask)
-            for layer, got in xs.items():
-                parts.setdefault(layer, []).append(got[-1][mask].float())
+                _, P, mask = shared_prefix_pass(self.lm.model, chunk, self.pad, min(map(len, chunk)) - 1)
+            for layer, got in xs.items():   # the shared prefix's states once per row, as a full pass gives them
+                rows = got[-1] if not P else torch.cat([got[0].expand(len(chunk), -1, -1), got[-1]], 1)
+                parts.setdefault(layer, []).append(rows[mask.bool()].float())
         return {layer: torch.cat(p) for layer, p in parts.items()}
 
     def older_questions(self, cap: int = 64) -> list[str]:
@@ -580,13 +577,12 @@ class Consolidator:
         xs_all, kinds, owners = [], [], []
 
         def capture(seqs, labels, episodes):
-            width = max(len(q) for q in seqs)
-            ids = torch.tensor([q + [self.pad] * (width - len(q)) for q in seqs], device=dev)
-            mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=dev)
-            t = labels(width).to(dev)
+            t = labels(max(len(q) for q in seqs)).to(dev)
+            labelled = (t >= 0).any(0).nonzero()
             self.check()   # Stop within a forward: the gate fit reads every example once (seconds)
             with self.memory.configured(muted=new_ids, fast_weights=False), self.memory.capturing() as xs:
-                self.lm.model(input_ids=ids, attention_mask=mask)
+                _, P, _ = shared_prefix_pass(self.lm.model, seqs, self.pad, int(labelled[0]) if len(labelled) else 0)
+            t = t[:, P:]   # the shared template before the first labelled token ran once, uncaptured
             keep = t >= 0
             xs_all.append(torch.stack([xs[l][-1][keep].float() for l in layers]))
             kinds.append(t[keep].long())

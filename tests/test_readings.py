@@ -153,3 +153,21 @@ def test_the_shared_prefix_pass_reads_what_a_full_pass_reads(tiny_engine):
     expect = sum(float(logp[r, len(s) - len(answer) - 1 + k, answer[k]]) for r, s in enumerate(whole)
                  for k in range(len(answer))) / (len(whole) * len(answer))
     assert abs(answer_logprob(memory.lm, tok, probes) - expect) < 1e-4
+
+
+def test_closed_states_over_a_shared_prefix_are_a_full_passes_states(tiny_engine):
+    """The gate fit's negatives: every real token's MLP input in every layer, the shared template's
+    once per row, in the order a full padded pass gives them."""
+    from sleep_engine.consolidation import Consolidator
+    memory, tok = tiny_engine.memory, tiny_engine.tokenizer
+    eid = memory.add_expert(tier=2, born=1)
+    c = Consolidator(memory, tok, tiny_settings(), lambda *a, **k: None, lambda: None)
+    seqs = [chat_ids(tok, q) for q in ("What is a cat?", "Name a colour, please.", "Why?")]
+    got = c._closed_states(seqs, [eid])
+    width = max(map(len, seqs))
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]).bool()
+    with memory.configured(muted=[eid], fast_weights=False), memory.capturing() as xs:
+        memory.lm.model(input_ids=torch.tensor([s + [0] * (width - len(s)) for s in seqs]), attention_mask=mask.long())
+    for layer, states in got.items():
+        assert states.shape == xs[layer][-1][mask].shape
+        assert torch.allclose(states, xs[layer][-1][mask], atol=1e-4)
