@@ -31,7 +31,7 @@ from .config import WakeConfig
 from .consolidation import ANCHOR_PROMPTS, GATE_NEGATIVE_PROMPTS, subjects
 from .losses import weighted_lm_loss
 from .memory import MemoryModel
-from .probes import ANSWER_PROMPT
+from .probes import ANSWER_PROMPT, shared_prefix_pass
 from .readings import digest
 from .sampling import chat_ids
 from .store import Episode
@@ -169,8 +169,10 @@ class FastWeightLearner:
         with self.memory.configured(fast_weights=fast_weights):
             ids, mask, w = self._batch(self.guard_set)
             text = float(weighted_lm_loss(self.lm(input_ids=ids, attention_mask=mask).logits, ids, w))
-            ids, mask, w = self._batch([c.ids for c in chats], [c.weights for c in chats])
-            logits = self.lm(input_ids=ids, attention_mask=mask).logits
+            ids, _, w = self._batch([c.ids for c in chats], [c.weights for c in chats])
+            first = min(next((i for i, x in enumerate(c.weights) if x > 0), len(c.ids)) for c in chats)
+            out, P, _ = shared_prefix_pass(self.lm, [c.ids for c in chats], self.pad, first - 1)   # the template once
+        ids, w, logits = ids[:, P:], w[:, P:], out.logits   # unweighted before the first answer token
         answer = w[:, 1:] > 0          # logits[:, t−1] predict the answer token at t
         return GuardReading(text, float(weighted_lm_loss(logits, ids, w)), logits[:, :-1].argmax(-1)[answer])
 

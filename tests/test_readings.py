@@ -171,3 +171,19 @@ def test_closed_states_over_a_shared_prefix_are_a_full_passes_states(tiny_engine
     for layer, states in got.items():
         assert states.shape == xs[layer][-1][mask].shape
         assert torch.allclose(states, xs[layer][-1][mask], atol=1e-4)
+
+
+def test_the_guard_reading_over_a_shared_prefix_is_a_full_passes(tiny_engine):
+    """The everyday guard (Wake's bound and the sleep's sanity gate): answer cross-entropy and greedy
+    choices as a full padded pass gives them."""
+    from sleep_engine.fast_weights import WeightedText
+    from sleep_engine.losses import weighted_lm_loss
+    fast, tok, lm = tiny_engine.wake.fast, tiny_engine.tokenizer, tiny_engine.memory.lm
+    prompts = [chat_ids(tok, ANSWER_PROMPT.format(q=q)) for q in ("What is a cat?", "Name a long river.")]
+    chats = [WeightedText(p + [300, 301, 302][:k], [0.0] * len(p) + [1.0] * k) for p, k in zip(prompts, (3, 2))]
+    ids, mask, w = fast._batch([c.ids for c in chats], [c.weights for c in chats])
+    with tiny_engine.memory.configured(fast_weights=False):
+        logits = lm(input_ids=ids, attention_mask=mask).logits
+    got = fast.read(chats, fast_weights=False)
+    assert abs(got.chat_ce - float(weighted_lm_loss(logits, ids, w))) < 1e-4
+    assert torch.equal(got.choices, logits[:, :-1].argmax(-1)[w[:, 1:] > 0])
