@@ -113,8 +113,9 @@ class SleepConfig:
     """One Sleep: consolidation (docs/DESIGN.md §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
     # a preset is a time budget: a sleep fits its teacher's writing, steps and dreams into budget_s
-    # seconds, measured as it runs; the probes before and after (~25–50 s each on 2 cores) come on
-    # top (0 = no budget: the recipe as written, for the lab). Measured (make budget-check, 2 cores):
+    # seconds, measured as it runs; the probes before and after come on top (2 cores: before ~12 s
+    # once the state was read, readings.py; after ~50 s) (0 = no budget: the recipe as written,
+    # for the lab). Measured (make budget-check, 2 cores):
     # at 90 s two passages got 3 of 13 steps (teacher 40 s, gate fit 21 s, 8 s a step) and learned
     # nothing, so quick has 180 s
     budget_s: float = 180.0

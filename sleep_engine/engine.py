@@ -26,9 +26,9 @@ from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
 from .lab.data import general_questions
 from .memory import MemoryModel
-from .readings import Readings, digest, readings_file
 from .probes import (answer_logprob, average_accuracy, backward_transfer, closed_book_accuracy,
                      cloze_probes, episode_probes, forgetting, gate_selectivity, perplexity, question_gates)
+from .readings import Readings, digest, readings_file
 from .sampling import cancel_points, chat_ids, generate_batch
 from .store import StateDir, StateError
 from .wake import DEFAULT_SESSION, WakeSession

@@ -136,7 +136,6 @@ def digest(value) -> str:
     return hashlib.sha1(json.dumps(value).encode()).hexdigest()[:16]
 
 
-
 def readings_file(backbone, cfg) -> tuple[Path | None, str]:
     """Where the un-slept model's readings are kept, and the context they hold for: the weights
     (their source and its files' times), storage, device, threads and torch. A model built in
@@ -144,7 +143,7 @@ def readings_file(backbone, cfg) -> tuple[Path | None, str]:
     if not backbone.source:
         return None, ""
     source = Path(backbone.source)
-    files = sorted(source.glob("*.safetensors")) + sorted(source.glob("*.gguf")) if source.is_dir() else []
+    files = (sorted(source.glob("*.safetensors")) + sorted(source.glob("*.gguf"))) if source.is_dir() else []
     context = json.dumps({"model": backbone.name, "source": str(source), "quantize": backbone.quantize,
                           "device": str(backbone.device), "dtype": str(backbone.dtype), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "files": [[f.name, f.stat().st_mtime_ns] for f in files]})
