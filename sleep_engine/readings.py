@@ -51,6 +51,11 @@ class Readings:
         self._cheap: tuple | None = None   # (pointer/version key, content key): hash only when weights moved
         self._disk = self._load()
 
+    def __deepcopy__(self, memo) -> "Readings":
+        """A copied model (sleeps and tests deep-copy them) starts its own memo: a lock cannot be copied."""
+        import copy
+        return Readings(copy.deepcopy(self.memory, memo), self.path, self.context)
+
     def key(self, base: bool = False) -> str:
         if base:
             return "base"
