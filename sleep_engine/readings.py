@@ -68,25 +68,14 @@ class Readings:
 
     def get(self, name: str, base: bool = False):
         """The remembered value, or MISSING."""
-        key = (self.key(base), name)
-        with self._lock:
-            if key not in self._values and key[0] == "base" and name in self._disk:
-                self._values[key] = self._disk[name]
-            return self._values.get(key, MISSING)
-
-    def put(self, values: dict[str, object], base: bool = False, keep: bool = False) -> None:
-        state = self.key(base)
-        with self._lock:
-            self._values.update({(state, n): v for n, v in values.items()})
-            if keep and state == "base" and self.path is not None:
-                self._disk.update(values)
-                self._save()
+        return self._get(self.key(base), name)
 
     def remember(self, name: str, compute: Callable[[], T], base: bool = False, keep: bool = False) -> T:
-        value = self.get(name, base)
+        state = self.key(base)   # the state the reading is of: taken once, before computing
+        value = self._get(state, name)
         if value is MISSING:
             value = self._read(compute, base)
-            self.put({name: value}, base, keep)
+            self._put(state, {name: value}, keep)
         return value
 
     def answers(self, lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
@@ -94,14 +83,27 @@ class Readings:
         """Greedy answers to `prompts` (sampling.generate_batch), each remembered: only the
         prompts not read yet in this state are generated, in one batch."""
         from .sampling import generate_batch
+        state = self.key(base)
         names = [f"answer:{max_new_tokens}:{digest(p)}" for p in prompts]
-        missing = sorted({n: i for i, n in enumerate(names) if self.get(n, base) is MISSING}.items(),
-                         key=lambda kv: kv[1])
+        by_name = dict(zip(names, prompts))
+        missing = [n for n in by_name if self._get(state, n) is MISSING]
         if missing:
-            fresh = self._read(lambda: generate_batch(lm, tokenizer, [prompts[i] for _, i in missing],
-                                                      max_new_tokens), base)
-            self.put({n: a for (n, _), a in zip(missing, fresh)}, base, keep)
-        return [self.get(n, base) for n in names]
+            fresh = self._read(lambda: generate_batch(lm, tokenizer, [by_name[n] for n in missing], max_new_tokens), base)
+            self._put(state, dict(zip(missing, fresh)), keep)
+        return [self._get(state, n) for n in names]
+
+    def _get(self, state: str, name: str):
+        with self._lock:
+            if (state, name) not in self._values and state == "base" and name in self._disk:
+                self._values[state, name] = self._disk[name]
+            return self._values.get((state, name), MISSING)
+
+    def _put(self, state: str, values: dict[str, object], keep: bool) -> None:
+        with self._lock:
+            self._values.update({(state, n): v for n, v in values.items()})
+            if keep and state == "base" and self.path is not None:
+                self._disk.update(values)
+                self._save()
 
     def _read(self, compute: Callable[[], T], base: bool) -> T:
         if not base:
