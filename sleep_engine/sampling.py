@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from time import perf_counter
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -52,8 +53,11 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     """New token ids for each prompt (left-padded batches through transformers' generate),
     cut at the first end-of-turn token. With return_logits, also the logits that produced each
     kept token ((n, vocab) bfloat16 per prompt): a teacher's distributions come for free.
-    With a `deadline` (budget.Deadline) no batch starts after it: the answers cover a prefix of
-    `prompts` (at least the first batch), so callers put what matters most first."""
+    With a `deadline` (budget.Deadline) the answers cover a prefix of `prompts` (at least the
+    first batch), so callers put what matters most first: after the first batch, a batch holds
+    only the prompts that the last batch's pace (seconds per prompt) says end before the deadline.
+    Why sized, not just "none after it": one 32-prompt teacher batch started just before its
+    deadline overran it by 17 s on a slow machine, and the sleep's steps paid for it (one of 18)."""
     from .decoding import stop_token_ids
     stops = stop_token_ids(tokenizer, lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -61,10 +65,13 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     out: list[list[int]] = []
     logits_out: list[torch.Tensor] = []
     torch.manual_seed(seed)
-    for i in range(0, len(prompts), batch_size):
-        if i and deadline is not None and deadline.passed():
+    i, pace = 0, 0.0
+    while i < len(prompts):
+        size = batch_size if not i or deadline is None else min(batch_size, int(deadline.left() // max(pace, 1e-9)))
+        if size < 1:
             break
-        chunk = prompts[i:i + batch_size]
+        chunk, started = prompts[i:i + size], perf_counter()
+        i += len(chunk)
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
@@ -82,4 +89,5 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
             out.append(row[:cut])
             if return_logits:
                 logits_out.append(steps[r, :cut].clone())
+        pace = (perf_counter() - started) / len(chunk)
     return (out, logits_out) if return_logits else out

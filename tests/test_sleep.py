@@ -490,6 +490,23 @@ def test_teacher_writing_stops_at_its_deadline_after_the_first_batch(tiny_engine
     assert len(generate_batch(lm, tok, prompts, 3, batch_size=2, deadline=Deadline(at=0.0))) == 2
 
 
+def test_teacher_writing_sizes_its_last_batch_to_the_time_left(tiny_engine, monkeypatch):
+    """After the first batch, a batch holds only the prompts the last batch's pace says fit."""
+    from sleep_engine import sampling
+    clock = iter(range(0, 1000, 2))   # each reading of the clock is 2 s later: a batch "takes" 2 s
+    monkeypatch.setattr(sampling, "perf_counter", lambda: float(next(clock)))
+
+    class Left:   # always 1.5 s left
+        def left(self):
+            return 1.5
+    tok = tiny_engine.tokenizer
+    prompts = [chat_ids(tok, f"Question {i}?") for i in range(5)]
+    # batch 1: 2 prompts in 2 s (1 s each) → 1.5 s left holds 1 prompt; it takes 2 s → none fits
+    got = sampling.generate_batch(tiny_engine.memory.lm, tok, prompts, 3, batch_size=2, deadline=Left())
+    assert len(got) == 3
+    assert got == sampling.generate_batch(tiny_engine.memory.lm, tok, prompts, 3, batch_size=2)[:3]
+
+
 def test_a_seed_out_of_time_trains_fewer_steps_and_keeps_imitation_last(tiny_engine, monkeypatch):
     from sleep_engine import consolidation as C
     new_id = tiny_engine.memory.add_expert(tier=2, born=1)
