@@ -336,13 +336,19 @@ def sleep_summary(manifest: dict) -> list[tuple[str, str]]:
             ("wall time", f"{sum(phases.values()):.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + ")"),
             ("experts added", ", ".join(manifest.get("experts_added", [])) or "none"),
             ("divergence", (f"{num(c.get('first_divergence'), '.4f')} → {num(c.get('final_divergence'), '.4f')} "
-                           f"over {c.get('steps', '–')} steps")),
+                           f"over {steps_text(c)}")),
             ("LTI mean reward", num(c.get("mean_reward"), ".3f")),
             ("dreams", f"{d.get('generated', 0)} generated, {d.get('kept', 0)} kept, {d.get('rewarded', 0)} rewarded"),
             ("probe accuracy (mean over episodes)", f"{mean(acc_b)} → {mean(acc_a)}"),
             ("general perplexity", (f"{num(manifest.get('general_ppl_before'), '.2f')} → "
                                    f"{num(manifest.get('general_ppl_after'), '.2f')}")),
             ("everyday answers changed", everyday_text(manifest))] + selectivity_rows(manifest)
+
+
+def steps_text(consolidation: dict) -> str:
+    """"12 steps", or "3 of 18 planned steps" when the time budget cut them."""
+    steps, planned = consolidation.get("steps", "–"), consolidation.get("planned_steps")
+    return f"{steps} of {planned} planned steps" if planned and steps != planned else f"{steps} steps"
 
 
 def everyday_text(manifest: dict) -> str:

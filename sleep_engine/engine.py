@@ -109,6 +109,19 @@ def seconds_left(weights: dict[str, float], phases: dict[str, float], step_secon
     return steps_left * per + (in_phase_s + steps_left * per) * r
 
 
+def budget_cut_note(seeded: dict, budget_s: float) -> str | None:
+    """What to tell a user whose sleep ran under half its planned steps: its learning is thin, and
+    why (on a slow or busy machine the teacher's writing and the gate fit take most of a quick
+    sleep's budget: 1 of 18 steps measured, stop 37)."""
+    steps, planned = seeded.get("steps", 0), seeded.get("planned_steps", 0)
+    if not budget_s or not planned or 2 * steps >= planned:
+        return None
+    return (f"the {budget_s:g} s budget fit {steps} of {planned} consolidation steps (teacher's writing "
+            f"{seeded.get('writing_s', 0):.0f} s, gate fit {seeded.get('gate_s', 0):.0f} s): this sleep learned "
+            f"little; the machine is slower than the preset assumes — the full preset or a longer "
+            f"budget_s gives the steps time")
+
+
 class SleepRun:
     """One sleep's bookkeeping: its events, progress and time left, phase timings, the numerical
     guard and cancellation. Each phase runs as `with run.phase(name): ...`."""
@@ -620,6 +633,9 @@ class SleepEngine:
         examples = seeder.teacher_data(pending, older, new_ids)
         gates = {eid: set(ids) for eid, ids in owners.items()} if len(owners) > 1 else None
         summary["consolidation"] = seeder.seed(examples, new_ids, gates)
+        cut = budget_cut_note(summary["consolidation"], cfg.budget_s)
+        if cut:
+            run.emit("notice", message=cut)
         return owners
 
     def _dream(self, run: "SleepRun", pending, new_ids: list[str], cfg: SleepConfig) -> dict:

@@ -459,6 +459,18 @@ def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps(
     assert steps_that_fit(0, 10, [], 1.0) == 10               # nothing measured yet: the plan
 
 
+def test_a_sleep_cut_to_under_half_its_steps_says_so_and_the_summary_shows_the_plan():
+    from app.views import steps_text
+    from sleep_engine.engine import budget_cut_note
+    cut = {"steps": 1, "planned_steps": 18, "writing_s": 79.9, "gate_s": 55.7}
+    note = budget_cut_note(cut, 180.0)
+    assert "fit 1 of 18" in note and "80 s" in note and "56 s" in note
+    assert budget_cut_note({**cut, "steps": 9}, 180.0) is None     # half the plan: no warning
+    assert budget_cut_note(cut, 0.0) is None                       # no budget (the lab): nothing cut
+    assert budget_cut_note({"steps": 0}, 180.0) is None            # nothing was planned (no data)
+    assert steps_text(cut) == "1 of 18 planned steps" and steps_text({"steps": 9, "planned_steps": 9}) == "9 steps"
+
+
 def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_keeps_every_episode(tiny_engine):
     from sleep_engine.consolidation import Consolidator, round_robin
     from sleep_engine.store import Episode
