@@ -7,6 +7,7 @@ polls `engine.status()` and the event bus and redraws only when something change
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import hmac
 import html
@@ -269,111 +270,265 @@ class StopFlags:
             ev.set()
 
 
-def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
-    stops = StopFlags()
-    sessions = Sessions()
-    sampling: dict[str, dict] = {}    # session key → its generation settings (set in the Generation accordion)
-    usage = views.UsageMeter()
-    download_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-download-"))
-    # copies of a user's events for the download buttons: gone when the app is (one per build_app)
-    atexit.register(shutil.rmtree, download_dir, True)
-    exports_dir = Path(engine.cfg.state_dir).parent / "exports"   # Inspect → Export writes only under here
+def reply_notes(reply) -> list[str]:
+    """What the Wake notice says after a reply: its own notices, its speed and episode, and what
+    tier 1 did with it."""
+    notes = list(reply.notices)   # a stopped reply says so there ("not kept as an episode: …")
+    if reply.tokens_per_s:
+        notes.append(f"{len(reply.token_ids)} tokens, first after {1000 * (reply.ttft_s or 0):.0f} ms, "
+                     f"{reply.tokens_per_s:.1f} tokens/s" + (f"; logged as episode {reply.episode_id}"
+                                                             if reply.episode_id else ""))
+    u = reply.fast_update or {}
+    if u.get("scheduled"):
+        notes.append(f"tier 1 is learning from the last {u['episodes']} episode(s) in the background "
+                     "(your next reply starts when it is done)")
+    elif u.get("steps"):
+        notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
+                     f"generic-text drift {100 * u['drift']:+.1f}%")
+    return notes
 
-    # -- read-only views ----------------------------------------------------------------------
-    def header_html() -> str:
-        status = engine.status()
+
+def teach_note(ep, source: str, body: str, asleep: bool, learning: bool) -> str:
+    """What Teach did and what happens next."""
+    note = f"taught {source} ({len(ep.text):,} characters) as episode {ep.id}"
+    if asleep:
+        note += "; the model is asleep: the next sleep consolidates it, tier 1 learns it when this one ends"
+    elif learning:
+        note += ("; tier 1 (the fast weights) is learning it in the background — ask about it in a moment. "
+                 "Sleep now consolidates it into a new expert")
+    else:
+        note += "; Sleep now consolidates it into a new expert, so it is recalled without the text"
+    if len(ep.text) < len(body.strip()):
+        note += f"; it had {len(body):,} characters and only the first {len(ep.text):,} were kept"
+    return note
+
+
+class Page:
+    """What the tabs share: the engine, this server's browser sessions (their stop flags and
+    generation settings), the page-wide views (header, memory tiers, progress) and the folder the
+    download buttons serve from. The tabs set their components on it as they are built."""
+
+    def __init__(self, engine, reports_dir: str | Path):
+        self.engine, self.reports_dir = engine, Path(reports_dir)
+        self.stops, self.sessions = StopFlags(), Sessions()
+        self.sampling: dict[str, dict] = {}   # session key → its generation settings (Generation accordion)
+        self.usage = views.UsageMeter()
+        self.download_dir = Path(tempfile.mkdtemp(prefix="sleep-lab-download-"))
+        # copies of a user's events for the download buttons: gone when the app is (one per build_app)
+        atexit.register(shutil.rmtree, self.download_dir, True)
+        self.exports_dir = Path(engine.cfg.state_dir).parent / "exports"   # Inspect → Export writes only under here
+
+    def header_html(self) -> str:
+        status = self.engine.status()
         cls = "sleeping" if status.get("state") == "sleeping" else "awake"
         cells = []
-        for k, v in views.header_fields(engine.info(), status):
+        for k, v in views.header_fields(self.engine.info(), status):
             v = f'<span class="badge {cls}">{html.escape(v)}</span>' if k == "state" else html.escape(v)
             cells.append(f'<span><span class="k">{k}</span>{v}</span>')
         return f'<div class="fields">{"".join(cells)}</div>'
 
-    def tiers_table(request: gr.Request | None = None):
+    def tiers_table(self, request: gr.Request | None = None):
         """The tiers panel of this browser's session (tier 0 counts its own conversation)."""
-        return views.tier_rows(engine.memory_tiers(session=sessions.key(request)))
+        return views.tier_rows(self.engine.memory_tiers(session=self.sessions.key(request)))
 
+    @staticmethod
     def progress_html(status: dict) -> str:
         pct = 100 * status.get("progress", 0.0) if status.get("state") == "sleeping" else 0
         return (f'<div class="bar"><div style="width:{pct:.1f}%"></div></div>'
                 f'<p id="progress-text">{html.escape(views.progress_text(status))}</p>')
 
-    def asleep() -> bool:
-        return engine.status().get("state") == "sleeping"
+    def asleep(self) -> bool:
+        return self.engine.status().get("state") == "sleeping"
 
-    # -- Wake -----------------------------------------------------------------------------------
-    def routing_outputs(reply):
-        tokens = reply.token_texts(engine.tokenizer) if reply else []
+    def sleep_choices(self) -> list[str]:
+        return [d.name for d in self.engine.state.sleep_dirs()]
+
+    def status_api(self) -> dict:
+        st = self.engine.status()
+        st["events"] = len(self.engine.events.since(0))
+        return json.loads(json.dumps(st, default=str))
+
+    # -- what the 1 s timer and a page load redraw ---------------------------------------------
+    def live(self) -> list:
+        s = self.sleep
+        return [self.panel_key, self.header, s.progress, s.cons_plot, s.samples, s.dream_plot, s.dream_df,
+                s.forget_plot, s.growth_plot, s.locality_df, self.wake.tiers, self.inspect.pick, s.sleep_btn,
+                s.stop_sleep_btn, s.episodes_df, s.sleep_notice]
+
+    def tick(self, seen, request: gr.Request = None) -> dict:
+        """Every second: the progress line; the rest only when something changed since `seen`."""
+        engine, s = self.engine, self.sleep
+        status = engine.status()
+        now = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
+               len(engine.events.since(0)), status.get("sleeps"), len(engine.state.episodes)]
+        out = {s.progress: self.progress_html(status)}
+        if now == seen:
+            return out
+        if seen is None or seen[3] != now[3]:   # a sleep finished or was undone: the Inspect list follows
+            choices = self.sleep_choices()
+            out[self.inspect.pick] = gr.update(choices=choices, value=choices[-1] if choices else None)
+        if seen is not None and (now[3] or 0) > (seen[3] or 0):   # "Sleep N started …" is old news: the progress line says it finished
+            out[s.sleep_notice] = ""
+        sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
+        return {**out, **s.panels(), self.panel_key: now, self.header: self.header_html(),
+                self.wake.tiers: self.tiers_table(request), s.sleep_btn: gr.update(interactive=not sleeping),
+                s.stop_sleep_btn: gr.update(interactive=sleeping), s.episodes_df: views.episode_table(engine.episode_rows())}
+
+    def on_load(self, browser_id, request: gr.Request) -> dict:
+        """A reload or a second tab re-attaches: conversation, routing, panels, running sleep (your
+        own conversation only: the browser's id, kept in its localStorage, names it)."""
+        browser_id = self.sessions.attach(request, browser_id)
+        key = self.sessions.key(request)
+        out = {self.browser: browser_id, self.wake.chatbot: self.engine.wake.conversation(key),
+               **self.wake.routing(None), **self.tick(None, request),
+               self.inspect.reports.pick: gr.update(choices=self.inspect.reports.choices())}
+        notes = self.engine.notices()
+        if notes:
+            out[self.inspect.notice] = _error("; ".join(notes))
+        own = self.sampling.get(key)
+        if own:   # a reload keeps this browser's generation settings
+            out.update({c: own[f] for c, f in zip(self.wake.generation, SAMPLING_FIELDS)})
+        return out
+
+    def load_outputs(self) -> list:
+        return ([self.browser, self.wake.chatbot, self.wake.heat, self.wake.strip, self.wake.load] + self.live()
+                + [self.inspect.reports.pick, self.inspect.notice] + self.wake.generation)
+
+
+class WakeTab:
+    """Chat with the memory (streamed), teach a text, and the routing of the last reply."""
+
+    def __init__(self, page: Page):
+        self.page, self.engine = page, page.engine
+        with gr.Group() as self.guide:
+            gr.Markdown(GUIDE, elem_id="guide")
+            self.guide_ok = gr.Button("Got it", size="sm", elem_id="guide-ok")
+        with gr.Row():
+            with gr.Column(scale=3):
+                self.chat_column()
+            with gr.Column(scale=2):
+                self.teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
+                                             lines=5, elem_id="teach-text")
+                self.teach_file = gr.File(label="…or a UTF-8 text file (up to 1 MiB)", type="filepath",
+                                          elem_id="teach-file")
+                self.teach_btn = gr.Button("Teach", elem_id="teach")
+                self.teach_notice = gr.HTML(elem_id="teach-notice")
+        self.strip = gr.HighlightedText(label="Tokens of the last reply, coloured by dominant routed expert",
+                                        elem_id="token-strip", show_legend=True)
+        with gr.Row():
+            self.heat = gr.Plot(label="Routing heatmap", elem_id="routing-heatmap", scale=3)
+            self.load = gr.Plot(label="Expert load", elem_id="expert-load", scale=2)
+
+    def chat_column(self) -> None:
+        self.chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
+        self.msg = gr.Textbox(placeholder="Message the model (Enter sends)", show_label=False, elem_id="message")
+        with gr.Row():
+            self.send = gr.Button("Send", variant="primary", elem_id="send")
+            self.stop = gr.Button("Stop", elem_id="stop-reply")
+            self.retry_btn = gr.Button("Retry", elem_id="retry")
+            self.clear_btn = gr.Button("Clear", elem_id="clear")
+        self.notice = gr.HTML(elem_id="wake-notice")
+        self.tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
+                                  label="Memory tiers", interactive=False, elem_id="tiers")
+        self.fast_every = gr.Number(value=self.engine.cfg.wake.fast_update_every, precision=0, minimum=0,
+                                    maximum=1000, elem_id="fast-every",
+                                    label="test-time learning: update the fast weights every N turns "
+                                          "(and after each taught text); 0 = off")
+        w = self.engine.cfg.wake
+        with gr.Accordion("Generation (this browser's replies)", open=False, elem_id="generation"):
+            self.generation = [
+                gr.Slider(1, w.max_new_tokens, value=w.max_new_tokens, step=1, label="max new tokens",
+                          elem_id="gen-max-new-tokens"),
+                gr.Slider(0.0, 2.0, value=w.temperature, step=0.05, label="temperature (0 = greedy)",
+                          elem_id="gen-temperature"),
+                gr.Slider(0.05, 1.0, value=w.top_p, step=0.05, label="top-p (with temperature > 0)",
+                          elem_id="gen-top-p"),
+                gr.Slider(1.0, 2.0, value=w.repetition_penalty, step=0.05, elem_id="gen-repetition",
+                          label="repetition penalty (1 = off; on the reply's own tokens)")]
+
+    def wire(self) -> None:
+        page = self.page
+        out = [self.chatbot, self.msg, self.notice, self.heat, self.strip, self.load, self.tiers, page.header]
+        for trigger in (self.msg.submit, self.send.click):
+            trigger(self.chat, [self.msg, self.chatbot], out, api_name="chat" if trigger == self.msg.submit else False,
+                    concurrency_id="wake", show_progress="hidden")
+        self.stop.click(self.stop_reply, None, None, queue=False, api_name="stop_reply")
+        self.retry_btn.click(self.retry, [self.chatbot], out, api_name="retry", concurrency_id="wake",
+                             show_progress="hidden")
+        self.chatbot.retry(self.retry, [self.chatbot], out, api_name=False, concurrency_id="wake",
+                           show_progress="hidden")
+        self.clear_btn.click(self.clear, None, [self.chatbot, self.notice, self.tiers], api_name="clear")
+        self.chatbot.clear(self.clear, None, [self.chatbot, self.notice, self.tiers], api_name=False)
+        self.fast_every.change(self.set_fast_learning, self.fast_every, [self.notice, self.tiers],
+                               api_name="fast_learning")
+        for i, slider in enumerate(self.generation):
+            slider.release(self.set_generation, self.generation, self.notice,
+                           api_name="generation" if i == 0 else False)
+        self.teach_btn.click(self.teach, [self.teach_text, self.teach_file],
+                             [self.teach_text, self.teach_file, self.teach_notice, self.tiers, page.header],
+                             api_name="teach", show_progress_on=[self.teach_notice])
+
+    def routing(self, reply) -> dict:
+        tokens = reply.token_texts(self.engine.tokenizer) if reply else []
         view = views.routing_view(reply.trace if reply else None, tokens)
         if reply is not None and view["experts"]:
-            usage.add(view)
-        return (plots.routing_heatmap(view), views.token_strip(view),
-                plots.expert_load_bar(views.expert_load(view)))
+            self.page.usage.add(view)
+        return {self.heat: plots.routing_heatmap(view), self.strip: views.token_strip(view),
+                self.load: plots.expert_load_bar(views.expert_load(view))}
 
-    def chat(message, history, request: gr.Request):
-        history = list(history or [])
-        keep = (gr.skip(),) * 5
-        stop = stops.fresh(request.session_hash if request else "api")
-        key = sessions.key(request)
+    def chat(self, message, history, request: gr.Request):
+        page, history = self.page, list(history or [])
+        stop = page.stops.fresh(request.session_hash if request else "api")
+        key = page.sessions.key(request)
         reply = None
         try:
-            for reply in in_own_thread(lambda: engine.wake.stream(message, stop, session=key,
-                                                               sampling=sampling.get(key)), stop):
+            for reply in in_own_thread(lambda: self.engine.wake.stream(message, stop, session=key,
+                                                                    sampling=page.sampling.get(key)), stop):
                 turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-                yield (history + turn, "", gr.skip()) + keep   # the whole text too, before the panels are drawn
+                yield {self.chatbot: history + turn, self.msg: ""}   # the whole text too, before the panels
         except (WakeInputError, WakeBusy) as e:
-            yield (history, message, _error(str(e))) + keep   # the message stays in the box
+            yield {self.chatbot: history, self.msg: message, self.notice: _error(str(e))}   # the message stays
             return
-        notes = list(reply.notices)   # a stopped reply says so there ("not kept as an episode: …")
-        if reply.tokens_per_s:
-            notes.append(f"{len(reply.token_ids)} tokens, first after {1000 * (reply.ttft_s or 0):.0f} ms, "
-                         f"{reply.tokens_per_s:.1f} tokens/s" + (f"; logged as episode {reply.episode_id}"
-                                                                 if reply.episode_id else ""))
-        if reply.fast_update:
-            u = reply.fast_update
-            if u.get("scheduled"):
-                notes.append(f"tier 1 is learning from the last {u['episodes']} episode(s) in the background "
-                             "(your next reply starts when it is done)")
-            elif u.get("steps"):
-                notes.append(f"fast weights updated: loss {u['loss_before']:.3f} → {u['loss_after']:.3f}, "
-                             f"generic-text drift {100 * u['drift']:+.1f}%")
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-        yield (history + turn, "", _ok(" · ".join(notes))) + routing_outputs(reply) + (tiers_table(request), header_html())
+        yield {self.chatbot: history + turn, self.msg: "", self.notice: _ok(" · ".join(reply_notes(reply))),
+               **self.routing(reply), self.tiers: page.tiers_table(request), page.header: page.header_html()}
 
-    def stop_reply(request: gr.Request):
-        stops.stop(request.session_hash if request else "api")
+    def stop_reply(self, request: gr.Request):
+        self.page.stops.stop(request.session_hash if request else "api")
 
-    def retry(history, request: gr.Request):
-        key = sessions.key(request)
-        message = engine.wake.drop_last_turn(key)
+    def retry(self, history, request: gr.Request):
+        key = self.page.sessions.key(request)
+        message = self.engine.wake.drop_last_turn(key)
         if message is None:   # only this session's own last turn can be retried
-            yield (list(history or []), gr.skip(), _error("nothing to retry")) + (gr.skip(),) * 5
+            yield {self.chatbot: list(history or []), self.notice: _error("nothing to retry")}
             return
-        yield from chat(message, engine.wake.conversation(key), request)
+        yield from self.chat(message, self.engine.wake.conversation(key), request)
 
-    def clear(request: gr.Request):
-        engine.wake.clear(sessions.key(request))
-        return [], _ok("conversation cleared (its turns stay in the episode log)"), tiers_table(request)
+    def clear(self, request: gr.Request):
+        self.engine.wake.clear(self.page.sessions.key(request))
+        return {self.chatbot: [], self.notice: _ok("conversation cleared (its turns stay in the episode log)"),
+                self.tiers: self.page.tiers_table(request)}
 
-    def set_generation(max_new_tokens, temperature, top_p, repetition_penalty, request: gr.Request):
+    def set_generation(self, max_new_tokens, temperature, top_p, repetition_penalty, request: gr.Request):
         """This browser's sampling settings, checked like the config, kept for its later replies."""
         values = dict(zip(SAMPLING_FIELDS, (int(max_new_tokens), temperature, top_p, repetition_penalty)))
         try:
-            engine.wake.sampling(values)
+            self.engine.wake.sampling(values)
         except WakeInputError as e:
             return _error(str(e))
-        sampling[sessions.key(request)] = values
+        self.page.sampling[self.page.sessions.key(request)] = values
         return _ok("generation: " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in values.items()))
 
-    def set_fast_learning(every, request: gr.Request):
+    def set_fast_learning(self, every, request: gr.Request):
         try:
-            engine.set_fast_learning(every)
+            self.engine.set_fast_learning(every)
         except (ConfigError, TypeError, ValueError) as e:
-            return _error(str(e)), gr.skip()
+            return {self.notice: _error(str(e))}
         state = "off" if not every else f"every {int(every)} turns and after each taught text"
-        return _ok(f"test-time learning {state}"), tiers_table(request)
+        return {self.notice: _ok(f"test-time learning {state}"), self.tiers: self.page.tiers_table(request)}
 
-    def teach(text, upload, request: gr.Request):
+    def teach(self, text, upload, request: gr.Request):
+        page = self.page
         try:
             if upload:
                 body, source = read_upload(upload)
@@ -381,66 +536,111 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
                 body, source = text, "pasted"
             else:
                 raise WakeInputError("paste a text or choose a text file to teach")
-            ep = engine.wake.teach(body, source=source)
+            ep = self.engine.wake.teach(body, source=source)
         except (WakeInputError, WakeBusy, OSError) as e:
-            return gr.skip(), None, _error(str(e)), gr.skip(), gr.skip()   # a refused file is unselected
-        note = f"taught {source} ({len(ep.text):,} characters) as episode {ep.id}"
-        if asleep():
-            note += "; the model is asleep: the next sleep consolidates it, tier 1 learns it when this one ends"
-        elif engine.wake.learning():
-            note += ("; tier 1 (the fast weights) is learning it in the background — ask about it in a moment. "
-                     "Sleep now consolidates it into a new expert")
-        else:
-            note += "; Sleep now consolidates it into a new expert, so it is recalled without the text"
-        if len(ep.text) < len(body.strip()):
-            note += f"; it had {len(body):,} characters and only the first {len(ep.text):,} were kept"
-        return ("" if not upload else gr.skip()), None, _ok(note), tiers_table(request), header_html()
+            return {self.teach_file: None, self.teach_notice: _error(str(e))}   # a refused file is unselected
+        note = teach_note(ep, source, body, page.asleep(), self.engine.wake.learning())
+        return {**({self.teach_text: ""} if not upload else {}), self.teach_file: None,
+                self.teach_notice: _ok(note), self.tiers: page.tiers_table(request), page.header: page.header_html()}
 
-    # -- Sleep ----------------------------------------------------------------------------------
+
+class SleepTab:
+    """Settings, the episodes the next sleep takes, Sleep now / Stop, and the live panels."""
+
+    def __init__(self, page: Page):
+        self.page, self.engine = page, page.engine
+        with gr.Row():
+            self.preset = gr.Dropdown(list(SleepConfig.PRESETS), value="quick", label="preset", scale=1)
+            self.fields = [gr.Number(value=v, label=label, elem_id=f"set-{key}")
+                           for (key, label), v in zip(SETTINGS, self.preset_values("quick"))]
+        with gr.Accordion("More settings", open=False):
+            self.more = gr.Textbox(label="any other sleep setting, one key=value per line (as with the "
+                                         "CLI's --set), e.g. dreaming=false or answer_tokens=48",
+                                   lines=3, elem_id="more-settings")
+        with gr.Accordion("Episodes: what the next sleep consolidates", open=False, elem_id="episodes"):
+            self.episodes_df = gr.Dataframe(headers=views.EPISODE_COLUMNS, interactive=False, wrap=True,
+                                            max_height=320, elem_id="episodes-table",
+                                            column_widths=["5%", "7%", "12%", "9%", "13%", "18%", "36%"])
+            with gr.Row():
+                self.episode_ids = gr.Textbox(label="episode ids, e.g. 3 or 5-7", scale=2, elem_id="episode-ids")
+                self.leave_out_btn = gr.Button("Leave out", scale=0, elem_id="episodes-leave-out")
+                self.take_in_btn = gr.Button("Take back in", scale=0, elem_id="episodes-take-in")
+                self.delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="episodes-delete")
+            self.episodes_notice = gr.HTML(elem_id="episodes-notice")
+        with gr.Row():
+            self.sleep_btn = gr.Button("Sleep now", variant="primary", elem_id="sleep-now")
+            self.stop_sleep_btn = gr.Button("Stop (roll back)", variant="stop", elem_id="stop-sleep")
+        self.sleep_notice = gr.HTML(elem_id="sleep-notice")
+        self.progress = gr.HTML(elem_id="progress")
+        self.live_panels()
+
+    def live_panels(self) -> None:
+        with gr.Row():
+            self.cons_plot = gr.Plot(label="Consolidation", elem_id="panel-consolidation")
+            self.dream_plot = gr.Plot(label="Dreams", elem_id="panel-dreams")
+        self.samples = gr.Dataframe(headers=views.SAMPLE_COLUMNS, label="Consolidation samples (LTI)",
+                                    interactive=False, wrap=True, max_height=300, elem_id="panel-samples",
+                                    column_widths=["6%", "24%", "24%", "25%", "7%", "7%", "7%"])
+        self.dream_df = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False, wrap=True,
+                                     max_height=300, elem_id="panel-dream-table", column_widths=DREAM_WIDTHS)
+        self.forget_plot = gr.Plot(label="Forgetting", elem_id="panel-forgetting")
+        self.locality_df = gr.Dataframe(headers=views.LOCALITY_COLUMNS, interactive=False, wrap=True,
+                                        label="Locality: each expert's mean gate after the last sleep (it should "
+                                              "open on its own episodes' questions only)", elem_id="panel-locality")
+        self.growth_plot = gr.Plot(label="Expert growth", elem_id="panel-growth")
+
+    def wire(self) -> None:
+        self.preset.change(self.preset_values, self.preset, self.fields, api_name=False)
+        self.sleep_btn.click(self.start_sleep, [self.preset] + self.fields + [self.more], self.sleep_notice,
+                             api_name="sleep")
+        self.stop_sleep_btn.click(self.stop_sleep, None, self.sleep_notice, api_name="stop_sleep",
+                                  concurrency_limit=None)
+        out = [self.episodes_notice, self.episodes_df, self.episode_ids]
+        for button, action, api in ((self.leave_out_btn, "leave out", "leave_out"),
+                                    (self.take_in_btn, "take in", "take_in"),
+                                    (self.delete_btn, "delete", "delete_episodes")):
+            button.click(functools.partial(self.change_episodes, action), self.episode_ids, out, api_name=api)
+
+    @staticmethod
     def preset_values(name):
         cfg = SleepConfig.from_preset(name)
         return [getattr(cfg, key) for key, _ in SETTINGS]
 
-    def start_sleep(preset, *values):
+    def start_sleep(self, preset, *values):
         *values, more = values
         try:
             settings = sleep_settings(preset, values, more)
-            number = engine.sleep(settings)
+            number = self.engine.sleep(settings)
         except (ConfigError, NothingToConsolidate, RuntimeError, ValueError) as e:
             return _error(str(e))
-        taken = ", ".join(str(i) for i in engine.status().get("episodes", []))
+        taken = ", ".join(str(i) for i in self.engine.status().get("episodes", []))
         budget = f", within {settings.budget_s:g} s" if settings.budget_s else ", no time budget"
         return _ok(f"Sleep {number} started ({preset} preset{budget}) on episode(s) {taken}. You can keep chatting: replies "
                    "come from the memory as it was before the sleep. Stop rolls the sleep back.")
 
-    def change_episodes(action, text):
+    def change_episodes(self, action, text):
         """Leave out, take back in or delete pending episodes; the table shows the result."""
         try:
             ids = views.parse_ids(text)
             if action == "delete":
-                done, verb = engine.delete_episodes(ids), "deleted for good"
+                done, verb = self.engine.delete_episodes(ids), "deleted for good"
             else:
-                done = engine.exclude_episodes(ids, excluded=action == "leave out")
+                done = self.engine.exclude_episodes(ids, excluded=action == "leave out")
                 verb = "left out of the next sleep" if action == "leave out" else "back in for the next sleep"
         except (ValueError, RuntimeError) as e:
-            return {episodes_notice: _error(str(e))}
-        pending = [e.id for e in engine.pending_episodes()]
-        return {episodes_notice: _ok(f"episode(s) {', '.join(map(str, done))} {verb}; the next sleep takes "
-                                     + (", ".join(map(str, pending)) if pending else "nothing")),
-                episodes_df: views.episode_table(engine.episode_rows()), episode_ids: ""}
+            return {self.episodes_notice: _error(str(e))}
+        pending = [e.id for e in self.engine.pending_episodes()]
+        return {self.episodes_notice: _ok(f"episode(s) {', '.join(map(str, done))} {verb}; the next sleep takes "
+                                          + (", ".join(map(str, pending)) if pending else "nothing")),
+                self.episodes_df: views.episode_table(self.engine.episode_rows()), self.episode_ids: ""}
 
-    def stop_sleep():
-        if engine.cancel():
+    def stop_sleep(self):
+        if self.engine.cancel():
             return _ok("Stopped: the model was rolled back to its pre-sleep state, bit for bit.")
         return _error("no sleep is running")
 
-    def status_api() -> dict:
-        st = engine.status()
-        st["events"] = len(engine.events.since(0))
-        return json.loads(json.dumps(st, default=str))
-
-    # -- live panels (timer) --------------------------------------------------------------------
-    def panels() -> dict:
+    def panels(self) -> dict:
+        engine = self.engine
         events = engine.events.since(0)
         dirs = engine.state.sleep_dirs()
         if not events and dirs:   # a fresh server: show the last completed sleep from its log on disk
@@ -450,329 +650,229 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         running = ({"sleep": status.get("sleep"), "experts": views.live_experts(events)}
                    if status.get("state") == "sleeping" else None)
         dreams = views.dream_rows(events)
-        return {cons_plot: plots.consolidation_fig(views.loss_series(events)), samples: views.sample_rows(events),
-                dream_plot: plots.dreams_scatter(dreams), dream_df: views.dream_table(dreams),
-                forget_plot: plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
-                growth_plot: plots.growth_fig(views.growth(manifests, running)),
-                locality_df: views.locality_table(manifests[-1] if manifests else None)}
+        return {self.cons_plot: plots.consolidation_fig(views.loss_series(events)),
+                self.samples: views.sample_rows(events), self.dream_plot: plots.dreams_scatter(dreams),
+                self.dream_df: views.dream_table(dreams),
+                self.forget_plot: plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
+                self.growth_plot: plots.growth_fig(views.growth(manifests, running)),
+                self.locality_df: views.locality_table(manifests[-1] if manifests else None)}
 
-    def tick(seen, request: gr.Request = None) -> dict:
-        """Every second: the progress line; the rest only when something changed since `seen`."""
-        status = engine.status()
-        now = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
-               len(engine.events.since(0)), status.get("sleeps"), len(engine.state.episodes)]
-        out = {progress: progress_html(status)}
-        if now == seen:
-            return out
-        if seen is None or seen[3] != now[3]:   # a sleep finished or was undone: the Inspect list follows
-            choices = sleep_choices()
-            out[pick] = gr.update(choices=choices, value=choices[-1] if choices else None)
-        if seen is not None and (now[3] or 0) > (seen[3] or 0):   # "Sleep N started …" is old news: the progress line says it finished
-            out[sleep_notice] = ""
-        sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
-        return {**out, **panels(), panel_key: now, header: header_html(), tiers: tiers_table(request),
-                sleep_btn: gr.update(interactive=not sleeping), stop_sleep_btn: gr.update(interactive=sleeping),
-                episodes_df: views.episode_table(engine.episode_rows())}
 
-    # -- Inspect --------------------------------------------------------------------------------
-    def sleep_choices():
-        return [d.name for d in engine.state.sleep_dirs()]
+class InspectTab:
+    """A past sleep: its summary, dreams, experts and probes, downloads, undo, the same question
+    before and after it, export, and the lab reports."""
 
-    def inspect(name):
-        dirs = {d.name: d for d in engine.state.sleep_dirs()}
+    def __init__(self, page: Page):
+        self.page, self.engine = page, page.engine
+        with gr.Row():
+            self.pick = gr.Dropdown(choices=[], label="past sleep", elem_id="inspect-pick", scale=2,
+                                    allow_custom_value=True)   # choices arrive with the timer; handlers check the name
+            self.refresh = gr.Button("Refresh", scale=0)
+            self.undo_btn = gr.Button("Undo last sleep", variant="stop", scale=0, elem_id="undo-sleep")
+            self.ev_dl = gr.DownloadButton("Event log (JSON lines)", elem_id="dl-events", scale=1)
+            self.csv_dl = gr.DownloadButton("Accuracy matrix (CSV)", elem_id="dl-matrix", scale=1)
+        self.notice = gr.HTML(elem_id="inspect-notice")
+        self.summary = gr.Dataframe(headers=["", "value"], label="Summary", interactive=False, wrap=True)
+        self.dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
+                                   wrap=True, max_height=300, column_widths=DREAM_WIDTHS)
+        self.experts = gr.Dataframe(headers=["expert", "tier", "its episodes", "rank", "layers", "parameters",
+                                             "tokens seen", "mean gate", "tokens where its gate led"],
+                                    label="Experts added (usage over the replies this server has seen)",
+                                    interactive=False)
+        self.probes = gr.Dataframe(headers=["episode", "episode of", "accuracy before", "accuracy after"],
+                                   label="Probe results (closed-book)", interactive=False)
+        self.before_after_panel()
+        with gr.Accordion("Export the model (launch.py export)", open=False, elem_id="export"):
+            with gr.Row():
+                self.export_name = gr.Textbox(value=lambda: time.strftime("slept-%Y%m%d-%H%M"), scale=3,
+                                              label=f"folder name, under {page.exports_dir}", elem_id="export-name")
+                self.export_btn = gr.Button("Export", scale=0, elem_id="export-btn")
+            self.export_notice = gr.HTML(elem_id="export-notice")
+        self.reports = ReportsPanel(page)
+
+    def before_after_panel(self) -> None:
+        with gr.Accordion("Before and after the selected sleep: one question, both memories",
+                          open=False, elem_id="before-after"):
+            with gr.Row():
+                self.ba_question = gr.Textbox(label="question", scale=4, elem_id="ba-question",
+                                              placeholder="e.g. Where is Velmora Ridge?")
+                self.ba_btn = gr.Button("Ask both", scale=0, elem_id="ba-ask")
+            with gr.Row():
+                self.ba_before = gr.Textbox(label="memory before the sleep", interactive=False, elem_id="ba-before")
+                self.ba_after = gr.Textbox(label="memory after the sleep", interactive=False, elem_id="ba-after")
+            self.ba_notice = gr.HTML(elem_id="ba-notice")
+
+    def wire(self) -> None:
+        page = self.page
+        out = [self.summary, self.dreams, self.experts, self.probes, self.ev_dl, self.csv_dl, self.notice]
+        self.pick.change(self.inspect, self.pick, out, api_name=False)
+        self.refresh.click(lambda: gr.update(choices=page.sleep_choices()), None, self.pick, api_name=False)
+        self.refresh.click(self.inspect, self.pick, out, api_name=False)
+        self.undo_btn.click(self.undo_sleep, None, [self.pick, self.notice, page.wake.tiers, page.header],
+                            api_name="undo_sleep")
+        self.export_btn.click(self.export_model, self.export_name, self.export_notice, api_name="export",
+                              concurrency_id="wake")
+        self.ba_btn.click(self.before_after, [self.pick, self.ba_question], [self.ba_before, self.ba_after,
+                                                                            self.ba_notice], api_name="before_after")
+        self.reports.wire()
+
+    def inspect(self, name):
+        dirs = {d.name: d for d in self.engine.state.sleep_dirs()}
+        empty = {self.summary: [], self.dreams: [], self.experts: [], self.probes: [], self.ev_dl: None,
+                 self.csv_dl: None}
         if not name or name not in dirs:
-            return [], [], [], [], None, None, _ok("No sleep selected." if dirs else "No completed sleep yet.")
+            return {**empty, self.notice: _ok("No sleep selected." if dirs else "No completed sleep yet.")}
         d = dirs[name]
         try:
             manifest = json.loads((d / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            return [], [], [], [], None, None, _error(f"sleep {name} is unreadable: {e}")
+            return {**empty, self.notice: _error(f"sleep {name} is unreadable: {e}")}
         events = views.read_events(d / "events.jsonl")
-        ev_copy = download_dir / f"sleep-{name}-events.jsonl"
+        ev_copy = self.page.download_dir / f"sleep-{name}-events.jsonl"
         if (d / "events.jsonl").exists():
             shutil.copyfile(d / "events.jsonl", ev_copy)
-        csv_copy = download_dir / "accuracy-matrix.csv"
-        csv_copy.write_text(views.matrix_csv(engine.accuracy_matrix()))
-        return (views.sleep_summary(manifest), views.dream_table(views.dream_rows(events)),
-                views.expert_rows(manifest, usage), views.probe_rows(manifest),
-                str(ev_copy) if ev_copy.exists() else None, str(csv_copy),
-                _ok(f"sleep {name}: {len(events)} events"))
+        csv_copy = self.page.download_dir / "accuracy-matrix.csv"
+        csv_copy.write_text(views.matrix_csv(self.engine.accuracy_matrix()))
+        return {self.summary: views.sleep_summary(manifest), self.dreams: views.dream_table(views.dream_rows(events)),
+                self.experts: views.expert_rows(manifest, self.page.usage), self.probes: views.probe_rows(manifest),
+                self.ev_dl: str(ev_copy) if ev_copy.exists() else None, self.csv_dl: str(csv_copy),
+                self.notice: _ok(f"sleep {name}: {len(events)} events")}
 
-    def undo_sleep(request: gr.Request):
+    def undo_sleep(self, request: gr.Request):
+        page = self.page
         try:
-            result = engine.undo_sleep()
+            result = self.engine.undo_sleep()
         except RuntimeError as e:
-            return gr.skip(), _error(str(e)), gr.skip(), gr.skip()
-        choices = sleep_choices()
-        return (gr.update(choices=choices, value=choices[-1] if choices else None),
-                _ok(f"Sleep {result['undone']} undone: its experts are gone and its {len(result['pending'])} "
-                    "episode(s) are pending again; the memory is the one it started from."),
-                tiers_table(request), header_html())
+            return {self.notice: _error(str(e))}
+        choices = page.sleep_choices()
+        return {self.pick: gr.update(choices=choices, value=choices[-1] if choices else None),
+                self.notice: _ok(f"Sleep {result['undone']} undone: its experts are gone and its "
+                                 f"{len(result['pending'])} episode(s) are pending again; the memory is the one it "
+                                 "started from."),
+                page.wake.tiers: page.tiers_table(request), page.header: page.header_html()}
 
-    def before_after(name, question):
+    def before_after(self, name, question):
         """The selected sleep's memory before and after it, answering the same question."""
         if not name:
-            return {ba_notice: _error("pick a past sleep first")}
+            return {self.ba_notice: _error("pick a past sleep first")}
         try:
-            got = engine.before_after(int(name), question)
+            got = self.engine.before_after(int(name), question)
         except (ValueError, WakeInputError) as e:
-            return {ba_notice: _error(str(e))}
-        return {ba_before: got["before"], ba_after: got["after"],
-                ba_notice: _ok(f"sleep {got['sleep']}: experts {', '.join(got['before_experts']) or 'none'} before, "
-                               f"{', '.join(got['after_experts'])} after; greedy, fast weights off")}
+            return {self.ba_notice: _error(str(e))}
+        return {self.ba_before: got["before"], self.ba_after: got["after"],
+                self.ba_notice: _ok(f"sleep {got['sleep']}: experts {', '.join(got['before_experts']) or 'none'} "
+                                    f"before, {', '.join(got['after_experts'])} after; greedy, fast weights off")}
 
-    def export_model(name):
+    def export_model(self, name):
         """Write the current model (base + memory + model card) under the exports folder."""
         name = (name or "").strip()
         if not EXPORT_NAME.fullmatch(name):
             return _error("Give the export a name of letters, digits, '.', '_' or '-' (no folders).")
         try:
-            result = export(engine, exports_dir / name)
+            result = export(self.engine, self.page.exports_dir / name)
         except ExportError as e:
             return _error(str(e))
         return _ok(f"Exported {result['experts']} expert(s) and {result['sleeps']} sleep(s) to {result['out']} "
                    f"({result['bytes'] / 1e6:.0f} MB). Open it with: python launch.py --model {result['out']} "
                    "--state-dir NEW_DIR, or in Python with sleep_engine.load_pretrained.")
 
-    # -- lab reports (written by `launch.py lab`) ------------------------------------------------
-    def report_choices():
+
+class ReportsPanel:
+    """The lab reports written by `launch.py lab` (Inspect's last accordion): table, figures, HTML."""
+
+    def __init__(self, page: Page):
+        self.page, self.folder = page, page.reports_dir
+        self.loaded: dict = {}   # path → (mtime, load_report's view): picking a figure re-reads nothing
+        with gr.Accordion("Lab reports (python launch.py lab …)", open=False, elem_id="lab-reports"):
+            with gr.Row():
+                self.pick = gr.Dropdown(choices=[], label="report", elem_id="report-pick", scale=3,
+                                        allow_custom_value=True)   # choices arrive on page load
+                self.refresh = gr.Button("Refresh", scale=0)
+                self.download = gr.DownloadButton("Full report (HTML)", elem_id="dl-report", scale=1)
+            self.notice = gr.HTML(elem_id="report-notice")
+            self.table = gr.Markdown(elem_id="report-table")
+            self.figure_pick = gr.Dropdown(choices=[], label="figure", elem_id="report-figure-pick",
+                                           allow_custom_value=True)
+            self.figure = gr.Plot(label="Figure", elem_id="report-figure")
+
+    def wire(self) -> None:
+        out = [self.table, self.figure_pick, self.figure, self.download, self.notice]
+        self.pick.change(self.open, self.pick, out, api_name="lab_report")
+        self.refresh.click(lambda: gr.update(choices=self.choices()), None, self.pick, api_name=False)
+        self.figure_pick.change(self.show_figure, [self.pick, self.figure_pick], self.figure, api_name=False)
+
+    def choices(self):
         return [(f"{Path(r['json']).parent.name}/{r['experiment']} · {r['preset']} · {r['date']}", r["json"])
-                for r in list_reports(reports_dir)]
+                for r in list_reports(self.folder)]
 
-    loaded: dict = {}   # path → (mtime, load_report's view): picking a figure re-reads nothing
-
-    def report_view(path: str) -> dict:
+    def view(self, path: str) -> dict:
         """The report at `path`, which must be a JSON file inside the reports folder (ValueError)."""
         file = Path(path).resolve()
-        if file.suffix != ".json" or not file.is_file() or not file.is_relative_to(Path(reports_dir).resolve()):
-            raise ValueError(f"no lab report {path!r} in {reports_dir}")
+        if file.suffix != ".json" or not file.is_file() or not file.is_relative_to(self.folder.resolve()):
+            raise ValueError(f"no lab report {path!r} in {self.folder}")
         mtime = file.stat().st_mtime
-        if loaded.get(file, (None,))[0] != mtime:
-            loaded[file] = (mtime, load_report(file))
-        return loaded[file][1]
+        if self.loaded.get(file, (None,))[0] != mtime:
+            self.loaded[file] = (mtime, load_report(file))
+        return self.loaded[file][1]
 
-    def open_report(path):
+    def open(self, path):
+        nothing = {self.table: "", self.figure_pick: gr.update(choices=[], value=None), self.figure: None,
+                   self.download: None}
         if not path:
-            found = bool(report_choices())
-            return ("", gr.update(choices=[], value=None), None, None,
-                    _ok("No lab report selected." if found else f"No lab reports in {reports_dir} yet: "
-                        "run `python launch.py lab knowledge --quick`."))
+            message = ("No lab report selected." if self.choices() else
+                       f"No lab reports in {self.folder} yet: run `python launch.py lab knowledge --quick`.")
+            return {**nothing, self.notice: _ok(message)}
         try:
-            view = report_view(path)
+            view = self.view(path)
         except ValueError as e:
-            return "", gr.update(choices=[], value=None), None, None, _error(str(e))
+            return {**nothing, self.notice: _error(str(e))}
         titles = [f.layout.title.text for f in view["figures"]]
         html_copy = None
         if view["html"]:   # served from the export folder: the reports folder may be anywhere
-            html_copy = download_dir / f"lab-{Path(path).stem}.html"
+            html_copy = self.page.download_dir / f"lab-{Path(path).stem}.html"
             shutil.copyfile(view["html"], html_copy)
-        return (view["table"], gr.update(choices=titles, value=titles[0] if titles else None),
-                view["figures"][0] if titles else None, str(html_copy) if html_copy else None,
-                _ok(f"{view['result']['experiment']} experiment of {view['result'].get('date', '?')}"))
+        return {self.table: view["table"], self.figure_pick: gr.update(choices=titles, value=titles[0] if titles else None),
+                self.figure: view["figures"][0] if titles else None,
+                self.download: str(html_copy) if html_copy else None,
+                self.notice: _ok(f"{view['result']['experiment']} experiment of {view['result'].get('date', '?')}")}
 
-    def report_figure(path, title):
+    def show_figure(self, path, title):
         try:
-            figs = report_view(path)["figures"] if path else []
+            figs = self.view(path)["figures"] if path else []
         except ValueError:
             return None
         return next((f for f in figs if f.layout.title.text == title), None)
 
-    # -- layout ---------------------------------------------------------------------------------
+
+def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
+    """The page as it reads: a header, the Wake, Sleep and Inspect tabs (one builder each), then
+    what spans them: the 1 s timer that redraws the live panels and the page load that
+    re-attaches a browser to its own conversation."""
+    page = Page(engine, reports_dir)
     with gr.Blocks(title="Sleep Lab", analytics_enabled=False) as demo:
         gr.Markdown("## Sleep Lab")
-        header = gr.HTML(elem_id="header")
-        browser = gr.BrowserState(None, storage_key="sleep-lab-conversation")   # this browser's conversation id
+        page.header = gr.HTML(elem_id="header")
+        page.browser = gr.BrowserState(None, storage_key="sleep-lab-conversation")   # this browser's conversation id
         guide_dismissed = gr.BrowserState(False, storage_key="sleep-lab-guide-dismissed")
-        panel_key = gr.State(None)   # what the panels last showed (tick redraws on change)
+        page.panel_key = gr.State(None)   # what the panels last showed (tick redraws on change)
         timer = gr.Timer(1.0)
         with gr.Tabs():
             with gr.Tab("Wake", id="wake"):
-                with gr.Group() as guide:
-                    gr.Markdown(GUIDE, elem_id="guide")
-                    guide_ok = gr.Button("Got it", size="sm", elem_id="guide-ok")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
-                        msg = gr.Textbox(placeholder="Message the model (Enter sends)", show_label=False,
-                                         elem_id="message")
-                        with gr.Row():
-                            send = gr.Button("Send", variant="primary", elem_id="send")
-                            stop = gr.Button("Stop", elem_id="stop-reply")
-                            retry_btn = gr.Button("Retry", elem_id="retry")
-                            clear_btn = gr.Button("Clear", elem_id="clear")
-                        wake_notice = gr.HTML(elem_id="wake-notice")
-                        tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
-                                             label="Memory tiers", interactive=False, elem_id="tiers")
-                        fast_every = gr.Number(value=engine.cfg.wake.fast_update_every, precision=0, minimum=0,
-                                               maximum=1000, elem_id="fast-every",
-                                               label="test-time learning: update the fast weights every N turns "
-                                                     "(and after each taught text); 0 = off")
-                        with gr.Accordion("Generation (this browser's replies)", open=False, elem_id="generation"):
-                            w = engine.cfg.wake
-                            generation = [
-                                gr.Slider(1, w.max_new_tokens, value=w.max_new_tokens, step=1, label="max new tokens",
-                                          elem_id="gen-max-new-tokens"),
-                                gr.Slider(0.0, 2.0, value=w.temperature, step=0.05, label="temperature (0 = greedy)",
-                                          elem_id="gen-temperature"),
-                                gr.Slider(0.05, 1.0, value=w.top_p, step=0.05, label="top-p (with temperature > 0)",
-                                          elem_id="gen-top-p"),
-                                gr.Slider(1.0, 2.0, value=w.repetition_penalty, step=0.05, elem_id="gen-repetition",
-                                          label="repetition penalty (1 = off; on the reply's own tokens)")]
-                    with gr.Column(scale=2):
-                        teach_text = gr.Textbox(label="Teach: a text for the model to read (becomes an episode)",
-                                                lines=5, elem_id="teach-text")
-                        teach_file = gr.File(label="…or a UTF-8 text file (up to 1 MiB)",
-                                             type="filepath", elem_id="teach-file")
-                        teach_btn = gr.Button("Teach", elem_id="teach")
-                        teach_notice = gr.HTML(elem_id="teach-notice")
-                strip = gr.HighlightedText(label="Tokens of the last reply, coloured by dominant routed expert",
-                                           elem_id="token-strip", show_legend=True)
-                with gr.Row():
-                    heat = gr.Plot(label="Routing heatmap", elem_id="routing-heatmap", scale=3)
-                    load = gr.Plot(label="Expert load", elem_id="expert-load", scale=2)
+                page.wake = WakeTab(page)
             with gr.Tab("Sleep", id="sleep"):
-                with gr.Row():
-                    preset = gr.Dropdown(list(SleepConfig.PRESETS), value="quick", label="preset", scale=1)
-                    fields = [gr.Number(value=v, label=label, elem_id=f"set-{key_}")
-                              for (key_, label), v in zip(SETTINGS, preset_values("quick"))]
-                with gr.Accordion("More settings", open=False):
-                    more = gr.Textbox(label="any other sleep setting, one key=value per line (as with the "
-                                            "CLI's --set), e.g. dreaming=false or answer_tokens=48",
-                                      lines=3, elem_id="more-settings")
-                with gr.Accordion("Episodes: what the next sleep consolidates", open=False, elem_id="episodes"):
-                    episodes_df = gr.Dataframe(headers=views.EPISODE_COLUMNS, interactive=False, wrap=True,
-                                               max_height=320, elem_id="episodes-table",
-                                               column_widths=["5%", "7%", "12%", "9%", "13%", "18%", "36%"])
-                    with gr.Row():
-                        episode_ids = gr.Textbox(label="episode ids, e.g. 3 or 5-7", scale=2, elem_id="episode-ids")
-                        leave_out_btn = gr.Button("Leave out", scale=0, elem_id="episodes-leave-out")
-                        take_in_btn = gr.Button("Take back in", scale=0, elem_id="episodes-take-in")
-                        delete_btn = gr.Button("Delete", variant="stop", scale=0, elem_id="episodes-delete")
-                    episodes_notice = gr.HTML(elem_id="episodes-notice")
-                with gr.Row():
-                    sleep_btn = gr.Button("Sleep now", variant="primary", elem_id="sleep-now")
-                    stop_sleep_btn = gr.Button("Stop (roll back)", variant="stop", elem_id="stop-sleep")
-                sleep_notice = gr.HTML(elem_id="sleep-notice")
-                progress = gr.HTML(elem_id="progress")
-                with gr.Row():
-                    cons_plot = gr.Plot(label="Consolidation", elem_id="panel-consolidation")
-                    dream_plot = gr.Plot(label="Dreams", elem_id="panel-dreams")
-                samples = gr.Dataframe(headers=views.SAMPLE_COLUMNS, label="Consolidation samples (LTI)",
-                                       interactive=False, wrap=True, max_height=300, elem_id="panel-samples",
-                                       column_widths=["6%", "24%", "24%", "25%", "7%", "7%", "7%"])
-                dream_df = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False, wrap=True,
-                                        max_height=300, elem_id="panel-dream-table", column_widths=DREAM_WIDTHS)
-                forget_plot = gr.Plot(label="Forgetting", elem_id="panel-forgetting")
-                locality_df = gr.Dataframe(headers=views.LOCALITY_COLUMNS, interactive=False, wrap=True,
-                                           label="Locality: each expert's mean gate after the last sleep (it should "
-                                                 "open on its own episodes' questions only)", elem_id="panel-locality")
-                growth_plot = gr.Plot(label="Expert growth", elem_id="panel-growth")
+                page.sleep = SleepTab(page)
             with gr.Tab("Inspect", id="inspect"):
-                with gr.Row():
-                    pick = gr.Dropdown(choices=[], label="past sleep", elem_id="inspect-pick", scale=2,
-                                       allow_custom_value=True)   # choices arrive with the timer; handlers check the name
-                    refresh = gr.Button("Refresh", scale=0)
-                    undo_btn = gr.Button("Undo last sleep", variant="stop", scale=0, elem_id="undo-sleep")
-                    ev_dl = gr.DownloadButton("Event log (JSON lines)", elem_id="dl-events", scale=1)
-                    csv_dl = gr.DownloadButton("Accuracy matrix (CSV)", elem_id="dl-matrix", scale=1)
-                inspect_notice = gr.HTML(elem_id="inspect-notice")
-                summary = gr.Dataframe(headers=["", "value"], label="Summary", interactive=False, wrap=True)
-                ins_dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
-                                          wrap=True, max_height=300, column_widths=DREAM_WIDTHS)
-                ins_experts = gr.Dataframe(headers=["expert", "tier", "its episodes", "rank", "layers", "parameters",
-                                                    "tokens seen", "mean gate", "tokens where its gate led"],
-                                           label="Experts added (usage over the replies this server has seen)",
-                                           interactive=False)
-                ins_probes = gr.Dataframe(headers=["episode", "episode of", "accuracy before", "accuracy after"],
-                                          label="Probe results (closed-book)", interactive=False)
-                with gr.Accordion("Before and after the selected sleep: one question, both memories",
-                                  open=False, elem_id="before-after"):
-                    with gr.Row():
-                        ba_question = gr.Textbox(label="question", scale=4, elem_id="ba-question",
-                                                 placeholder="e.g. Where is Velmora Ridge?")
-                        ba_btn = gr.Button("Ask both", scale=0, elem_id="ba-ask")
-                    with gr.Row():
-                        ba_before = gr.Textbox(label="memory before the sleep", interactive=False, elem_id="ba-before")
-                        ba_after = gr.Textbox(label="memory after the sleep", interactive=False, elem_id="ba-after")
-                    ba_notice = gr.HTML(elem_id="ba-notice")
-                with gr.Accordion("Export the model (launch.py export)", open=False, elem_id="export"):
-                    with gr.Row():
-                        export_name = gr.Textbox(value=lambda: time.strftime("slept-%Y%m%d-%H%M"), scale=3,
-                                                 label=f"folder name, under {exports_dir}", elem_id="export-name")
-                        export_btn = gr.Button("Export", scale=0, elem_id="export-btn")
-                    export_notice = gr.HTML(elem_id="export-notice")
-                with gr.Accordion("Lab reports (python launch.py lab …)", open=False, elem_id="lab-reports"):
-                    with gr.Row():
-                        report_pick = gr.Dropdown(choices=[], label="report", elem_id="report-pick", scale=3,
-                                                  allow_custom_value=True)   # choices arrive on page load
-                        report_refresh = gr.Button("Refresh", scale=0)
-                        report_dl = gr.DownloadButton("Full report (HTML)", elem_id="dl-report", scale=1)
-                    report_notice = gr.HTML(elem_id="report-notice")
-                    report_table = gr.Markdown(elem_id="report-table")
-                    report_fig_pick = gr.Dropdown(choices=[], label="figure", elem_id="report-figure-pick",
-                                                  allow_custom_value=True)
-                    report_fig = gr.Plot(label="Figure", elem_id="report-figure")
-
-        # -- wiring -------------------------------------------------------------------------------
-        wake_out = [chatbot, msg, wake_notice, heat, strip, load, tiers, header]
-        for trigger in (msg.submit, send.click):
-            trigger(chat, [msg, chatbot], wake_out, api_name="chat" if trigger == msg.submit else False,
-                    concurrency_id="wake", show_progress="hidden")
-        stop.click(stop_reply, None, None, queue=False, api_name="stop_reply")
-        retry_btn.click(retry, [chatbot], wake_out, api_name="retry", concurrency_id="wake", show_progress="hidden")
-        chatbot.retry(retry, [chatbot], wake_out, api_name=False, concurrency_id="wake", show_progress="hidden")
-        clear_btn.click(clear, None, [chatbot, wake_notice, tiers], api_name="clear")
-        fast_every.change(set_fast_learning, fast_every, [wake_notice, tiers], api_name="fast_learning")
-        for i, slider in enumerate(generation):
-            slider.release(set_generation, generation, wake_notice, api_name="generation" if i == 0 else False)
-        chatbot.clear(clear, None, [chatbot, wake_notice, tiers], api_name=False)
-        teach_btn.click(teach, [teach_text, teach_file], [teach_text, teach_file, teach_notice, tiers, header],
-                        api_name="teach", show_progress_on=[teach_notice])
-
-        preset.change(preset_values, preset, fields, api_name=False)
-        sleep_btn.click(start_sleep, [preset] + fields + [more], sleep_notice, api_name="sleep")
-        stop_sleep_btn.click(stop_sleep, None, sleep_notice, api_name="stop_sleep", concurrency_limit=None)
-        episodes_out = [episodes_notice, episodes_df, episode_ids]
-        leave_out_btn.click(lambda t: change_episodes("leave out", t), episode_ids, episodes_out, api_name="leave_out")
-        take_in_btn.click(lambda t: change_episodes("take in", t), episode_ids, episodes_out, api_name="take_in")
-        delete_btn.click(lambda t: change_episodes("delete", t), episode_ids, episodes_out, api_name="delete_episodes")
-        gr.api(status_api, api_name="status")
-
-        live = [panel_key, header, progress, cons_plot, samples, dream_plot, dream_df, forget_plot, growth_plot,
-                locality_df, tiers, pick, sleep_btn, stop_sleep_btn, episodes_df, sleep_notice]
-        timer.tick(tick, panel_key, live, show_progress="hidden", concurrency_limit=None, api_name=False)
-
-        inspect_out = [summary, ins_dreams, ins_experts, ins_probes, ev_dl, csv_dl, inspect_notice]
-        pick.change(inspect, pick, inspect_out, api_name=False)
-        refresh.click(lambda: gr.update(choices=sleep_choices()), None, pick, api_name=False)
-        refresh.click(inspect, pick, inspect_out, api_name=False)
-        undo_btn.click(undo_sleep, None, [pick, inspect_notice, tiers, header], api_name="undo_sleep")
-        export_btn.click(export_model, export_name, export_notice, api_name="export", concurrency_id="wake")
-        ba_btn.click(before_after, [pick, ba_question], [ba_before, ba_after, ba_notice], api_name="before_after")
-
-        report_out = [report_table, report_fig_pick, report_fig, report_dl, report_notice]
-        report_pick.change(open_report, report_pick, report_out, api_name="lab_report")
-        report_refresh.click(lambda: gr.update(choices=report_choices()), None, report_pick, api_name=False)
-        report_fig_pick.change(report_figure, [report_pick, report_fig_pick], report_fig, api_name=False)
-
-        # a reload or a second tab re-attaches: conversation, routing, panels, running sleep
-        # (your own conversation only: the browser's id, kept in its localStorage, names it)
-        def on_load(browser_id, request: gr.Request):
-            browser_id = sessions.attach(request, browser_id)
-            history = engine.wake.conversation(sessions.key(request))
-            notes = engine.notices()
-            own = sampling.get(sessions.key(request))
-            out = {browser: browser_id, chatbot: history, **dict(zip([heat, strip, load], routing_outputs(None))),
-                   **tick(None, request), report_pick: gr.update(choices=report_choices())}
-            if notes:
-                out[inspect_notice] = _error("; ".join(notes))
-            if own:   # a reload keeps this browser's generation settings
-                out.update({c: own[f] for c, f in zip(generation, SAMPLING_FIELDS)})
-            return out
-        guide_ok.click(lambda: (True, gr.update(visible=False)), None, [guide_dismissed, guide], api_name=False)
+                page.inspect = InspectTab(page)
+        for tab in (page.wake, page.sleep, page.inspect):
+            tab.wire()
+        gr.api(page.status_api, api_name="status")
+        timer.tick(page.tick, page.panel_key, page.live(), show_progress="hidden", concurrency_limit=None,
+                   api_name=False)
+        guide = page.wake.guide
+        page.wake.guide_ok.click(lambda: (True, gr.update(visible=False)), None, [guide_dismissed, guide],
+                                 api_name=False)
         demo.load(lambda dismissed: gr.update(visible=not dismissed), guide_dismissed, guide, api_name=False)
-        demo.load(on_load, browser, [browser, chatbot, heat, strip, load] + live + [report_pick, inspect_notice]
-                  + generation, api_name=False, show_progress="hidden")
+        demo.load(page.on_load, page.browser, page.load_outputs(), api_name=False, show_progress="hidden")
     return demo
 
 
