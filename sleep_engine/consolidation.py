@@ -918,6 +918,27 @@ class Consolidator:
         loss = group_policy_gradient_loss(per_seq, rewards, torch.tensor(lens, device=per_seq.device), cfg.lti_group)
         return loss, float(rewards.mean())
 
+    def step_loss(self, batch: list[Example], new_ids: list[str], gate: tuple | None, imitate: list | None,
+                  step: int) -> tuple[torch.Tensor, torch.Tensor, float | None, float | None]:
+        """One step's loss: the divergence on `batch`; on an imitation step (`imitate`: the
+        examples) α·divergence + (1 − α)·policy-gradient loss; with `gate` (owners, negatives) the
+        gate's BCE on top, weighted `gate_loss`. Returns (loss, divergence, reward, gate loss)."""
+        cfg = self.cfg
+        if gate is not None:
+            with self.memory.capturing() as xs:
+                div = self.divergence(batch, new_ids)
+            gl = self.gate_loss(batch, xs, *gate)
+            del xs
+        else:
+            div, gl = self.divergence(batch, new_ids), None
+        loss, reward = div, None
+        if imitate is not None:
+            pg, reward = self.imitation(imitate, step)
+            loss = cfg.alpha * div + (1 - cfg.alpha) * pg
+        if gl is not None:
+            loss = loss + cfg.gate_loss * gl
+        return loss, div, reward, None if gl is None else float(gl.detach())
+
     def prepare_gates(self, examples: list[Example], new_ids: list[str], owners: dict) -> tuple[dict, dict, float]:
         """Fit the new experts' gates (`fit_gate`); with `gate_frozen` they then stay as fitted: the
         experts learn under the gates they will have, and nothing reopens them. Returns the fit's
@@ -973,21 +994,12 @@ class Consolidator:
                 if cfg.lmbda > 0:
                     batch = self.on_policy(batch, new_ids)
                 batch += [texts[(step * per_step + j) % len(texts)] for j in range(per_step)]
-                if gate_on:
-                    with self.memory.capturing() as xs:
-                        div = self.divergence(batch, new_ids)
-                    gl = self.gate_loss(batch, xs, owners, negatives)
-                    del xs
-                else:
-                    div, gl = self.divergence(batch, new_ids), None
-                loss, reward = div, None
-                if step in lti_at:
-                    pg, reward = self.imitation(examples, step)
-                    loss = cfg.alpha * div + (1 - cfg.alpha) * pg
+                loss, div, reward, gl = self.step_loss(batch, new_ids, (owners, negatives) if gate_on else None,
+                                                       examples if step in lti_at else None, step)
+                if reward is not None:
                     rewards.append(reward)
                 if gl is not None:
-                    loss = loss + cfg.gate_loss * gl
-                    gate_losses.append(float(gl.detach()))
+                    gate_losses.append(gl)
                 self.check()   # between forward and backward too: a step is seconds long on a CPU
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
