@@ -348,6 +348,8 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
                       file=sys.stderr, flush=True)
             elif ev.kind == "timing":
                 print(f"  {d['phase']}: {d['seconds']:.1f}s", file=sys.stderr, flush=True)
+            elif ev.kind == "notice":
+                print(f"[sleep {number}] notice: {d['message']}", file=sys.stderr, flush=True)
             elif ev.kind == "error":
                 print(f"error: {d['message']}", file=sys.stderr)
                 return 1

@@ -351,7 +351,7 @@ class Page:
     # -- what the 1 s timer and a page load redraw ---------------------------------------------
     def live(self) -> list:
         s = self.sleep
-        return [self.panel_key, self.header, s.progress, s.cons_plot, s.samples, s.dream_plot, s.dream_df,
+        return [self.panel_key, self.header, s.progress, s.notes, s.cons_plot, s.samples, s.dream_plot, s.dream_df,
                 s.forget_plot, s.growth_plot, s.locality_df, self.wake.tiers, self.inspect.pick, s.sleep_btn,
                 s.stop_sleep_btn, s.episodes_df, s.sleep_notice]
 
@@ -572,6 +572,7 @@ class SleepTab:
             self.stop_sleep_btn = gr.Button("Stop (roll back)", variant="stop", elem_id="stop-sleep")
         self.sleep_notice = gr.HTML(elem_id="sleep-notice")
         self.progress = gr.HTML(elem_id="progress")
+        self.notes = gr.HTML(elem_id="sleep-notes")   # what the running (or last) sleep said on the way
         self.live_panels()
 
     def live_panels(self) -> None:
@@ -650,7 +651,8 @@ class SleepTab:
         running = ({"sleep": status.get("sleep"), "experts": views.live_experts(events)}
                    if status.get("state") == "sleeping" else None)
         dreams = views.dream_rows(events)
-        return {self.cons_plot: plots.consolidation_fig(views.loss_series(events)),
+        notes = views.sleep_notices(events)
+        return {self.notes: _ok("Notices: " + " · ".join(notes)) if notes else "", self.cons_plot: plots.consolidation_fig(views.loss_series(events)),
                 self.samples: views.sample_rows(events), self.dream_plot: plots.dreams_scatter(dreams),
                 self.dream_df: views.dream_table(dreams),
                 self.forget_plot: plots.forgetting_fig(views.forgetting_view(engine.accuracy_matrix(), manifests)),
@@ -733,7 +735,8 @@ class InspectTab:
             shutil.copyfile(d / "events.jsonl", ev_copy)
         csv_copy = self.page.download_dir / "accuracy-matrix.csv"
         csv_copy.write_text(views.matrix_csv(self.engine.accuracy_matrix()))
-        return {self.summary: views.sleep_summary(manifest), self.dreams: views.dream_table(views.dream_rows(events)),
+        notes = [("notices", " · ".join(n)) for n in [views.sleep_notices(events)] if n]
+        return {self.summary: views.sleep_summary(manifest) + notes, self.dreams: views.dream_table(views.dream_rows(events)),
                 self.experts: views.expert_rows(manifest, self.page.usage), self.probes: views.probe_rows(manifest),
                 self.ev_dl: str(ev_copy) if ev_copy.exists() else None, self.csv_dl: str(csv_copy),
                 self.notice: _ok(f"sleep {name}: {len(events)} events")}

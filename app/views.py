@@ -170,6 +170,12 @@ def _d(ev) -> tuple[str, dict]:
     return (ev["kind"], ev["data"]) if isinstance(ev, dict) else (ev.kind, ev.data)
 
 
+def sleep_notices(events) -> list[str]:
+    """What a sleep told its user on the way (a budget that cut the steps or the dreams, a deferred
+    tier step, the teacher without fast weights), in order."""
+    return [d.get("message", "") for kind, d in map(_d, events) if kind == "notice"]
+
+
 def loss_series(events) -> dict:
     """Consolidation steps: divergence per step and the LTI reward where a step had one."""
     out = {"step": [], "divergence": [], "reward_step": [], "reward": [], "phase": []}

@@ -97,6 +97,13 @@ def test_consolidation_figure_has_divergence_and_reward_on_two_axes():
     assert not plots.consolidation_fig(views.loss_series([])).data
 
 
+def test_a_sleeps_notices_are_read_from_its_events_in_order():
+    events = EVENTS + [ev("notice", message="the 180 s budget fit 1 of 18 consolidation steps"),
+                       ev("notice", message="no dreaming this time")]
+    assert views.sleep_notices(events) == ["the 180 s budget fit 1 of 18 consolidation steps", "no dreaming this time"]
+    assert views.sleep_notices(EVENTS) == []
+
+
 def test_samples_and_dream_tables():
     assert views.sample_rows(EVENTS) == [[3, "The tower", " is copper", " is tin", 0.6, 0.4, 0.2]]
     rows = views.dream_table(views.dream_rows(EVENTS))
