@@ -1,6 +1,7 @@
 """Batched sampling for Sleep (teacher answers, student completions, dreams)."""
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 from time import perf_counter
@@ -67,7 +68,8 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     torch.manual_seed(seed)
     i, pace = 0, 0.0
     while i < len(prompts):
-        size = batch_size if not i or deadline is None else min(batch_size, int(deadline.left() // max(pace, 1e-9)))
+        left = math.inf if not i or deadline is None else deadline.left()   # NEVER (no budget) is inf too
+        size = batch_size if math.isinf(left) else min(batch_size, int(left // max(pace, 1e-9)))
         if size < 1:
             break
         chunk, started = prompts[i:i + size], perf_counter()

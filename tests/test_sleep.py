@@ -517,6 +517,9 @@ def test_teacher_writing_sizes_its_last_batch_to_the_time_left(tiny_engine, monk
     got = sampling.generate_batch(tiny_engine.memory.lm, tok, prompts, 3, batch_size=2, deadline=Left())
     assert len(got) == 3
     assert got == sampling.generate_batch(tiny_engine.memory.lm, tok, prompts, 3, batch_size=2)[:3]
+    # no budget (budget.NEVER: infinite time left) answers every batch
+    from sleep_engine.budget import NEVER
+    assert len(sampling.generate_batch(tiny_engine.memory.lm, tok, prompts, 3, batch_size=2, deadline=NEVER)) == 5
 
 
 def test_a_seed_out_of_time_trains_fewer_steps_and_keeps_imitation_last(tiny_engine, monkeypatch):
