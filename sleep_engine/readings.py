@@ -8,6 +8,7 @@ once per machine and kept on disk. Measured (2-core AMD EPYC, a quick sleep of t
 the probes before took 33 s and the everyday answers of the gate fit 20 s, every sleep."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -53,7 +54,6 @@ class Readings:
 
     def __deepcopy__(self, memo) -> "Readings":
         """A copied model (sleeps and tests deep-copy them) starts its own memo: a lock cannot be copied."""
-        import copy
         return Readings(copy.deepcopy(self.memory, memo), self.path, self.context)
 
     def key(self, base: bool = False) -> str:
