@@ -367,6 +367,7 @@ def cmd_sleep(cfg: LabConfig, args) -> int:
                                    "probe_accuracy_before", "probe_accuracy_after", "general_ppl_before",
                                    "general_ppl_after", "answer_logprob_before", "answer_logprob_after",
                                    "everyday_changed", "everyday_drift")}
+    out.update({k: summary[k] for k in ("probes_read", "gate_selectivity") if k in summary})
     out["total_s"] = round(sum(summary["phases"].values()), 2)
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
     return 0

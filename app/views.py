@@ -345,10 +345,16 @@ def sleep_summary(manifest: dict) -> list[tuple[str, str]]:
                            f"over {steps_text(c)}")),
             ("LTI mean reward", num(c.get("mean_reward"), ".3f")),
             ("dreams", f"{d.get('generated', 0)} generated, {d.get('kept', 0)} kept, {d.get('rewarded', 0)} rewarded"),
-            ("probe accuracy (mean over episodes)", f"{mean(acc_b)} → {mean(acc_a)}"),
+            ("probe accuracy (mean over episodes)", f"{mean(acc_b)} → {mean(acc_a)}" + probes_read_text(manifest)),
             ("general perplexity", (f"{num(manifest.get('general_ppl_before'), '.2f')} → "
                                    f"{num(manifest.get('general_ppl_after'), '.2f')}")),
             ("everyday answers changed", everyday_text(manifest))] + selectivity_rows(manifest)
+
+
+def probes_read_text(manifest: dict) -> str:
+    """" (every taught episode, 8 of 40 chat turns)" when a sleep sampled the chat turns it probed."""
+    read = manifest.get("probes_read")
+    return f" (every taught episode, {read['chat_turns']} of {read['of']} chat turns)" if read else ""
 
 
 def steps_text(consolidation: dict) -> str:

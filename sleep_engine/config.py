@@ -197,6 +197,10 @@ class SleepConfig:
     # tier 1 off) the sleep may change; measured: one quick sleep of one passage changed 4.8%
     max_everyday_changed: float = 0.25
     max_grad_norm: float = 1e6        # a gradient norm above this (or NaN/inf) stops the sleep
+    # the probes before and after read every taught episode's questions, and those of at most this
+    # many chat turns (this sleep's first, then older ones, sampled per sleep): re-reading all of a
+    # 40-turn chat's took 136–161 s of every later sleep on a slow 2-core VM (README "Sleep")
+    probe_chat_turns: int = 8
 
     PRESETS = {
         "quick": {},
@@ -248,7 +252,7 @@ class SleepConfig:
                              ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
                              ("gate_old_questions", 0, 32), ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
                              ("older_gate_steps", 0, 10_000), ("older_gate_lr", 1e-6, 10.0),
-                             ("episode_experts", 1, 16)]:
+                             ("episode_experts", 1, 16), ("probe_chat_turns", 0, 100_000)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
         _check_range("sleep.max_everyday_changed", self.max_everyday_changed, 0.0, 1.0)

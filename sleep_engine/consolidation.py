@@ -23,7 +23,7 @@ from .memory import MemoryModel
 from .probes import ANSWER_PROMPT, normalize, sentences, shared_prefix_pass
 from .rewards import imitation_rewards
 from .chat_format import encode_text
-from .sampling import chat_ids, generate_batch
+from .sampling import chat_ids, generate_batch, prefix_groups
 
 CONTEXT_SYSTEM = "You are a helpful assistant. Use these notes when you answer:\n\n{notes}"
 _NAME = re.compile(r"\b[A-Z][a-z]+(?:\s+(?:of\s+|de\s+)?[A-Z][a-z]+)+\b|\b[A-Z][a-z]{3,}\b")
@@ -299,6 +299,21 @@ def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad:
     return lm.lm_head(hidden[rows, cols])
 
 
+@torch.no_grad()
+def _scored_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
+    """`_forward_answer_logits` for a teacher (no gradient), the rows that share a long prefix (an
+    episode in the system prompt, `prefix_groups`) read together with the prefix once."""
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for prefix, rows in prefix_groups(seqs):
+        group = [seqs[r] for r in rows]
+        first = min(len(seqs[r]) - n_answers[r] for r in rows)   # the first answer token's logit comes from first − 1
+        res, P, _ = shared_prefix_pass(lm.model, group, pad, min(prefix, first - 1))
+        for k, r in enumerate(rows):
+            cols = torch.arange(len(seqs[r]) - n_answers[r] - 1, len(seqs[r]) - 1, device=res.last_hidden_state.device)
+            out[r] = lm.lm_head(res.last_hidden_state[k, cols - P])
+    return torch.cat(out)
+
+
 def _answer_targets(seqs, n_answers, device) -> torch.Tensor:
     return torch.tensor([t for s, n in zip(seqs, n_answers) for t in s[len(s) - n:]], device=device)
 
@@ -372,7 +387,8 @@ class Consolidator:
                 j += 1
             with self.memory.configured(muted=views[i], fast_weights=self.teacher_fast):
                 got, lg = generate_batch(self.lm, self.tok, prompts[i:j], self.cfg.answer_tokens,
-                                         return_logits=True, batch_size=32, deadline=self.writing)
+                                         return_logits=True, batch_size=32, deadline=self.writing,
+                                         share_prefixes=True)
             answers += got
             logits += lg
             if len(got) < j - i:
@@ -392,8 +408,8 @@ class Consolidator:
         for k in range(0, len(todo), 16):
             batch = todo[k:k + 16]
             with self.memory.configured(muted=self.teacher_muted(True, new_ids), fast_weights=self.teacher_fast):
-                lg = _forward_answer_logits(self.lm, [teacher_prompts[i] + ids[i] for i in batch],
-                                            [len(ids[i]) for i in batch], self.pad)
+                lg = _scored_answer_logits(self.lm, [teacher_prompts[i] + ids[i] for i in batch],
+                                           [len(ids[i]) for i in batch], self.pad)
             for i, part in zip(batch, lg.to(torch.bfloat16).split([len(ids[i]) for i in batch])):
                 got[i] = (ids[i], part)
         answers, logits = [], []
@@ -440,7 +456,8 @@ class Consolidator:
         owners, asks = zip(*round_robin(per_episode)) if any(per_episode) else ((), ())
         with self.memory.configured(muted=self.teacher_muted(True, new_ids), fast_weights=self.teacher_fast):
             replies = generate_batch(self.lm, self.tok, list(asks), 32, temperature=0.7 if n > 1 else 0.0,
-                                     seed=self.rng.randrange(1 << 30), batch_size=32, deadline=self.writing)
+                                     seed=self.rng.randrange(1 << 30), batch_size=32, deadline=self.writing,
+                                     share_prefixes=True)
         out: dict[int, list[str]] = {}
         for ep, reply in zip(owners, replies):
             probes = {normalize(item["q"]) for item in (ep.qa or [])}
@@ -853,8 +870,8 @@ class Consolidator:
             t_logits = torch.cat([e.teacher_logits for e in batch]).float()
         else:
             with torch.no_grad(), self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
-                t_logits = _forward_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch],
-                                                  self.pad)
+                t_logits = _scored_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch],
+                                                 self.pad)
         with self.memory.configured(muted=self.student_muted, fast_weights=False):
             s_logits = _forward_answer_logits(self.lm, [e.student for e in batch], [e.n_answer for e in batch], self.pad)
         return generalized_jsd_loss(s_logits, t_logits, beta=self.cfg.beta)

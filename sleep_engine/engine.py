@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import threading
 import time
 from contextlib import contextmanager
@@ -79,6 +80,20 @@ def same_model(saved, current: str) -> bool:
             Path(current).expanduser().is_dir())
     except (OSError, RuntimeError):
         return False
+
+
+def probed_episodes(pending, older, chat_turns: int, seed: int) -> set[int]:
+    """The episodes whose probes a sleep reads before and after it: every taught episode, and at
+    most `chat_turns` chat turns — this sleep's first, then older ones, each sampled with `seed`
+    (a sleep's own seed: a different sample each sleep, so every turn comes round again). Why not
+    all: a sleep re-read every turn of the history, 136–161 s per sleep after a 40-turn chat on a
+    slow 2-core VM, and a chat turn's cloze probes say little that the taught ones do not."""
+    rng = random.Random(seed)
+    new_turns = [e.id for e in pending if e.kind != "taught"]
+    old_turns = [e.id for e in older if e.kind != "taught"]
+    picked = rng.sample(new_turns, min(chat_turns, len(new_turns)))
+    picked += rng.sample(old_turns, min(chat_turns - len(picked), len(old_turns)))
+    return {e.id for e in [*older, *pending] if e.kind == "taught"} | set(picked)
 
 
 def configure_torch(cfg: LabConfig) -> None:
@@ -487,14 +502,18 @@ class SleepEngine:
         return self.events.subscribe()
 
     def accuracy_matrix(self) -> dict:
-        """R[i][j] over completed sleeps: rows = sleeps, columns = consolidated episodes."""
+        """R[i][j] over completed sleeps: rows = sleeps, columns = consolidated episodes whose
+        probes were read."""
         manifests = self.state.sleep_manifests()
         cols: list[int] = []
-        rows = []
+        rows, last = [], {}
         for m in manifests:
             row_acc = {int(k): v for k, v in m.get("probe_after", {}).items()}
-            cols += [e for e in m["episode_ids"] if e not in cols]
-            rows.append([row_acc.get(e, 0.0) for e in cols])
+            # an episode enters at the first sleep that read its probes; a sleep that did not
+            # re-read it (`probed_episodes`: chat turns are sampled) carries its last reading
+            cols += [e for e in row_acc if e not in cols]
+            last.update(row_acc)
+            rows.append([last[e] for e in cols])
         return {"episodes": cols, "R": rows, "average_accuracy": average_accuracy(rows) if rows else None,
                 "forgetting": forgetting(rows) if rows else None, "bwt": backward_transfer(rows) if rows else None}
 
@@ -513,15 +532,17 @@ class SleepEngine:
                 out[slow] = list(seen)
         return out
 
-    def gate_selectivity(self, current: dict[str, list[int]] | None = None) -> dict[str, dict]:
+    def gate_selectivity(self, current: dict[str, list[int]] | None = None,
+                         read: set[int] | None = None) -> dict[str, dict]:
         """Locality of every routed expert (issue 13): its mean gate on its own episodes' probe
         questions, on the fixed everyday questions (assets/general_questions.jsonl) and on the
-        other consolidated episodes' probes; `current` adds the running sleep's expert → episodes."""
+        other consolidated episodes' probes; `current` adds the running sleep's expert → episodes,
+        `read` (`probed_episodes`) keeps the questions of those episodes only."""
         owners = {**self.expert_episodes(), **(current or {})}
         owners = {e: ids for e, ids in owners.items() if e in self.memory.expert_ids()}
         if not owners:
             return {}
-        episodes = {e.id: e for e in self.state.episodes.all()}
+        episodes = {e.id: e for e in self.state.episodes.all() if read is None or e.id in read}
         probes = {i: [p.q for p in episode_probes(episodes[i])] for ids in owners.values() for i in ids if i in episodes}
         everyday = [q for q, _ in general_questions()]
         asked = [(i, q) for i, qs in probes.items() for q in qs]
@@ -546,7 +567,12 @@ class SleepEngine:
         try:
             with self.lock, float_weights(self.memory.lm), cancel_points(run.check):
                 older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]
-                probes = ([p for e in pending for p in episode_probes(e)], [p for e in older for p in episode_probes(e)])
+                read = probed_episodes(pending, older, cfg.probe_chat_turns, self.cfg.seed + number)
+                probes = ([p for e in pending if e.id in read for p in episode_probes(e)],
+                          [p for e in older if e.id in read for p in episode_probes(e)])
+                turns = sum(e.kind != "taught" for e in [*older, *pending])
+                if turns > cfg.probe_chat_turns:
+                    summary["probes_read"] = {"chat_turns": cfg.probe_chat_turns, "of": turns}
                 generic = GENERIC_TEXT.read_text()
                 with run.phase("probe_before"):
                     everyday = self._probe_before(run, probes, generic, cfg, summary)
@@ -565,7 +591,7 @@ class SleepEngine:
                     if run.tier_step:
                         summary["tier_consolidation"] = self._consolidate_tier(run, older + list(pending), cfg)
                 with run.phase("probe_after"):
-                    self._probe_after(run, probes, generic, everyday, owners, summary)
+                    self._probe_after(run, probes, generic, everyday, owners, read, summary)
                 self._sanity_gate(summary, cfg)
                 with run.phase("checkpoint"):
                     self._checkpoint(run, pending, snapshot, summary)
@@ -645,7 +671,8 @@ class SleepEngine:
         return Dreamer(self.memory, self.tokenizer, cfg, run.emit, run.check, seed=self.cfg.seed + run.number,
                        deadline=run.deadline).run(pending, facts, new_ids)
 
-    def _probe_after(self, run: "SleepRun", probes, generic: str, everyday, current: dict, summary: dict) -> None:
+    def _probe_after(self, run: "SleepRun", probes, generic: str, everyday, current: dict, read: set[int],
+                     summary: dict) -> None:
         lm, tok = self.memory.lm, self.tokenizer
         new_probes, old_probes = probes
         with self.memory.configured(fast_weights=False):   # (reset already: the same numbers, remembered)
@@ -659,10 +686,10 @@ class SleepEngine:
         chats, before = everyday
         summary.update(everyday_change(before, self.wake.fast.read(chats, fast_weights=False)))
         run.check()
-        summary["gate_selectivity"] = self.gate_selectivity(current)
+        summary["gate_selectivity"] = self.gate_selectivity(current, read)
         ids = [e.id for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()] + \
             summary["episode_ids"]   # the older episodes, then this sleep's: a row of R
-        summary["probe_after"] = {str(i): after.get(i, 0.0) for i in ids}
+        summary["probe_after"] = {str(i): after.get(i, 0.0) for i in ids if i in read}
         run.emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
                  before=summary["probe_accuracy_before"])
 

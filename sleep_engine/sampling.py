@@ -47,10 +47,102 @@ def chat_ids(tokenizer, user: str, system: str | None = None, assistant_prefix: 
     return ids
 
 
+def _common(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def prefix_groups(prompts: list[list[int]], new_tokens: int = 1, overhead: float = 4.0) -> list[tuple[int, list[int]]]:
+    """`prompts` split into groups that are each read as one shared prefix plus every row's own
+    tokens, as (the prefix's length, the rows); a prefix leaves each row at least one token.
+    A group costs its prefix once, its rows' own tokens, and `overhead` prompt tokens per new
+    token (a forward's fixed cost: each group is decoded on its own); starting from one group per
+    row, the pair of groups whose merge saves most is merged while a merge saves anything. So a
+    teacher's prompts fall into one group per episode (its ~85-token notes read once) plus one
+    for the prompts without notes, whose few shared template tokens do not pay for a decode of
+    their own. overhead = 4: one decode step of the embedded model cost what ~4 prompt tokens
+    cost in a batched forward (2 cores, 2026-12-05)."""
+    lengths = [len(p) for p in prompts]
+    groups = [[n - 1, [r], n] for r, n in enumerate(lengths)]   # prefix, rows, Σ row lengths
+    fixed = overhead * new_tokens
+
+    def cost(prefix, rows, total):
+        return prefix + total - len(rows) * prefix + fixed
+    while len(groups) > 1:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                (pa, ra, ta), (pb, rb, tb) = groups[a], groups[b]
+                shared = _common(prompts[ra[0]], prompts[rb[0]], min(pa, pb))
+                saved = cost(pa, ra, ta) + cost(pb, rb, tb) - cost(shared, ra + rb, ta + tb)
+                if saved > 0 and (best is None or saved > best[0]):
+                    best = (saved, a, b, shared)
+        if best is None:
+            break
+        _, a, b, shared = best
+        groups[a] = [shared, sorted(groups[a][1] + groups[b][1]), groups[a][2] + groups[b][2]]
+        del groups[b]
+    return [(prefix, rows) for prefix, rows, _ in groups]
+
+
+@torch.no_grad()
+def greedy_shared_prefix(lm, prompts: list[list[int]], prefix: int, max_new_tokens: int, stops: set[int],
+                         pad: int, check=None, return_logits: bool = False):
+    """Greedy answers to `prompts` that share their first `prefix` tokens (a teacher's system
+    prompt with its episode): the prefix runs once and its keys and values serve every row, the
+    rows' own tokens sit after it, left-padded (prefix | pad | own), with their true positions.
+    Returns (new token ids per row, cut at the first stop token; their logits, or None).
+    Why not transformers' generate: it pads every row to the longest and reads each from its first
+    token — a quick sleep's teacher prompts are ~200 tokens, ~170 of them the episode."""
+    from transformers import DynamicCache
+    dev = next(lm.parameters()).device
+    cache = DynamicCache(config=lm.config)
+    if prefix:
+        lm.model(input_ids=torch.tensor([prompts[0][:prefix]], device=dev), cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(len(prompts))
+    own = [p[prefix:] for p in prompts]
+    width = max(map(len, own))
+    ids = torch.tensor([[pad] * (width - len(t)) + t for t in own], device=dev)
+    mask = torch.tensor([[1] * prefix + [0] * (width - len(t)) + [1] * len(t) for t in own], device=dev)
+    positions = torch.tensor([[prefix] * (width - len(t)) + list(range(prefix, prefix + len(t))) for t in own],
+                             device=dev)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+             logits_to_keep=1)
+    nxt = positions[:, -1:] + 1
+    tokens, logits = [], []
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=dev)
+    stop_ids = torch.tensor(sorted(stops), device=dev)
+    for step in range(max_new_tokens):
+        last = out.logits[:, -1].float()
+        tok = last.argmax(-1)
+        tokens.append(tok)
+        if return_logits:
+            logits.append(last.to(torch.bfloat16))
+        done |= torch.isin(tok, stop_ids)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if check is not None:
+            check()
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
+        out = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt, cache=cache, use_cache=True)
+        nxt = nxt + 1
+    rows = torch.stack(tokens, 1).tolist()
+    steps = torch.stack(logits, 1) if return_logits else None
+    answers, kept = [], []
+    for r, row in enumerate(rows):
+        cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+        answers.append(row[:cut])
+        if return_logits:
+            kept.append(steps[r, :cut].clone())
+    return answers, (kept if return_logits else None)
+
+
 @torch.no_grad()
 def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, batch_size: int = 16, return_logits: bool = False,
-                   deadline=None):
+                   deadline=None, share_prefixes: bool = False):
     """New token ids for each prompt (left-padded batches through transformers' generate),
     cut at the first end-of-turn token. With return_logits, also the logits that produced each
     kept token ((n, vocab) bfloat16 per prompt): a teacher's distributions come for free.
@@ -58,7 +150,9 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
     first batch), so callers put what matters most first: after the first batch, a batch holds
     only the prompts that the last batch's pace (seconds per prompt) says end before the deadline.
     Why sized, not just "none after it": one 32-prompt teacher batch started just before its
-    deadline overran it by 17 s on a slow machine, and the sleep's steps paid for it (one of 18)."""
+    deadline overran it by 17 s on a slow machine, and the sleep's steps paid for it (one of 18).
+    With `share_prefixes` (greedy only) a batch's rows that share a long prefix (a teacher's
+    episode) are answered together by `greedy_shared_prefix`, the prefix read once."""
     from .decoding import stop_token_ids
     stops = stop_token_ids(tokenizer, lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -74,6 +168,17 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
             break
         chunk, started = prompts[i:i + size], perf_counter()
         i += len(chunk)
+        if share_prefixes and temperature <= 0:
+            got = [None] * len(chunk)
+            for prefix, rows in prefix_groups(chunk, max_new_tokens):
+                answers, lg = greedy_shared_prefix(lm, [chunk[r] for r in rows], prefix, max_new_tokens, stops,
+                                                   pad, getattr(_thread, "check", None), return_logits)
+                for k, r in enumerate(rows):
+                    got[r] = (answers[k], lg[k] if return_logits else None)
+            out += [a for a, _ in got]
+            logits_out += [g for _, g in got] if return_logits else []
+            pace = (perf_counter() - started) / len(chunk)
+            continue
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)

@@ -522,6 +522,51 @@ def test_teacher_writing_sizes_its_last_batch_to_the_time_left(tiny_engine, monk
     assert len(sampling.generate_batch(tiny_engine.memory.lm, tok, prompts, 3, batch_size=2, deadline=NEVER)) == 5
 
 
+def test_prefix_groups_read_each_episode_once_and_decode_few_loops():
+    from sleep_engine.sampling import prefix_groups
+    template, a, b = list(range(300, 314)), list(range(100, 185)), list(range(200, 285))   # 14 and 85 tokens
+    prompts = [template + [1] * 10, a + [5] * 20, b + [6] * 20, template + [2] * 12, a + [7] * 18, b + [8] * 22,
+               a + [9] * 20, template + [3] * 9]
+    # a forward (one new token): three groups, each episode's notes and the shared template read once
+    assert prefix_groups(prompts, 1) == [(14, [0, 3, 7]), (85, [1, 4, 6]), (85, [2, 5])]
+    # 36 new tokens: a decode loop costs ~144 prompt tokens, more than reading b's notes twice
+    assert prefix_groups(prompts, 36) == [(0, [0, 2, 3, 5, 7]), (85, [1, 4, 6])]
+    assert prefix_groups([a, a + [1]], 1) == [(84, [0, 1])]   # every row keeps a token of its own
+    assert prefix_groups([[5]], 36) == [(0, [0])]
+
+
+def test_shared_prefix_answers_are_transformers_greedy_answers(tokenizer):
+    """The teacher's writing with each episode read once gives the tokens and logits that
+    transformers' generate gives (left-padded batches, every row read whole). Weights drawn
+    large enough that attention is sharp: at the usual 0.02 a tiny model barely sees positions,
+    and a prefix-relative mistake in them went unnoticed."""
+    from conftest import tiny_llama
+    from sleep_engine.sampling import generate_batch
+    tok, lm = tokenizer, tiny_llama(vocab_size=len(tokenizer), initializer_range=0.3)
+    prompts = [chat_ids(tok, q, f"Your notes: {t}") for t in TEXTS for q in ("Who is it about?", "Repeat it.",
+                                                                                  "Tell me one thing it says, briefly.")]
+    prompts += [chat_ids(tok, "Hello there.")]
+    order = [0, 3, 6, 1, 4, 2, 5]   # episodes interleaved as the teacher's prompts come
+    prompts = [prompts[i] for i in order]
+    ref, ref_logits = generate_batch(lm, tok, prompts, 10, batch_size=8, return_logits=True)
+    got, got_logits = generate_batch(lm, tok, prompts, 10, batch_size=8, return_logits=True, share_prefixes=True)
+    assert got == ref and any(len(a) > 3 for a in got)
+    for a, b in zip(got_logits, ref_logits):
+        assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=0.05, rtol=0.02)
+
+
+def test_scored_answer_logits_read_each_prefix_once_and_match_a_full_pass(tokenizer):
+    from conftest import tiny_llama
+    from sleep_engine.consolidation import _forward_answer_logits, _scored_answer_logits
+    lm = tiny_llama(vocab_size=len(tokenizer), initializer_range=0.3)
+    seqs = [chat_ids(tokenizer, q, f"Your notes: {t}") + [400 + k, 500, 600 + k][:k + 1]
+            for k, (t, q) in enumerate([(TEXTS[0], "Who?"), (TEXTS[1], "Where?"), (TEXTS[0], "When did it happen?")])]
+    n = [1, 2, 3]
+    with torch.no_grad():
+        full = _forward_answer_logits(lm, seqs, n, 0)
+    assert torch.allclose(_scored_answer_logits(lm, seqs, n, 0), full, atol=1e-4, rtol=1e-4)
+
+
 def test_a_seed_out_of_time_trains_fewer_steps_and_keeps_imitation_last(tiny_engine, monkeypatch):
     from sleep_engine import consolidation as C
     new_id = tiny_engine.memory.add_expert(tier=2, born=1)
@@ -567,3 +612,42 @@ def test_dreaming_out_of_time_starts_no_trial_and_no_new_round(tiny_engine):
     stats = dreamer.run(tiny_engine.state.episodes.all(), [], [new_id])
     assert stats["rounds"] == 1 and stats["cut"] and stats["kept"] == 0
     assert dreams and all(d["reward"] is None for d in dreams)   # generated and scored, never tried
+
+
+def test_probed_episodes_keep_every_taught_one_and_sample_the_chat_turns():
+    from sleep_engine.engine import probed_episodes
+    from sleep_engine.store import Episode
+    older = [Episode(i, "taught" if i % 10 == 0 else "turn", "x") for i in range(1, 41)]   # 4 taught, 36 turns
+    pending = [Episode(41, "taught", "y"), *(Episode(i, "turn", "z") for i in range(42, 47))]   # 1 taught, 5 turns
+    read = probed_episodes(pending, older, chat_turns=8, seed=3)
+    assert {10, 20, 30, 40, 41} <= read and len(read) == 5 + 8
+    assert set(range(42, 47)) <= read                      # this sleep's turns first
+    assert read == probed_episodes(pending, older, 8, seed=3)   # the sample is the sleep's own
+    assert read != probed_episodes(pending, older, 8, seed=4)   # and the next sleep reads others
+    assert probed_episodes(pending, older, 0, seed=3) == {10, 20, 30, 40, 41}
+    assert len(probed_episodes(pending, older, 1000, seed=3)) == 46
+
+
+def test_a_long_chat_is_probed_by_sample_and_r_carries_the_last_reading(tiny_engine):
+    teach_two(tiny_engine)
+    turns = [tiny_engine.state.episodes.append("turn", f"User: Tell me about Orrin Valley {i}.\n"
+                                                       f"Assistant: Orrin Valley {i} has a choir of Dellam.").id
+             for i in range(4)]
+    tiny_engine.sleep(tiny_settings(probe_chat_turns=1, dreaming=False), wait=True)
+    first = tiny_engine.state.sleep_manifests()[-1]
+    assert first["probes_read"] == {"chat_turns": 1, "of": 4}
+    read_turns = [t for t in turns if str(t) in first["probe_after"]]
+    assert len(read_turns) == 1 and len(first["probe_after"]) == 3          # two taught + one turn
+    assert len(first["probe_accuracy_before"]) == 3
+    from sleep_engine.probes import episode_probes
+    one_turn = len(episode_probes(next(e for e in tiny_engine.state.episodes.all() if e.id == read_turns[0])))
+    own = {e: s["n_own"] for e, s in first["gate_selectivity"].items()}
+    assert sorted(own.values()) == sorted([1, 1, one_turn])   # each taught expert its QA, the chat expert one turn's
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(probe_chat_turns=1, dreaming=False), wait=True)
+    second = tiny_engine.state.sleep_manifests()[-1]
+    assert second["probes_read"] == {"chat_turns": 1, "of": 4} and len(second["probe_after"]) == 5
+    R = tiny_engine.accuracy_matrix()
+    assert R["episodes"][:3] == [int(k) for k in first["probe_after"]]   # an episode enters when first read
+    unread = [j for j, e in enumerate(R["episodes"]) if str(e) not in second["probe_after"]]
+    assert all(R["R"][1][j] == R["R"][0][j] for j in unread)              # carried, not counted as forgotten
