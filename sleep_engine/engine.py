@@ -686,9 +686,12 @@ class SleepEngine:
         chats, before = everyday
         summary.update(everyday_change(before, self.wake.fast.read(chats, fast_weights=False)))
         run.check()
-        summary["gate_selectivity"] = self.gate_selectivity(current, read)
         ids = [e.id for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()] + \
             summary["episode_ids"]   # the older episodes, then this sleep's: a row of R
+        slow = (summary.get("tier_consolidation") or {}).get("expert")
+        if slow:   # this sleep's tier step: its slow expert holds every episode (not in a manifest yet)
+            current = {**current, slow: ids}
+        summary["gate_selectivity"] = self.gate_selectivity(current, read)
         summary["probe_after"] = {str(i): after.get(i, 0.0) for i in ids if i in read}
         run.emit("probe", row=summary["probe_after"], general_ppl=summary["general_ppl_after"],
                  before=summary["probe_accuracy_before"])

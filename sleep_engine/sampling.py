@@ -62,8 +62,9 @@ def prefix_groups(prompts: list[list[int]], new_tokens: int = 1, overhead: float
     row, the pair of groups whose merge saves most is merged while a merge saves anything. So a
     teacher's prompts fall into one group per episode (its ~85-token notes read once) plus one
     for the prompts without notes, whose few shared template tokens do not pay for a decode of
-    their own. overhead = 4: one decode step of the embedded model cost what ~4 prompt tokens
-    cost in a batched forward (2 cores, 2026-12-05)."""
+    their own. overhead = 4 is a rough figure (a decode step's fixed cost against a prompt token's
+    in a batched forward, 2 cores); a quick sleep's teacher batches split the same for any value
+    from 1 to 16 (worked out on dev p01–p02's first batch)."""
     lengths = [len(p) for p in prompts]
     groups = [[n - 1, [r], n] for r, n in enumerate(lengths)]   # prefix, rows, Σ row lengths
     fixed = overhead * new_tokens
@@ -95,7 +96,8 @@ def greedy_shared_prefix(lm, prompts: list[list[int]], prefix: int, max_new_toke
     rows' own tokens sit after it, left-padded (prefix | pad | own), with their true positions.
     Returns (new token ids per row, cut at the first stop token; their logits, or None).
     Why not transformers' generate: it pads every row to the longest and reads each from its first
-    token — a quick sleep's teacher prompts are ~200 tokens, ~170 of them the episode."""
+    token — a quick sleep's teacher prompts over dev passages are ~100 tokens, ~80 of them the
+    episode's notes."""
     from transformers import DynamicCache
     dev = next(lm.parameters()).device
     cache = DynamicCache(config=lm.config)
@@ -139,6 +141,18 @@ def greedy_shared_prefix(lm, prompts: list[list[int]], prefix: int, max_new_toke
     return answers, (kept if return_logits else None)
 
 
+def _grouped_greedy(lm, prompts: list[list[int]], max_new_tokens: int, stops: set[int], pad: int,
+                    return_logits: bool) -> tuple[list, list]:
+    """`greedy_shared_prefix` over each of `prefix_groups`, the answers back in prompt order."""
+    got: list = [None] * len(prompts)
+    for prefix, rows in prefix_groups(prompts, max_new_tokens):
+        answers, logits = greedy_shared_prefix(lm, [prompts[r] for r in rows], prefix, max_new_tokens, stops,
+                                               pad, getattr(_thread, "check", None), return_logits)
+        for k, r in enumerate(rows):
+            got[r] = (answers[k], logits[k] if return_logits else None)
+    return [a for a, _ in got], [g for _, g in got]
+
+
 @torch.no_grad()
 def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0, batch_size: int = 16, return_logits: bool = False,
@@ -169,14 +183,9 @@ def generate_batch(lm, tokenizer, prompts: list[list[int]], max_new_tokens: int,
         chunk, started = prompts[i:i + size], perf_counter()
         i += len(chunk)
         if share_prefixes and temperature <= 0:
-            got = [None] * len(chunk)
-            for prefix, rows in prefix_groups(chunk, max_new_tokens):
-                answers, lg = greedy_shared_prefix(lm, [chunk[r] for r in rows], prefix, max_new_tokens, stops,
-                                                   pad, getattr(_thread, "check", None), return_logits)
-                for k, r in enumerate(rows):
-                    got[r] = (answers[k], lg[k] if return_logits else None)
-            out += [a for a, _ in got]
-            logits_out += [g for _, g in got] if return_logits else []
+            answers, logits = _grouped_greedy(lm, chunk, max_new_tokens, stops, pad, return_logits)
+            out += answers
+            logits_out += logits if return_logits else []
             pace = (perf_counter() - started) / len(chunk)
             continue
         width = max(len(p) for p in chunk)

@@ -179,6 +179,8 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     assert summary["tier_consolidation"]["examples"] >= summary["settings"]["anchor_texts"] == 12
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e3", 3)]
     assert tiny_engine.state.sleep_count() == 2
+    ids = [e.id for e in tiny_engine.state.episodes.all()]
+    assert list(summary["gate_selectivity"]) == ["e3"] and summary["gate_selectivity"]["e3"]["episodes"] == ids
 
 
 def test_a_tier_step_that_does_not_fit_the_budget_keeps_tier_two(tiny_engine, monkeypatch):
@@ -343,7 +345,7 @@ def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_t
     seeder.divergence(batch, [new_id])
     with torch.no_grad(), memory.configured(muted=[new_id]):   # the teacher, its episode in context
         want = C._forward_answer_logits(memory.lm, [e.teacher for e in batch], [e.n_answer for e in batch], seeder.pad)
-    assert torch.allclose(seen["t"], want) and seen["s"].shape == want.shape
+    assert torch.allclose(seen["t"], want, atol=1e-4, rtol=1e-4) and seen["s"].shape == want.shape   # notes read once: equal up to rounding
     # and seed() samples every step at λ = 1: no kept teacher answer reaches the divergence
     batches = []
     monkeypatch.setattr(seeder, "divergence", lambda b, nid: (batches.append(b), (seen.clear(), torch.zeros((), requires_grad=True))[1])[1])
