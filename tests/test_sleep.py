@@ -345,7 +345,8 @@ def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_t
     seeder.divergence(batch, [new_id])
     with torch.no_grad(), memory.configured(muted=[new_id]):   # the teacher, its episode in context
         want = C._forward_answer_logits(memory.lm, [e.teacher for e in batch], [e.n_answer for e in batch], seeder.pad)
-    assert torch.allclose(seen["t"], want, atol=1e-4, rtol=1e-4) and seen["s"].shape == want.shape   # notes read once: equal up to rounding
+    # the teacher reads its notes once (`_scored_answer_logits`): equal up to rounding
+    assert torch.allclose(seen["t"], want, atol=1e-4, rtol=1e-4) and seen["s"].shape == want.shape
     # and seed() samples every step at λ = 1: no kept teacher answer reaches the divergence
     batches = []
     monkeypatch.setattr(seeder, "divergence", lambda b, nid: (batches.append(b), (seen.clear(), torch.zeros((), requires_grad=True))[1])[1])
