@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check budget-check writing-check clean
+.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check budget-check writing-check tier-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ asleep-check: setup
 # do the presets keep their word: quick and full sleeps over 2 and 10 episodes, timed, with what the budget cut (README); ~25 min
 budget-check: setup
 	$(BIN)/python tests/budget_check.py 2
+
+# the tier step with one slow expert against one per passage: recall, names swapped, everyday (dev; README); ~60 min
+tier-check: setup
+	$(BIN)/python tests/tier_step_check.py 2
 
 # the teacher's writing with each episode read once against transformers' generate: time and tokens (README); ~5 min
 writing-check: setup

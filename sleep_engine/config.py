@@ -179,6 +179,11 @@ class SleepConfig:
     # n = 1 9/32, other/own 0.5 (README "Locality")
     episode_experts: int = 4
     consolidate_every: int = 3        # F: tier 2 → tier 3 every F sleeps
+    # slow experts a tier step makes, its episodes grouped as `episode_experts` groups them (one per
+    # taught episode up to n, the chat turns one more), each gate fitted on its group against the
+    # others'. 1 = one slow expert holds every episode: user check, 6 passages, 5 of 17 wrong answers
+    # then named another passage (0/10 before the step); n = 4: README "The tier step keeps passages apart"
+    tier_experts: int = 4
     # dreaming
     dreaming: bool = True
     dreams: int = 3                   # m
@@ -252,7 +257,7 @@ class SleepConfig:
                              ("gate_fit_steps", 0, 10_000), ("gate_fit_lr", 1e-6, 10.0), ("gate_distractors", 0, 256),
                              ("gate_old_questions", 0, 32), ("gate_sharpness", 0.1, 100.0), ("gate_threshold", -20.0, 20.0),
                              ("older_gate_steps", 0, 10_000), ("older_gate_lr", 1e-6, 10.0),
-                             ("episode_experts", 1, 16), ("probe_chat_turns", 0, 100_000)]:
+                             ("episode_experts", 1, 16), ("tier_experts", 1, 16), ("probe_chat_turns", 0, 100_000)]:
             _check_range(f"sleep.{name}", getattr(self, name), lo, hi)
         _check_range("sleep.max_ppl_ratio", self.max_ppl_ratio, 1.0, 1e9)
         _check_range("sleep.max_everyday_changed", self.max_everyday_changed, 0.0, 1.0)

@@ -104,7 +104,7 @@ def check_state(state_dir: Path, model_dir: Path, acknowledged: set[str], taught
     from safetensors import safe_open
 
     from sleep_engine.config import LabConfig
-    from sleep_engine.engine import SleepEngine
+    from sleep_engine.engine import SleepEngine, slow_experts
     cfg = LabConfig(model=str(model_dir), quantize="none", state_dir=state_dir, threads=1)
     cfg.wake.fast_update_every = 0
     engine = SleepEngine(cfg)          # the state loads (and the dead writer's lock is free)
@@ -125,9 +125,9 @@ def check_state(state_dir: Path, model_dir: Path, acknowledged: set[str], taught
         expected: set[str] = set()
         for m in manifests:
             expected |= set(m.get("experts_added", []))
-            tc = m.get("tier_consolidation") or {}
-            if tc.get("expert"):
-                expected = (expected - set(tc.get("removed", []))) | {tc["expert"]}
+            slow = slow_experts(m.get("tier_consolidation"), [])
+            if slow:
+                expected = (expected - set(m["tier_consolidation"].get("removed", []))) | set(slow)
         actual = set(engine.memory.expert_ids())
         assert actual == expected, f"experts {sorted(actual)} but the committed sleeps say {sorted(expected)}"
         assert (ct > 0) == bool(actual), f"consolidated through {ct} with experts {sorted(actual)}"

@@ -169,10 +169,11 @@ def test_restart_after_a_kill_during_sleep_keeps_checkpoint_and_episodes(tmp_pat
 
 def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     teach_two(tiny_engine)
-    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
+    settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2, tier_experts=1)
+    tiny_engine.sleep(settings, wait=True)
     assert [e.tier for e in tiny_engine.memory.experts()] == [2, 2]      # one per taught text
     tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
-    tiny_engine.sleep(tiny_settings(dreaming=False, lti=False, consolidate_every=2), wait=True)
+    tiny_engine.sleep(settings, wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     assert summary["tier_consolidation"]["removed"] == ["e0", "e1", "e2"]
     # the anchors come along: 3 episodes × 3 prompts alone would give at most 9 examples
@@ -180,7 +181,28 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e3", 3)]
     assert tiny_engine.state.sleep_count() == 2
     ids = [e.id for e in tiny_engine.state.episodes.all()]
+    assert summary["tier_consolidation"]["experts"] == {"e3": ids}
     assert list(summary["gate_selectivity"]) == ["e3"] and summary["gate_selectivity"]["e3"]["episodes"] == ids
+
+
+def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine):
+    """One slow expert holding every passage swapped their names (issue 13, user check): by
+    default the tier step groups episodes as a sleep does, and fits each gate against the others'."""
+    teach_two(tiny_engine)
+    settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2)
+    tiny_engine.sleep(settings, wait=True)
+    tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
+    tiny_engine.sleep(settings, wait=True)
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    ids = [e.id for e in tiny_engine.state.episodes.all()]
+    step = summary["tier_consolidation"]
+    assert step["removed"] == ["e0", "e1", "e2"]
+    assert step["experts"] == {"e3": [ids[0]], "e4": [ids[1]], "e5": [ids[2]]}
+    assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e3", 3), ("e4", 3), ("e5", 3)]
+    # every gate was fitted shut on the other two episodes' questions and answers
+    assert all(fit["gate_fit_tokens"]["other episodes"] > 0 for fit in step["gate_fits"].values())
+    assert {e: s["episodes"] for e, s in summary["gate_selectivity"].items()} == step["experts"]
+    assert tiny_engine.expert_episodes() == step["experts"]   # read back from the manifest
 
 
 def test_a_tier_step_that_does_not_fit_the_budget_keeps_tier_two(tiny_engine, monkeypatch):

@@ -18,15 +18,17 @@ from .data import Passage, general_questions, load_passages
 
 def selectivity(memory, tokenizer, passages: list[Passage], sleeps: list[dict], everyday: list[str]) -> dict:
     """`sleeps`: the Sleep learner's per-sleep records ({"passages": [...], "experts_added": [...],
-    "expert_passages": {expert: [...]}} — without the last, each expert holds its sleep's passages).
-    The questions are the passages' probe questions (the test): used here only to measure."""
-    owners = {e: list((s.get("expert_passages") or {}).get(e, s["passages"]))
-              for s in sleeps for e in s.get("experts_added", [])}
-    slow = [s["tier_consolidation"]["expert"] for s in sleeps if (s.get("tier_consolidation") or {}).get("expert")]
-    for i, s in enumerate(sleeps):   # a slow expert holds every passage consolidated so far
-        tc = s.get("tier_consolidation") or {}
-        if tc.get("expert"):
-            owners[tc["expert"]] = [p for s2 in sleeps[:i + 1] for p in s2["passages"]]
+    "expert_passages": {expert: [...]}} — without the last, each expert holds its sleep's passages,
+    and a slow expert every passage consolidated so far). The questions are the passages' probe
+    questions (the test): used here only to measure."""
+    from ..engine import slow_experts
+    owners, slow = {}, []
+    for i, s in enumerate(sleeps):
+        held = s.get("expert_passages") or {}
+        owners.update({e: list(held.get(e, s["passages"])) for e in s.get("experts_added", [])})
+        made = slow_experts(s.get("tier_consolidation"), [p for s2 in sleeps[:i + 1] for p in s2["passages"]])
+        owners.update({e: list(held.get(e, ps)) for e, ps in made.items()})
+        slow += list(made)
     owners = {e: ps for e, ps in owners.items() if e in memory.expert_ids()}
     asked = [(p.id, q) for p in passages for q, _ in p.qa]
     gates = question_gates(memory, tokenizer, [q for _, q in asked] + list(everyday), list(owners))

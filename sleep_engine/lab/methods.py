@@ -172,6 +172,7 @@ class SleepMethod(Learner):
         learning time (teach + consolidation + dreaming + reset + checkpoint); the engine's own
         closed-book probes before and after each sleep are evaluation, like the lab's, and are
         reported apart (`probe_seconds`)."""
+        from ..engine import slow_experts
         e, every, settings = self.engine, self.exp.passages_per_sleep, self.settings()
         keep = ("phases", "experts_added", "dreams", "tier_consolidation", "general_ppl_before", "general_ppl_after",
                 "gate_selectivity", "consolidation", "older_gates")
@@ -190,7 +191,9 @@ class SleepMethod(Learner):
             source = {ep.id: ep.source for ep in e.state.episodes.all()}
             sleeps.append({"sleep": number, "passages": [p.id for p in group],
                            "expert_passages": {eid: [source[i] for i in ids if source.get(i)]
-                                               for eid, ids in summary.get("expert_episodes", {}).items()},
+                                               for eid, ids in {**summary.get("expert_episodes", {}),
+                                                                **slow_experts(summary.get("tier_consolidation"),
+                                                                               list(source))}.items()},
                            **{k: summary[k] for k in keep if k in summary}})
             for k, v in summary.get("phases", {}).items():
                 phases[k] = round(phases.get(k, 0.0) + v, 2)

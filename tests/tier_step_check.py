@@ -1,0 +1,90 @@
+"""Does the tier step keep passages apart? One shared unbudgeted quick sleep over dev passages
+p01–p03, then, from copies of that state, p04–p06 taught and a second sleep whose tier step
+(`consolidate_every` = 2) merges the six passages' tier-2 experts into `tier_experts` = 1 slow
+expert in one arm and 4 (grouped as a sleep groups them) in the other. Per arm: closed-book
+answers about all six passages, how often a wrong one names another passage, the everyday
+questions and generic perplexity against the un-slept model, and the tier step's own numbers.
+Dev split only (this chooses a default). `make tier-check` (~60 min, 2 threads).
+README "The tier step keeps passages apart"."""
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+PER_SLEEP = 3
+ARMS = (1, 4)
+
+
+def slept(engine, settings) -> dict:
+    engine.sleep(settings, wait=True)
+    last = engine.events.since(0)[-1]
+    if last.kind != "done":
+        raise SystemExit(f"the sleep did not finish: {last.kind} {last.data}")
+    return last.data["summary"]
+
+
+def measure(engine, passages, questions, generic, fresh) -> dict:
+    from sleep_engine.lab.scoring import evaluate, items_of, wilson
+    from sleep_engine.lab.wake_memory import general_check
+    from sleep_engine.probes import interference
+    recall = evaluate(engine.memory.lm, engine.tokenizer, items_of(passages), semantic=False)
+    mixed = interference(recall["answers"], {p.id: p.text for p in passages})
+    everyday = general_check(engine, questions, generic, fast_weights=False)
+    kept = [ok for ok, was in zip(everyday["per_question"], fresh["per_question"]) if was]
+    return {"closed_book": recall["correct"], "n": recall["n"], "ci95": wilson(recall["correct"], recall["n"]),
+            "wrong": mixed["wrong"], "from_other_passage": mixed["from_other_passage"],
+            "examples": mixed["examples"][:6], "everyday": everyday["correct"],
+            "kept": sum(kept) / max(len(kept), 1), "ppl_drift": everyday["ppl"] / fresh["ppl"] - 1}
+
+
+def main(threads: int) -> None:
+    from check_setup import fresh_engine
+    from sleep_engine.config import SleepConfig
+    from sleep_engine.engine import SleepEngine
+    from sleep_engine.lab.data import general_questions, generic_text, load_passages
+    from sleep_engine.lab.runner import code_version
+    from sleep_engine.lab.wake_memory import general_check
+    passages = load_passages("dev")[:2 * PER_SLEEP]
+    questions, generic = general_questions(), generic_text()
+    engine = fresh_engine("tier-check", threads)
+    cfg, root = engine.cfg, engine.cfg.state_dir
+    fresh = general_check(engine, questions, generic, fast_weights=False)
+    for p in passages[:PER_SLEEP]:
+        engine.wake.teach(p.text, source=p.id)
+    t0 = time.perf_counter()
+    first = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2))
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "code": code_version(), "threads": threads,
+           "passages": [p.id for p in passages], "fresh_everyday": fresh["correct"],
+           "sleep_1": {"seconds": round(time.perf_counter() - t0, 1), "experts": first["expert_episodes"],
+                       **measure(engine, passages[:PER_SLEEP], questions, generic, fresh)}, "arms": {}}
+    print(json.dumps(out["sleep_1"]), flush=True)
+    engine.close()
+    for n in ARMS:
+        state = root.with_name(f"{root.name}-{n}")
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.copytree(root, state)
+        engine = SleepEngine(dataclasses.replace(cfg, state_dir=state))
+        for p in passages[PER_SLEEP:]:
+            engine.wake.teach(p.text, source=p.id)
+        t0 = time.perf_counter()
+        summary = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2, tier_experts=n))
+        step = summary.get("tier_consolidation") or {}
+        arm = {"seconds": round(time.perf_counter() - t0, 1), "reset_s": summary["phases"].get("reset"),
+               "tier_step": {k: step.get(k) for k in ("experts", "removed", "steps", "planned_steps", "examples",
+                                                       "gate_s", "training_s", "deferred")},
+               "gate_selectivity": summary.get("gate_selectivity"),
+               **measure(engine, passages, questions, generic, fresh)}
+        out["arms"][str(n)] = arm
+        print(n, json.dumps({k: v for k, v in arm.items() if k != "gate_selectivity"}), flush=True)
+        engine.close()
+    path = Path("reports/tier_step_check.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
