@@ -21,7 +21,8 @@ from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
 from .budget import NEVER, Deadline, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
-from .consolidation import ANCHOR_PROMPTS, Consolidator, Example, distill_steps, episode_groups, round_robin, seed_prompts
+from .consolidation import (ANCHOR_PROMPTS, CONTEXT_SYSTEM, Consolidator, Example, distill_steps, episode_groups,
+                            round_robin, seed_prompts)
 from .dreaming import Dreamer
 from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
@@ -830,12 +831,14 @@ class SleepEngine:
             run.emit("expert", expert_id=eid, tier=3, consolidates=tier2, episodes=ids)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
         prompts = [chat_ids(self.tokenizer, q) for q in asks]
+        notes = {e.id: CONTEXT_SYSTEM.format(notes=e.text) for e in episodes} if cfg.tier_teacher_notes else {}
+        teacher = [chat_ids(self.tokenizer, q, notes[ep]) if ep in notes else p for q, ep, p in zip(asks, about, prompts)]
         with self.memory.configured(muted=list(owners)):
-            answers = generate_batch(self.memory.lm, self.tokenizer, prompts, cfg.answer_tokens, batch_size=32,
-                                     deadline=writing)
+            answers = generate_batch(self.memory.lm, self.tokenizer, teacher, cfg.answer_tokens, batch_size=32,
+                                     deadline=writing, share_prefixes=True)
         seeder.written = {"prompts": len(prompts), "answered": len(answers)}
-        examples = [Example(p + a, p + a, len(a), q, "", about_episode=ep is not None, episode=ep)
-                    for q, ep, p, a in zip(asks, about, prompts, answers) if a]
+        examples = [Example(p + a, t + a, len(a), q, "", about_episode=ep is not None, episode=ep)
+                    for q, ep, p, t, a in zip(asks, about, prompts, teacher, answers) if a]
         examples += seeder.text_anchors(list(owners))
         gates = {eid: set(ids) for eid, ids in owners.items()} if len(owners) > 1 else None
         result = seeder.seed(examples, list(owners), gates, phase="tier consolidation") if examples else {}

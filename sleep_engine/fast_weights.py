@@ -33,7 +33,7 @@ from .losses import weighted_lm_loss
 from .memory import MemoryModel
 from .probes import ANSWER_PROMPT, shared_prefix_pass
 from .readings import digest
-from .sampling import chat_ids
+from .sampling import chat_ids, common_prefix
 from .store import Episode
 
 ANCHOR_TEXT = ASSETS / "anchor_text.txt"
@@ -74,14 +74,10 @@ def _chat_turn(tokenizer, system_prompt: str, user: str, reply: str, user_weight
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     full = encode_chat(tokenizer, system + msgs, add_generation_prompt=False)
-    head = _common_prefix(encode_chat(tokenizer, system, add_generation_prompt=False), full) if system else 0
-    asked = _common_prefix(encode_chat(tokenizer, system + msgs[:1]), full)
+    head = common_prefix([encode_chat(tokenizer, system, add_generation_prompt=False), full]) if system else 0
+    asked = common_prefix([encode_chat(tokenizer, system + msgs[:1]), full])
     weights = [0.0] * head + [user_weight] * (asked - head) + [reply_weight] * (len(full) - asked)
     return WeightedText(full, weights)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def episode_tokens(tokenizer, episode, cfg: WakeConfig, max_tokens: int = 512) -> list[WeightedText]:

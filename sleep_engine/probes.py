@@ -10,7 +10,7 @@ import torch
 
 from .chat_format import encode_text
 from .memory import routed_gate
-from .sampling import chat_ids, generate_batch
+from .sampling import chat_ids, common_prefix, generate_batch, prefix_cache
 
 ANSWER_PROMPT = "Answer directly and concisely. {q}"   # fixed; used by every method and metric
 
@@ -65,19 +65,12 @@ def shared_prefix_pass(model, seqs: list[list[int]], pad: int, most: int):
     tokens, P = the prefix length, their attention mask). Every probe prompt starts with the same
     chat template, system prompt and instruction — 20 of the everyday questions' ~34 tokens —
     and a probe pass costs what its tokens cost (compute-bound on 2 cores)."""
-    from transformers import DynamicCache
     dev = next(model.parameters()).device
-    P = 0
-    while P < min(most, *(len(s) for s in seqs)) and all(s[P] == seqs[0][P] for s in seqs):
-        P += 1
+    P = common_prefix(seqs, most)
     width = max(len(s) for s in seqs)
     rest = torch.tensor([s[P:] + [pad] * (width - len(s)) for s in seqs], device=dev)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
-    cache = None
-    if P:
-        cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([seqs[0][:P]], device=dev), cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(len(seqs))
+    cache = prefix_cache(model, seqs[0][:P], len(seqs))
     positions = torch.arange(P, width, device=dev)[None].expand(len(seqs), -1)
     out = model(input_ids=rest, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None)
     return out, P, mask

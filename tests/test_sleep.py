@@ -187,9 +187,10 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
 
 def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine):
     """One slow expert holding every passage swapped their names (issue 13, user check): by
-    default the tier step groups episodes as a sleep does, and fits each gate against the others'."""
+    default the tier step groups episodes as a sleep does, and fits each gate against the others'.
+    Its teacher here reads each episode's text (`tier_teacher_notes`)."""
     teach_two(tiny_engine)
-    settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2)
+    settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2, tier_teacher_notes=True)
     tiny_engine.sleep(settings, wait=True)
     tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
     tiny_engine.sleep(settings, wait=True)
@@ -558,6 +559,14 @@ def test_prefix_groups_read_each_episode_once_and_decode_few_loops():
     assert prefix_groups(prompts, 36) == [(0, [0, 2, 3, 5, 7]), (85, [1, 4, 6])]
     assert prefix_groups([a, a + [1]], 1) == [(84, [0, 1])]   # every row keeps a token of its own
     assert prefix_groups([[5]], 36) == [(0, [0])]
+
+
+def test_common_prefix_stops_at_the_first_difference_the_limit_or_the_shortest_row():
+    from sleep_engine.sampling import common_prefix
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 9, 4], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 3
+    assert common_prefix([[1, 2, 3], [1, 2, 3]], limit=1) == 1
+    assert common_prefix([[7], [8]]) == 0 and common_prefix([[1, 2]]) == 2
 
 
 def test_shared_prefix_answers_are_transformers_greedy_answers(tokenizer):

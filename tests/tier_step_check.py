@@ -1,10 +1,12 @@
 """Does the tier step keep passages apart? One shared unbudgeted quick sleep over dev passages
 p01–p03, then, from copies of that state, p04–p06 taught and a second sleep whose tier step
 (`consolidate_every` = 2) merges the six passages' tier-2 experts into `tier_experts` = 1 slow
-expert in one arm and 4 (grouped as a sleep groups them) in the other. Per arm: closed-book
+expert in one arm and 4 (grouped as a sleep groups them) in the others, the last with the
+teacher reading each episode's text (`tier_teacher_notes`). Per arm: closed-book
 answers about all six passages, how often a wrong one names another passage, the everyday
 questions and generic perplexity against the un-slept model, and the tier step's own numbers.
-Dev split only (this chooses a default). `make tier-check` (~60 min, 2 threads).
+Dev split only (this chooses a default). `make tier-check` (~90 min, 2 threads);
+`tier_step_check.py THREADS --reuse ARM…` runs the named arms from the last run's first sleep.
 README "The tier step keeps passages apart"."""
 import dataclasses
 import json
@@ -15,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PER_SLEEP = 3
-ARMS = (1, 4)
+ARMS = {"1": {"tier_experts": 1}, "4": {"tier_experts": 4},
+        "4+notes": {"tier_experts": 4, "tier_teacher_notes": True}}
 
 
 def slept(engine, settings) -> dict:
@@ -40,45 +43,57 @@ def measure(engine, passages, questions, generic, fresh) -> dict:
             "kept": sum(kept) / max(len(kept), 1), "ppl_drift": everyday["ppl"] / fresh["ppl"] - 1}
 
 
-def main(threads: int) -> None:
+def main(threads: int, reuse: bool, arms: list[str]) -> None:
     from check_setup import fresh_engine
-    from sleep_engine.config import SleepConfig
+    from sleep_engine.config import LabConfig, SleepConfig
     from sleep_engine.engine import SleepEngine
     from sleep_engine.lab.data import general_questions, generic_text, load_passages
     from sleep_engine.lab.runner import code_version
     from sleep_engine.lab.wake_memory import general_check
     passages = load_passages("dev")[:2 * PER_SLEEP]
     questions, generic = general_questions(), generic_text()
-    engine = fresh_engine("tier-check", threads)
-    cfg, root = engine.cfg, engine.cfg.state_dir
-    fresh = general_check(engine, questions, generic, fast_weights=False)
-    for p in passages[:PER_SLEEP]:
-        engine.wake.teach(p.text, source=p.id)
-    t0 = time.perf_counter()
-    first = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2))
+    root = Path("/tmp/sleep-lab-tier-check")
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "code": code_version(), "threads": threads,
-           "passages": [p.id for p in passages], "fresh_everyday": fresh["correct"],
-           "sleep_1": {"seconds": round(time.perf_counter() - t0, 1), "experts": first["expert_episodes"],
-                       **measure(engine, passages[:PER_SLEEP], questions, generic, fresh)}, "arms": {}}
-    print(json.dumps(out["sleep_1"]), flush=True)
-    engine.close()
-    for n in ARMS:
-        state = root.with_name(f"{root.name}-{n}")
+           "passages": [p.id for p in passages], "arms": {}}
+    if reuse:   # the un-slept model's answers from a fresh engine on the same files
+        cfg = LabConfig(threads=threads, state_dir=root.with_name(root.name + "-fresh")).validate()
+        cfg.wake.fast_update_every = 0
+        shutil.rmtree(cfg.state_dir, ignore_errors=True)
+        engine = SleepEngine(cfg)
+        fresh = general_check(engine, questions, generic, fast_weights=False)
+        engine.close()
+        cfg = dataclasses.replace(cfg, state_dir=root)
+    else:
+        engine = fresh_engine("tier-check", threads)
+        cfg = engine.cfg
+        fresh = general_check(engine, questions, generic, fast_weights=False)
+        for p in passages[:PER_SLEEP]:
+            engine.wake.teach(p.text, source=p.id)
+        t0 = time.perf_counter()
+        first = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2))
+        out["sleep_1"] = {"seconds": round(time.perf_counter() - t0, 1), "experts": first["expert_episodes"],
+                          **measure(engine, passages[:PER_SLEEP], questions, generic, fresh)}
+        print(json.dumps(out["sleep_1"]), flush=True)
+        engine.close()
+    out["fresh_everyday"] = fresh["correct"]
+    for name in arms:
+        state = root.with_name(f"{root.name}-{name}")
         shutil.rmtree(state, ignore_errors=True)
         shutil.copytree(root, state)
         engine = SleepEngine(dataclasses.replace(cfg, state_dir=state))
         for p in passages[PER_SLEEP:]:
             engine.wake.teach(p.text, source=p.id)
         t0 = time.perf_counter()
-        summary = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2, tier_experts=n))
+        summary = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2, **ARMS[name]))
         step = summary.get("tier_consolidation") or {}
-        arm = {"seconds": round(time.perf_counter() - t0, 1), "reset_s": summary["phases"].get("reset"),
+        arm = {"settings": ARMS[name], "seconds": round(time.perf_counter() - t0, 1),
+               "reset_s": summary["phases"].get("reset"),
                "tier_step": {k: step.get(k) for k in ("experts", "removed", "steps", "planned_steps", "examples",
                                                        "gate_s", "training_s", "deferred")},
                "gate_selectivity": summary.get("gate_selectivity"),
                **measure(engine, passages, questions, generic, fresh)}
-        out["arms"][str(n)] = arm
-        print(n, json.dumps({k: v for k, v in arm.items() if k != "gate_selectivity"}), flush=True)
+        out["arms"][name] = arm
+        print(name, json.dumps({k: v for k, v in arm.items() if k != "gate_selectivity"}), flush=True)
         engine.close()
     path = Path("reports/tier_step_check.json")
     path.parent.mkdir(exist_ok=True)
@@ -87,4 +102,7 @@ def main(threads: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    args = sys.argv[1:]
+    reuse = "--reuse" in args
+    args = [a for a in args if a != "--reuse"]
+    main(int(args[0]) if args else 2, reuse, args[1:] or list(ARMS))
