@@ -185,7 +185,7 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
     assert list(summary["gate_selectivity"]) == ["e3"] and summary["gate_selectivity"]["e3"]["episodes"] == ids
 
 
-def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine):
+def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine, monkeypatch):
     """One slow expert holding every passage swapped their names (issue 13, user check): by
     default the tier step groups episodes as a sleep does, and fits each gate against the others'.
     Its teacher here reads each episode's text (`tier_teacher_notes`)."""
@@ -193,10 +193,22 @@ def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine):
     settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2, tier_teacher_notes=True)
     tiny_engine.sleep(settings, wait=True)
     tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
+    import sleep_engine.engine as E
+    written = []   # the tier step's teacher prompts
+
+    def recording(lm, tok, prompts, *args, **kw):
+        written.append([tok.decode(p) for p in prompts])
+        return generate(lm, tok, prompts, *args, **kw)
+    generate = E.generate_batch
+    monkeypatch.setattr(E, "generate_batch", recording)
     tiny_engine.sleep(settings, wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     ids = [e.id for e in tiny_engine.state.episodes.all()]
     step = summary["tier_consolidation"]
+    texts = [e.text for e in tiny_engine.state.episodes.all()]
+    about = [[t for t in texts if t in prompt] for prompt in written[-1]]
+    assert [] in about   # the chat anchors: no notes
+    assert all(len(a) <= 1 for a in about) and {a[0] for a in about if a} == set(texts)   # each its own episode
     assert step["removed"] == ["e0", "e1", "e2"]
     assert step["experts"] == {"e3": [ids[0]], "e4": [ids[1]], "e5": [ids[2]]}
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e3", 3), ("e4", 3), ("e5", 3)]

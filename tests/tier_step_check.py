@@ -56,8 +56,10 @@ def main(threads: int, reuse: bool, arms: list[str]) -> None:
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "code": code_version(), "threads": threads,
            "passages": [p.id for p in passages], "arms": {}}
     if reuse:   # the un-slept model's answers from a fresh engine on the same files
+        import launch
         cfg = LabConfig(threads=threads, state_dir=root.with_name(root.name + "-fresh")).validate()
         cfg.wake.fast_update_every = 0
+        launch.quiet_libraries(cfg)
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
         engine = SleepEngine(cfg)
         fresh = general_check(engine, questions, generic, fast_weights=False)
