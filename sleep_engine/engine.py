@@ -805,8 +805,9 @@ class SleepEngine:
         return False
 
     def _consolidate_tier(self, run: "SleepRun", episodes, cfg) -> dict:
-        """Tier 2 → tier 3: new slow experts learn from the model with its tier-2 experts (teacher)
-        to answer without them (student); then the tier-2 experts are removed. The episodes are
+        """Tier 2 → tier 3: new slow experts learn from the model with its tier-2 experts and, with
+        `tier_teacher_notes`, each episode's text in context (teacher) to answer without either
+        (student); then the tier-2 experts are removed. The episodes are
         grouped as a sleep groups them (`episode_groups`, `tier_experts` slow experts), each slow
         expert's gate fitted open on its group and shut on the others': one slow expert holding six
         passages swapped their towns and years (5 of 17 wrong answers, 0 of 10 before the step).
