@@ -539,7 +539,7 @@ class SleepEngine:
             for eid in m.get("experts_added", []):
                 out.setdefault(eid, []).extend(held.get(eid, []))
             step = m.get("tier_consolidation") or {}
-            for eid in step.get("removed", []) if step.get("expert") or step.get("experts") else []:
+            for eid in step.get("removed", []):   # (a deferred step removed nothing)
                 out.pop(eid, None)
             out.update(slow_experts(step, seen))
         return out
