@@ -856,10 +856,10 @@ class SleepEngine:
         the slow experts' gates stay closed): the anchors first, then every episode's prompts
         round-robin, taught ones first. Never the probes."""
         anchors = seeder.chat_anchors()
-        taught = [e for e in episodes if e.kind == "taught"]
-        chat = [e for e in episodes if e.kind != "taught"]
-        asked = round_robin([[(q, e.id) for q in seed_prompts(e.text, cfg.prompts_per_episode)] for e in taught]) + \
-            round_robin([[(q, e.id) for q in seed_prompts(e.text, cfg.prompts_per_episode)] for e in chat])
+        def interleaved(eps):
+            return round_robin([[(q, e.id) for q in seed_prompts(e.text, cfg.prompts_per_episode)] for e in eps])
+        asked = interleaved([e for e in episodes if e.kind == "taught"]) + \
+            interleaved([e for e in episodes if e.kind != "taught"])
         return anchors + [q for q, _ in asked], [None] * len(anchors) + [ep for _, ep in asked]
 
     def _defer_tier(self, run: "SleepRun", partial: list[str], why: str) -> dict:
