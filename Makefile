@@ -55,7 +55,7 @@ asleep-check: setup
 budget-check: setup
 	$(BIN)/python tests/budget_check.py 2
 
-# the tier step: one slow expert, four, four with the teacher reading the notes: recall, names swapped, everyday (dev; README); ~90 min
+# the tier step: one slow expert, four, none (tier 2 just before a merge): recall, names swapped, everyday (dev; README); ~75 min
 tier-check: setup
 	$(BIN)/python tests/tier_step_check.py 2
 

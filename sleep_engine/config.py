@@ -184,10 +184,6 @@ class SleepConfig:
     # others'. 1 = one slow expert holds every episode: user check, 6 passages, 5 of 17 wrong answers
     # then named another passage (0/10 before the step); n = 4: README "The tier step keeps passages apart"
     tier_experts: int = 4
-    # the tier step's teacher reads each episode's text with its questions (as a sleep's teacher
-    # does); off: it answers from the tier-2 experts alone, and the slow experts learn their
-    # mistakes. Dev, 6 passages, 4 slow experts: on 8/24 closed-book, off 4/24 (README, as above)
-    tier_teacher_notes: bool = True
     # dreaming
     dreaming: bool = True
     dreams: int = 3                   # m

@@ -274,6 +274,18 @@ def distill_steps(cfg: SleepConfig, pool_size: int) -> int:
     return cfg.distill_steps or max(1, math.ceil(cfg.distill_epochs * pool_size / cfg.batch_size))
 
 
+def teacher_prompt_count(cfg: SleepConfig, new_episodes, old_episodes=()) -> int:
+    """How many prompts `Consolidator.teacher_prompts` asks (every study question asked counted,
+    before the unusable ones drop), without drawing anchors or writing: what a budget plans with."""
+    count = min(cfg.anchor_prompts, len(ANCHOR_PROMPTS)) + \
+        sum(len(seed_prompts(e.text, cfg.replay_per_episode)) for e in old_episodes)
+    for e in new_episodes:
+        count += len(seed_prompts(e.text, cfg.prompts_per_episode))
+        if e.kind == "taught":
+            count += len(restatement_prompts(e.text, cfg.restatements)) + cfg.study_questions * len(sentences(e.text))
+    return count
+
+
 @dataclass
 class Example:
     student: list[int]     # student prompt + answer

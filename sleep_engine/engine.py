@@ -21,8 +21,7 @@ from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
 from .budget import NEVER, Deadline, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
-from .consolidation import (ANCHOR_PROMPTS, CONTEXT_SYSTEM, Consolidator, Example, distill_steps, episode_groups,
-                            round_robin, seed_prompts)
+from .consolidation import Consolidator, distill_steps, episode_groups, teacher_prompt_count
 from .dreaming import Dreamer
 from .events import EventBus
 from .export import ExportError, export_memory_config, read_export, read_export_memory
@@ -792,10 +791,7 @@ class SleepEngine:
             return False
         if not cfg.budget_s or not self._step_seconds:
             return True   # nothing measured yet: try it, the check before it still defers
-        # the size of `_tier_prompts`' list, without drawing its anchors
-        pool = min(cfg.anchor_prompts, len(ANCHOR_PROMPTS)) + \
-            sum(len(seed_prompts(e.text, cfg.prompts_per_episode)) for e in episodes)
-        steps = distill_steps(cfg, pool)
+        steps = distill_steps(cfg, teacher_prompt_count(cfg, episodes))
         need = tier_step_seconds(steps, self._step_seconds)
         if need is None or need <= cfg.budget_s:
             return True
@@ -805,62 +801,42 @@ class SleepEngine:
         return False
 
     def _consolidate_tier(self, run: "SleepRun", episodes, cfg) -> dict:
-        """Tier 2 → tier 3: new slow experts learn from the model with its tier-2 experts and, with
-        `tier_teacher_notes`, each episode's text in context (teacher) to answer without either
-        (student); then the tier-2 experts are removed. The episodes are
-        grouped as a sleep groups them (`episode_groups`, `tier_experts` slow experts), each slow
-        expert's gate fitted open on its group and shut on the others': one slow expert holding six
-        passages swapped their towns and years (5 of 17 wrong answers, 0 of 10 before the step).
-        The anchors of consolidation come along: without them one tier step moved everyday text by
-        +25% perplexity (measured, lab knowledge 3-tier). Under a time budget the step runs only
-        whole: removing the tier-2 experts after a cut merge lost every taught fact (make
-        user-check, sleep 3: closed-book 2/16 → 0/24), so a step that would not fit, or was cut,
-        leaves tier 2 as it is and waits for a sleep with time for it (`deferred`)."""
+        """Tier 2 → tier 3, a consolidation of every episode so far into new slow experts: the
+        teacher is the model with its tier-2 experts and each episode's text in context, asked
+        what a sleep's teacher is asked (`teacher_data`: seeds, restatements, self-study), the
+        student answers without either. The episodes are grouped as a sleep groups them
+        (`episode_groups`, `tier_experts` slow experts), each slow expert's gate fitted open on its
+        group and shut on the others': one slow expert holding six passages swapped their towns
+        and years (5 of 17 wrong answers, 0 of 10 before the step). The anchors of consolidation
+        come along: without them one tier step moved everyday text by +25% perplexity (measured,
+        lab knowledge 3-tier). Then the tier-2 experts are removed. Under a time budget the step
+        runs only whole: removing the tier-2 experts after a cut merge lost every taught fact
+        (make user-check, sleep 3: closed-book 2/16 → 0/24), so a step that would not fit, or was
+        cut, leaves tier 2 as it is and waits for a sleep with time for it (`deferred`)."""
         tier2 = [e.expert_id for e in self.memory.experts() if e.tier == 2]
         writing, training = run.deadlines(dreaming_next=False, tier_step=False)
         seeder = Consolidator(self.memory, self.tokenizer, SleepConfig(**{**vars(cfg), "lti": False}), run.emit,
                               run.check, seed=run.number, writing=writing, training=training)
-        asks, about = self._tier_prompts(seeder, episodes, cfg)
-        steps = distill_steps(cfg, len(asks))
+        steps = distill_steps(cfg, teacher_prompt_count(cfg, episodes))
         need = tier_step_seconds(steps, run.step_seconds)
         if run.deadline.at is not None and need is not None and need > run.deadline.left():
-            return self._defer_tier(run, [], f"its {steps} steps need ~{need:.0f} s, "
+            return self._defer_tier(run, [], f"its ~{steps} steps need ~{need:.0f} s, "
                                             f"{max(0.0, run.deadline.left()):.0f} s of the budget are left")
         owners = {self.memory.add_expert(tier=3, born=run.number, gate_bias=cfg.gate_bias_init): ids
                   for ids in episode_groups(episodes, cfg.tier_experts)}
         for eid, ids in owners.items():
             run.emit("expert", expert_id=eid, tier=3, consolidates=tier2, episodes=ids)
         seeder.student_muted = tier2   # the student must answer without the tier-2 experts
-        prompts = [chat_ids(self.tokenizer, q) for q in asks]
-        notes = {e.id: CONTEXT_SYSTEM.format(notes=e.text) for e in episodes} if cfg.tier_teacher_notes else {}
-        teacher = [chat_ids(self.tokenizer, q, notes[ep]) if ep in notes else p for q, ep, p in zip(asks, about, prompts)]
-        with self.memory.configured(muted=list(owners)):
-            answers = generate_batch(self.memory.lm, self.tokenizer, teacher, cfg.answer_tokens, batch_size=32,
-                                     deadline=writing, share_prefixes=True)
-        seeder.written = {"prompts": len(prompts), "answered": len(answers)}
-        examples = [Example(p + a, t + a, len(a), q, "", about_episode=ep is not None, episode=ep)
-                    for q, ep, p, t, a in zip(asks, about, prompts, teacher, answers) if a]
-        examples += seeder.text_anchors(list(owners))
+        examples = seeder.teacher_data(episodes, [], list(owners))   # the teacher: the slow experts muted
         gates = {eid: set(ids) for eid, ids in owners.items()} if len(owners) > 1 else None
-        result = seeder.seed(examples, list(owners), gates, phase="tier consolidation") if examples else {}
-        if len(answers) < len(prompts) or result.get("steps", 0) < result.get("planned_steps", 1):
-            return self._defer_tier(run, list(owners), f"the budget cut it ({len(answers)}/{len(prompts)} answers "
-                                                       f"written, {result.get('steps', 0)}/"
+        result = seeder.seed(examples, list(owners), gates, phase="tier consolidation")
+        written = seeder.written
+        if written["answered"] < written["prompts"] or result["steps"] < result.get("planned_steps", 1):
+            return self._defer_tier(run, list(owners), f"the budget cut it ({written['answered']}/{written['prompts']} "
+                                                       f"answers written, {result['steps']}/"
                                                        f"{result.get('planned_steps', '?')} steps)")
         self.memory.remove_experts(tier2)
         return {"experts": owners, "removed": tier2, **result}
-
-    @staticmethod
-    def _tier_prompts(seeder: Consolidator, episodes, cfg) -> tuple[list[str], list[int | None]]:
-        """The tier step's questions and the episode each is about (None: a chat anchor, on which
-        the slow experts' gates stay closed): the anchors first, then every episode's prompts
-        round-robin, taught ones first. Never the probes."""
-        anchors = seeder.chat_anchors()
-        def interleaved(eps):
-            return round_robin([[(q, e.id) for q in seed_prompts(e.text, cfg.prompts_per_episode)] for e in eps])
-        asked = interleaved([e for e in episodes if e.kind == "taught"]) + \
-            interleaved([e for e in episodes if e.kind != "taught"])
-        return anchors + [q for q, _ in asked], [None] * len(anchors) + [ep for _, ep in asked]
 
     def _defer_tier(self, run: "SleepRun", partial: list[str], why: str) -> dict:
         """The tier step does not happen this sleep: its partial experts (if any) go, tier 2 stays."""

@@ -188,27 +188,34 @@ def test_tier_two_experts_consolidate_into_one_slow_expert(tiny_engine):
 def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine, monkeypatch):
     """One slow expert holding every passage swapped their names (issue 13, user check): by
     default the tier step groups episodes as a sleep does, and fits each gate against the others'.
-    Its teacher here reads each episode's text (`tier_teacher_notes`)."""
+    Its teacher is a sleep's teacher (`teacher_data`): each episode's text in context, the
+    restatements in the episode's own words, logits kept from the writing."""
     teach_two(tiny_engine)
-    settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2, tier_teacher_notes=True)
+    settings = tiny_settings(dreaming=False, lti=False, consolidate_every=2)
     tiny_engine.sleep(settings, wait=True)
     tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays.")
-    import sleep_engine.engine as E
-    written = []   # the tier step's teacher prompts
+    from sleep_engine.consolidation import Consolidator
+    taught = {}   # new experts → the teacher's examples for them
 
-    def recording(lm, tok, prompts, *args, **kw):
-        written.append([tok.decode(p) for p in prompts])
-        return generate(lm, tok, prompts, *args, **kw)
-    generate = E.generate_batch
-    monkeypatch.setattr(E, "generate_batch", recording)
+    def recording(self, new, old, new_ids):
+        taught[tuple(new_ids)] = examples = teacher_data(self, new, old, new_ids)
+        return examples
+    teacher_data = Consolidator.teacher_data
+    monkeypatch.setattr(Consolidator, "teacher_data", recording)
     tiny_engine.sleep(settings, wait=True)
     summary = tiny_engine.events.since(0)[-1].data["summary"]
     ids = [e.id for e in tiny_engine.state.episodes.all()]
     step = summary["tier_consolidation"]
-    texts = [e.text for e in tiny_engine.state.episodes.all()]
-    about = [[t for t in texts if t in prompt] for prompt in written[-1]]
-    assert [] in about   # the chat anchors: no notes
-    assert all(len(a) <= 1 for a in about) and {a[0] for a in about if a} == set(texts)   # each its own episode
+    examples = taught[tuple(step["experts"])]
+    texts = {e.id: e.text for e in tiny_engine.state.episodes.all()}
+    decode = tiny_engine.tokenizer.decode
+    for ex in examples:   # each question about an episode reads that episode's text alone; anchors none
+        read = {i for i, t in texts.items() if t in decode(ex.teacher)}
+        assert read == ({ex.episode} if ex.episode is not None else set()), (ex.prompt, read)
+        assert ex.teacher_logits is not None   # kept from the writing: no teacher pass per step
+    assert {ex.episode for ex in examples} - {None} == set(ids)
+    # restatements: answers in the episode's own words, about every taught episode
+    assert {ex.episode for ex in examples if ex.answer_text and ex.answer_text in texts.get(ex.episode, "")} == set(ids)
     assert step["removed"] == ["e0", "e1", "e2"]
     assert step["experts"] == {"e3": [ids[0]], "e4": [ids[1]], "e5": [ids[2]]}
     assert [(e.expert_id, e.tier) for e in tiny_engine.memory.experts()] == [("e3", 3), ("e4", 3), ("e5", 3)]

@@ -1,13 +1,14 @@
-"""Does the tier step keep passages apart? One shared unbudgeted quick sleep over dev passages
-p01–p03, then, from copies of that state, p04–p06 taught and a second sleep whose tier step
-(`consolidate_every` = 2) merges the six passages' tier-2 experts into `tier_experts` = 1 slow
-expert in one arm and 4 (grouped as a sleep groups them) in the others, the last with the
-teacher reading each episode's text (`tier_teacher_notes`). Per arm: closed-book
+"""Does the tier step keep passages apart, and what does it keep? One shared unbudgeted quick
+sleep over dev passages p01–p03, then, from copies of that state, p04–p06 taught and a second
+sleep whose tier step (`consolidate_every` = 2) merges the six passages' tier-2 experts into
+`tier_experts` = 1 slow expert in arm "1" and 4 (grouped as a sleep groups them) in arm "4";
+arm "none" skips the tier step, which measures tier 2 just before a merge. Per arm: closed-book
 answers about all six passages, how often a wrong one names another passage, the everyday
 questions and generic perplexity against the un-slept model, and the tier step's own numbers.
-Dev split only (this chooses a default). `make tier-check` (~90 min, 2 threads);
-`tier_step_check.py THREADS --reuse ARM…` runs the named arms from the last run's first sleep.
-README "The tier step keeps passages apart"."""
+(Until 2026-12-05 the tier step's teacher answered seed prompts only, notes in context behind
+`tier_teacher_notes`; now it is a sleep's teacher, `teacher_data`.) Dev split only (this
+chooses a default). `make tier-check` (~75 min, 2 threads); `tier_step_check.py THREADS --reuse
+ARM…` runs the named arms from the last run's first sleep. README "The tier step keeps passages apart"."""
 import dataclasses
 import json
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PER_SLEEP = 3
 ARMS = {"1": {"tier_experts": 1}, "4": {"tier_experts": 4},
-        "4+notes": {"tier_experts": 4, "tier_teacher_notes": True}}
+        "none": {"consolidate_every": 1000}}   # no tier step: tier 2's recall just before a merge
 
 
 def slept(engine, settings) -> dict:
@@ -57,7 +58,8 @@ def main(threads: int, reuse: bool, arms: list[str]) -> None:
            "passages": [p.id for p in passages], "arms": {}}
     if reuse:   # the un-slept model's answers from a fresh engine on the same files
         import launch
-        cfg = LabConfig(threads=threads, state_dir=root.with_name(root.name + "-fresh")).validate()
+        # per arm list: two processes with different arms may run side by side (1 thread each)
+        cfg = LabConfig(threads=threads, state_dir=root.with_name(f"{root.name}-fresh-{'+'.join(arms)}")).validate()
         cfg.wake.fast_update_every = 0
         launch.quiet_libraries(cfg)
         shutil.rmtree(cfg.state_dir, ignore_errors=True)
@@ -86,7 +88,7 @@ def main(threads: int, reuse: bool, arms: list[str]) -> None:
         for p in passages[PER_SLEEP:]:
             engine.wake.teach(p.text, source=p.id)
         t0 = time.perf_counter()
-        summary = slept(engine, SleepConfig.from_preset("quick", budget_s=0, consolidate_every=2, **ARMS[name]))
+        summary = slept(engine, SleepConfig.from_preset("quick", **{"budget_s": 0, "consolidate_every": 2, **ARMS[name]}))
         step = summary.get("tier_consolidation") or {}
         arm = {"settings": ARMS[name], "seconds": round(time.perf_counter() - t0, 1),
                "reset_s": summary["phases"].get("reset"),
@@ -97,7 +99,7 @@ def main(threads: int, reuse: bool, arms: list[str]) -> None:
         out["arms"][name] = arm
         print(name, json.dumps({k: v for k, v in arm.items() if k != "gate_selectivity"}), flush=True)
         engine.close()
-    path = Path("reports/tier_step_check.json")
+    path = Path(f"reports/tier_step_check{'_' + '+'.join(arms) if reuse else ''}.json")
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str))
     print(f"results: {path}")
