@@ -225,6 +225,24 @@ def test_a_tier_step_gives_each_taught_episode_its_own_slow_expert(tiny_engine, 
     assert tiny_engine.expert_episodes() == step["experts"]   # read back from the manifest
 
 
+def test_teacher_prompt_count_is_what_the_teacher_is_asked(tiny_engine):
+    """A budget plans the tier step from `teacher_prompt_count` before anything is written: it must
+    count what `teacher_prompts` asks (taught and chat episodes new, older ones replayed)."""
+    from sleep_engine.consolidation import Consolidator, teacher_prompt_count
+    from sleep_engine.probes import sentences
+    teach_two(tiny_engine)
+    tiny_engine.state.episodes.append("turn", "User: Where is Orrin Valley?\nAssistant: Orrin Valley is in Duvrance.")
+    tiny_engine.wake.teach("The Orrin Valley choir sings on Tuesdays. Its conductor is Ilse Marrow.")
+    cfg = tiny_settings(study_questions=2, restatements=2, prompts_per_episode=4, replay_per_episode=2)
+    episodes = tiny_engine.state.episodes.all()
+    assert {e.kind for e in episodes[1:]} == {"taught", "turn"}
+    seeder = Consolidator(tiny_engine.memory, tiny_engine.tokenizer, cfg, lambda *a, **k: None, lambda: None)
+    studied = {e.id: [f"q{i}" for i in range(cfg.study_questions * len(sentences(e.text)))]
+               for e in episodes if e.kind == "taught"}   # every study question kept: the upper bound
+    for old, new in ((episodes[:1], episodes[1:]), ([], episodes)):
+        assert teacher_prompt_count(cfg, new, old) == len(seeder.teacher_prompts(new, old, studied)) > 0
+
+
 def test_a_tier_step_that_does_not_fit_the_budget_keeps_tier_two(tiny_engine, monkeypatch):
     """Removing the tier-2 experts after a cut merge lost every taught fact (make user-check):
     a tier step that would not fit is not started, one the budget cut is undone; tier 2 stays."""
