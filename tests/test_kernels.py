@@ -1,6 +1,8 @@
 """The lab's compiled CPU kernels (sleep_engine/quant_matvec.cpp) against the torch arithmetic
 they replace, and the Wake decoder's one-token path against its torch path."""
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,52 @@ def test_the_kernels_build_on_a_machine_with_a_compiler_and_avx2():
     import shutil
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and shutil.which("c++"):
         assert K is not None   # otherwise Wake silently runs ~2x slower
+
+
+@needs_kernels
+def test_a_later_start_imports_the_build_without_waiting_on_a_build_lock(tmp_path):
+    """A start with the kernels built imports them directly: a `lock` a killed build left (torch's
+    FileBaton) made every later start wait for ever, silently."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    built = kernels._build_dir()
+    cache = tmp_path / "cache"
+    target = cache / "sleep-lab" / built.name
+    shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock", "build.flock"))
+    (target / "lock").touch()
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", "from sleep_engine import kernels, config; "
+                          "print(kernels.load() is not None, kernels._build_dir())"],
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache)}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(target)]
+    assert time.monotonic() - start < 60 and (target / "lock").exists()   # imported, lock untouched
+
+
+def test_a_build_removes_the_lock_a_killed_build_left_and_records_what_it_built(tmp_path, monkeypatch):
+    """The build runs under an OS lock its holder's death releases, so a torch `lock` found under
+    it is a dead build's: removed, not waited on. The built file is recorded for later starts."""
+    import types
+    import torch.utils.cpp_extension as cpp
+    target = tmp_path / "kernels"
+    target.mkdir()
+    (target / "lock").touch()
+    calls = []
+
+    def fake_build(name, sources, build_directory, **kw):
+        assert not (Path(build_directory) / "lock").exists()   # torch's baton would wait on it
+        calls.append(Path(sources[0]))
+        return types.SimpleNamespace(__file__=str(Path(build_directory) / f"{name}_v1.so"))
+
+    monkeypatch.setattr(cpp, "load", fake_build)
+    module = kernels._build(target)
+    assert calls == [target / kernels.SOURCE.name]   # built from a copy, not from this checkout
+    assert calls[0].read_bytes() == kernels.SOURCE.read_bytes()
+    assert (target / "built").read_text().strip() == f"{kernels.NAME}_v1.so" == Path(module.__file__).name
+    assert kernels._import_built(target) is None   # the recorded file is not there: not imported
 
 
 @needs_kernels
