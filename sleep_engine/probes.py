@@ -222,12 +222,13 @@ def passage_names(text: str) -> set[str]:
     return {w.lower() for w in _REPLY_NAME.findall(text)} - _OPENERS
 
 
-def interference(answers: list[dict], passages: dict[str, str]) -> dict:
+def interference(answers: list[dict], passages: dict[str, str], common: frozenset[str] = frozenset()) -> dict:
     """How often a wrong answer is a name from another taught passage. `answers`: {"passage",
     "q", "reply", "correct"} per question; `passages`: id → text of every passage taught. A wrong
     reply interferes when it contains a name or number of another passage that is neither in
-    its own passage nor in its question."""
-    names = {pid: passage_names(text) for pid, text in passages.items()}
+    its own passage nor in its question, nor in `common` (words that name no single passage,
+    e.g. "Mount" or "River" where several passages of the collection have them)."""
+    names = {pid: passage_names(text) - common for pid, text in passages.items()}
     wrong, hits = 0, []
     for a in answers:
         if a["correct"] or a["passage"] not in names:

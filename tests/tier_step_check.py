@@ -31,11 +31,10 @@ def slept(engine, settings) -> dict:
 
 
 def measure(engine, passages, questions, generic, fresh) -> dict:
-    from sleep_engine.lab.scoring import evaluate, items_of, wilson
+    from sleep_engine.lab.scoring import borrowing, evaluate, items_of, wilson
     from sleep_engine.lab.wake_memory import general_check
-    from sleep_engine.probes import interference
     recall = evaluate(engine.memory.lm, engine.tokenizer, items_of(passages), semantic=False)
-    mixed = interference(recall["answers"], {p.id: p.text for p in passages})
+    mixed = borrowing(recall["answers"], passages)
     everyday = general_check(engine, questions, generic, fast_weights=False)
     kept = [ok for ok, was in zip(everyday["per_question"], fresh["per_question"]) if was]
     return {"closed_book": recall["correct"], "n": recall["n"], "ci95": wilson(recall["correct"], recall["n"]),

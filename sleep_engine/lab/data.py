@@ -5,6 +5,8 @@ and gold answers are the test, used only by the evaluator.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -70,6 +72,17 @@ def generic_text(path: Path = ASSETS / "generic_text.txt") -> str:
         return path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
+
+
+@functools.cache
+def common_names() -> frozenset[str]:
+    """Capitalised words and numbers that name no single passage: those two or more passages of the
+    collection share ("River", "Lake", "Mount"), and those of the generic text and the everyday
+    questions. A wrong answer saying one of them borrows nothing from another passage."""
+    from ..probes import passage_names   # not at import: probes imports transformers
+    counts = collections.Counter(n for p in load_passages() for n in passage_names(p.text))
+    everyday = " ".join(f"{q} {a}" for q, a in general_questions())
+    return frozenset({n for n, k in counts.items() if k > 1} | passage_names(generic_text() + " " + everyday))
 
 
 def fingerprint(passages: list[Passage]) -> str:

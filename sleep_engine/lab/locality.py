@@ -12,8 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..probes import gate_selectivity, interference, question_gates
+from ..probes import gate_selectivity, question_gates
 from .data import Passage, general_questions, load_passages
+from .scoring import borrowing
 
 
 def selectivity(memory, tokenizer, passages: list[Passage], sleeps: list[dict], everyday: list[str]) -> dict:
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
     by_id = {p.id: p for p in load_passages("dev") + load_passages("test")}
     taught = [pid for s in result["learn"]["sleeps"] for pid in s["passages"]]
     passages = [by_id[pid] for pid in taught]
-    out = {"split": split, "interference": interference(result["answers"], {p.id: p.text for p in passages})}
+    out = {"split": split, "interference": borrowing(result["answers"], passages)}
     if len(argv) > 1:
         import torch
 

@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 
 from ..config import LabConfig
-from ..probes import interference
 from ..store import atomic_write_json
 from . import data as lab_data
 from .locality import selectivity
 from .methods import Baselines, Learner, SleepMethod, make_learner
-from .scoring import drift, evaluate, general_ability, items_of, matrix_metrics
+from .scoring import borrowing, drift, evaluate, general_ability, items_of, matrix_metrics
 from .settings import ExperimentConfig, settings_hash
 
 
@@ -215,7 +214,7 @@ class Runner:
             inputs = []
             info = self.learn(learner, passages, inputs)
             res = self._eval(learner, passages)
-            res["interference"] = interference(res["answers"], {p.id: p.text for p in passages})
+            res["interference"] = borrowing(res["answers"], passages)
             if getattr(learner, "engine", None) is not None:   # Sleep: how local each expert's gate is
                 res["gate_selectivity"] = selectivity(learner.engine.memory, learner.tokenizer, passages,
                                                       info["sleeps"], [q for q, _ in self.questions])

@@ -20,12 +20,13 @@ from ..probes import (
     average_accuracy,
     backward_transfer,
     forgetting,
+    interference,
     is_correct,
     perplexity,
     sentences,
 )
 from ..sampling import chat_ids, generate_batch
-from .data import Passage
+from .data import Passage, common_names
 
 IN_CONTEXT_PROMPT = "{passage}\n\n" + ANSWER_PROMPT
 
@@ -117,6 +118,11 @@ def matrix_metrics(R: list[list[float]], initial: list[float] | None = None) -> 
     if initial is not None and len(R) > 1:
         out["fwt"] = sum(R[j - 1][j] - initial[j] for j in range(1, len(R))) / (len(R) - 1)
     return out
+
+
+def borrowing(answers: list[dict], passages: list[Passage]) -> dict:
+    """`probes.interference` of these answers, names this collection's passages share left out."""
+    return interference(answers, {p.id: p.text for p in passages}, common_names())
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

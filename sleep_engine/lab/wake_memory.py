@@ -152,9 +152,8 @@ def _learning(summary: dict) -> dict:
 
 def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions, generic: str, fresh: dict,
                       log) -> dict:
-    from ..probes import interference
     from .methods import follow_sleep
-    from .scoring import evaluate, items_of
+    from .scoring import borrowing, evaluate, items_of
     rounds, taught, k = [], [], exp.passages_per_sleep
     for i in range(exp.sleeps):
         group = passages[i * k:(i + 1) * k]
@@ -169,7 +168,7 @@ def sleeps_after_chat(engine, exp: WakeExperiment, settings, passages, questions
         seconds = round(time.perf_counter() - t0, 1)
         engine.wake.clear()
         recall = evaluate(engine.memory.lm, engine.tokenizer, items_of(taught), semantic=False)
-        mixed = interference(recall["answers"], {p.id: p.text for p in taught})
+        mixed = borrowing(recall["answers"], taught)
         g = general_check(engine, questions, generic, fast_weights=True)
         rounds.append({"sleep": i + 1, "passages": [p.id for p in group], "episodes": pending, "seconds": seconds,
                        "error": error, "closed_book": {"correct": recall["correct"], "n": recall["n"],
