@@ -19,9 +19,10 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/python launch.py $(ARGS)
 
-# two pytest workers, one torch thread each (tests/conftest.py): 6.0 min instead of ~13.6 on 2 cores
+# two pytest workers, one torch thread each (tests/conftest.py), the longest modules first and an idle
+# worker taking the other's queued tests (worksteal)
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --durations=10 tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=10 tests
 
 # kill-stress of the state dir (docs/reliability.md): TRIALS killed runs of sleep/teach/chat on a tiny model
 TRIALS ?= 100

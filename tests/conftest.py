@@ -24,6 +24,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# the longest tests' modules (real model, subprocesses, a browser): run first, so that no worker is
+# left alone with one of them at the end (make test: two workers that steal each other's queued tests)
+LONG_FIRST = ("test_integration.py", "test_browser.py", "test_crash.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))   # stable: module order kept
+
+
 def tiny_llama(vocab_size: int = 256, layers: int = 2, seed: int = 0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)

@@ -42,7 +42,7 @@ def test_quick_sleep_on_two_passages_raises_answer_likelihood_without_damage(tmp
     rows = [json.loads(line) for line in (ROOT / "sleep_engine" / "assets" / "passages.jsonl").read_text().splitlines()[:2]]
     teach = tmp_path / "two.jsonl"
     teach.write_text("".join(json.dumps({"text": r["text"], "qa": r["qa"]}) + "\n" for r in rows))
-    small = ["budget_s=0", "distill_steps=8", "prompts_per_episode=5", "study_questions=0", "anchor_prompts=4",
+    small = ["budget_s=0", "distill_steps=4", "prompts_per_episode=5", "study_questions=0", "anchor_prompts=4",
              "anchor_texts=4", "gate_negatives=8", "gate_distractors=8", "dreams=2"]
     out = lab("sleep", "--teach", str(teach), "--preset", "quick", "--fast-every", "0", "--json",
               "--state-dir", str(tmp_path / "s"), *[a for kv in small for a in ("--set", kv)], timeout=900)
