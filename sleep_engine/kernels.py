@@ -1,8 +1,8 @@
 """The lab's own CPU kernels for quantized x·Wᵀ at small batch (sleep_engine/quant_matvec.cpp).
 
 Built once per machine (and per source and torch version) with the system C++ compiler (~35 s
-on 2 cores) into the lab's cache directory, and imported from there afterwards (~20 ms). Where there is no compiler, no AVX2, or
-SLEEP_LAB_KERNELS=0, `load()` returns None and QuantLinear uses torch's packed kernels instead.
+on 2 cores) into the lab's cache directory, and imported from there afterwards (~20 ms). Where
+there is no compiler, no AVX2, or SLEEP_LAB_KERNELS=0, `load()` returns None and QuantLinear uses torch's packed kernels instead.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ STALE_AFTER_S = 600   # torch's build lock older than this is a killed build's (
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {}
+
 
 def _build_dir() -> Path:
     from .config import default_cache_dir

@@ -29,7 +29,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 LONG_FIRST = ("test_integration.py", "test_browser.py", "test_crash.py")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))   # stable: module order kept
 

@@ -46,20 +46,19 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Tab")   # commit the value (gr.Number updates on blur)
 
 
-def choose_file(page, elem_id: str, path: Path, tries: int = 3) -> int:
-    """Pick a file in a gr.File and wait until the page shows it; how many picks that took.
+def choose_file(page, elem_id: str, path: Path, tries: int = 3) -> None:
+    """Pick a file in a gr.File and wait until the page shows it.
     Gradio's upload now and then never finishes while other events stream (gradio-app/gradio#5517;
     it failed one CI run on 2026-12-05, not reproduced since): a user picks the file again, as this does."""
     for attempt in range(1, tries + 1):
         page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
         try:
             wait_text(page, elem_id, path.name, timeout=30_000)
-            return attempt
+            return
         except PlaywrightTimeout:
             if attempt == tries:
                 raise
             page.locator(f"#{elem_id} input[type=file]").set_input_files([])
-    return tries
 
 
 def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long_steps: int = 500,
@@ -100,7 +99,7 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     blob, big = shots / "blob.txt", shots / "big.txt"
     blob.write_bytes(b"\x00\x01 not text")
     big.write_text("x" * 1_100_000)
-    seen["upload_tries"] = choose_file(page, "teach-file", blob)
+    choose_file(page, "teach-file", blob)
     page.locator("#teach").click()
     wait_text(page, "teach-notice", "binary")
     seen["binary_notice"] = text_of(page, "teach-notice")

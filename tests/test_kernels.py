@@ -39,7 +39,7 @@ def test_a_later_start_imports_the_build_without_waiting_on_a_build_lock(tmp_pat
     shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock", "build.flock"))
     (target / "lock").touch()
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", "from sleep_engine import kernels, config; "
+    out = subprocess.run([sys.executable, "-c", "from sleep_engine import kernels; "
                           "print(kernels.load() is not None, kernels._build_dir())"],
                          env={**os.environ, "XDG_CACHE_HOME": str(cache)}, capture_output=True, text=True,
                          timeout=120)

@@ -146,6 +146,8 @@ def test_interference_counts_wrong_answers_naming_another_passage():
 def test_a_word_several_passages_share_is_not_borrowed_from_one_of_them():
     """"Mount" in a wrong answer named the one taught passage with a mountain (2026-12-05); it
     names no single passage of the collection, so it is not counted; a distinctive name still is."""
+    from collections import Counter
+
     from sleep_engine.lab.data import common_names, load_passages
     passages = {"p1": "Velmora Ridge was mapped in 1847 by the cartographer Idris Kallowen.",
                 "p2": "Mount Tessaly above the Orrin River was first climbed by Mara Quillon."}
@@ -155,10 +157,10 @@ def test_a_word_several_passages_share_is_not_borrowed_from_one_of_them():
     r = interference(wrong, passages, common=frozenset({"mount", "river"}))
     assert r["from_other_passage"] == 1 and r["examples"][0]["from"] == {"p2": ["mara", "quillon"]}
     common = common_names()
-    shared = [n for n in ("river", "lake", "mount") if sum(n in passage_names(p.text) for p in load_passages()) > 1]
+    passages_with = Counter(n for p in load_passages() for n in passage_names(p.text))
+    shared = [n for n in ("river", "lake", "mount") if passages_with[n] > 1]
     assert shared and set(shared) <= common
-    one_only = {n for p in load_passages() for n in passage_names(p.text)
-                if sum(n in passage_names(q.text) for q in load_passages()) == 1}
+    one_only = {n for n, k in passages_with.items() if k == 1}
     assert len(one_only & common) < 0.1 * len(one_only)   # the names that teach something stay names
 
 
