@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check budget-check writing-check tier-check clean
+.PHONY: setup run test bench stress long-chat user-check export-check repetition-check asleep-check stop-check budget-check writing-check tier-check layers-check clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ tier-check: setup
 # the teacher's writing with each episode read once against transformers' generate: time and tokens (README); ~5 min
 writing-check: setup
 	$(BIN)/python tests/teacher_writing_check.py 2 3
+
+# which layers a sleep trains: the top half, two thirds, all (4 dev passages, one quick sleep, no budget; README); ~20 min
+layers-check: setup
+	$(BIN)/python tests/trained_layers_check.py 2
 
 # how long Stop takes: a quick sleep stopped after 2–55 s (probes, teacher answers, steps); ~4 min
 stop-check: setup

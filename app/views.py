@@ -358,9 +358,12 @@ def probes_read_text(manifest: dict) -> str:
 
 
 def steps_text(consolidation: dict) -> str:
-    """"12 steps", or "3 of 18 planned steps" when the time budget cut them."""
+    """"12 steps", or "3 of 18 planned steps" when the time budget cut them; ", layers 15 up" when
+    the experts trained in the top layers only (`SleepConfig.trained_layers`)."""
     steps, planned = consolidation.get("steps", "–"), consolidation.get("planned_steps")
-    return f"{steps} of {planned} planned steps" if planned and steps != planned else f"{steps} steps"
+    text = f"{steps} of {planned} planned steps" if planned and steps != planned else f"{steps} steps"
+    start = consolidation.get("trained_from_layer")
+    return text + (f", layers {start} up" if start else "")
 
 
 def everyday_text(manifest: dict) -> str:

@@ -19,7 +19,7 @@ from . import ASSETS
 from .budget import NEVER, Deadline, steps_that_fit
 from .config import SleepConfig
 from .losses import gate_closing_loss, generalized_jsd_loss, group_policy_gradient_loss
-from .memory import MemoryModel
+from .memory import MemoryModel, decoder_slice
 from .probes import ANSWER_PROMPT, normalize, sentences, shared_prefix_pass
 from .rewards import imitation_rewards
 from .chat_format import encode_text
@@ -298,17 +298,64 @@ class Example:
     episode: int | None = None                   # the episode it is about, where known (its expert's gate opens)
 
 
-def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
-    """Logits predicting the last n tokens of each sequence, stacked: (Σ n, vocab). The output head
-    runs only on those positions."""
-    dev = next(lm.parameters()).device
+def _padded(seqs: list[list[int]], pad: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), right-padded to the longest sequence."""
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=dev)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=dev)
-    hidden = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return ids, mask
+
+
+def _answer_logits(lm, hidden: torch.Tensor, seqs: list[list[int]], n_answers: list[int]) -> torch.Tensor:
+    """The output head on the positions that predict the last n tokens of each row: (Σ n, vocab)."""
+    dev = hidden.device
     rows = torch.cat([torch.full((n,), r, device=dev) for r, n in enumerate(n_answers)])
     cols = torch.cat([torch.arange(len(s) - n - 1, len(s) - 1, device=dev) for s, n in zip(seqs, n_answers)])
     return lm.lm_head(hidden[rows, cols])
+
+
+def _forward_answer_logits(lm, seqs: list[list[int]], n_answers: list[int], pad: int) -> torch.Tensor:
+    """Logits predicting the last n tokens of each sequence, stacked: (Σ n, vocab). The output head
+    runs only on those positions."""
+    ids, mask = _padded(seqs, pad, next(lm.parameters()).device)
+    return _answer_logits(lm, lm.model(input_ids=ids, attention_mask=mask).last_hidden_state, seqs, n_answers)
+
+
+class FrozenBelow:
+    """`_forward_answer_logits` for a sleep whose trained experts start at decoder layer `start`
+    (`SleepConfig.trained_layers`): nothing below it changes while they train, so the hidden
+    states after layer start − 1 are read once per sequence and kept, and every step runs the
+    layers from `start` up, forward and backward. start = 0: every step runs the whole model."""
+
+    def __init__(self, lm, start: int, pad: int):
+        self.lm, self.start, self.pad = lm, start, pad
+        self.kept: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def logits(self, seqs: list[list[int]], n_answers: list[int]) -> torch.Tensor:
+        if not self.start:
+            return _forward_answer_logits(self.lm, seqs, n_answers, self.pad)
+        self.read(seqs)
+        dev = next(self.lm.parameters()).device
+        _, mask = _padded(seqs, self.pad, dev)
+        h = torch.zeros(len(seqs), mask.shape[1], self.lm.config.hidden_size, device=dev)
+        for r, s in enumerate(seqs):
+            h[r, :len(s)] = self.kept[tuple(s)]
+        with decoder_slice(self.lm.model, self.start):
+            hidden = self.lm.model(inputs_embeds=h, attention_mask=mask).last_hidden_state
+        return _answer_logits(self.lm, hidden, seqs, n_answers)
+
+    @torch.no_grad()
+    def read(self, seqs: list[list[int]], batch: int = 16) -> None:
+        """Keep the states after layer start − 1 of the sequences not read yet."""
+        new = list(dict.fromkeys(tuple(s) for s in seqs if tuple(s) not in self.kept))
+        dev = next(self.lm.parameters()).device
+        for i in range(0, len(new), batch):
+            chunk = [list(s) for s in new[i:i + batch]]
+            ids, mask = _padded(chunk, self.pad, dev)
+            with decoder_slice(self.lm.model, 0, self.start, final_norm=False):
+                h = self.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            for r, s in enumerate(new[i:i + batch]):
+                self.kept[s] = h[r, :len(s)].clone()
 
 
 @torch.no_grad()
@@ -345,6 +392,8 @@ class Consolidator:
         self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
         self.studied: dict = {}              # what self-study asked and kept (`study_questions`), for the summary
         self.older_texts: list[str] = []     # the older taught episodes (`teacher_data`): the new gates stay shut on them
+        self.trained_from = 0                # the lowest layer whose new experts train (`SleepConfig.trained_layers`)
+        self.frozen: FrozenBelow | None = None   # the student's states below it, while `seed` runs
         a, b = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "b")
         # tokens every chat prompt shares (template + system prompt): never a positive for the gate
         self.chat_prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -603,7 +652,7 @@ class Consolidator:
         as the negatives do (there only the question's own tokens from its first name on are
         labelled)."""
         dev = next(self.lm.parameters()).device
-        layers = list(self._expert_layers(new_ids[0]))
+        layers = list(self._trained_layers(new_ids[0]))
         xs_all, kinds, owners = [], [], []
 
         def capture(seqs, labels, episodes):
@@ -658,7 +707,7 @@ class Consolidator:
         if self.cfg.gate_fit_steps == 0 or not owners:
             return {}
         layers, x, kind, episode = self.gate_states(examples, list(owners), negatives, text)
-        expert_ids = [e for e in owners if all(l in self._expert_layers(e) for l in layers)]
+        expert_ids = [e for e in owners if all(l in self._trained_layers(e) for l in layers)]
         if not expert_ids:
             return {}
         rows, weights, targets, counts = self.gate_fit_weights(kind, episode, [owners[e] for e in expert_ids], cap)
@@ -666,7 +715,7 @@ class Consolidator:
         if not fitted:
             return {}
         keep = [i for i, c in enumerate(counts) if c]
-        modules = [[self._expert_layers(e)[l] for l in layers] for e in fitted]
+        modules = [[self._trained_layers(e)[l] for l in layers] for e in fitted]
         first, last = self._fit_gates(modules, x[:, rows], weights[keep], targets[keep])
         fits = {e: {"gate_fit_first_loss": f, "gate_fit_loss": l, "gate_fit_tokens": counts[i]}
                 for e, i, f, l in zip(fitted, keep, first, last)}
@@ -733,6 +782,10 @@ class Consolidator:
         """layer → that layer's module of the expert."""
         return {layer: m for layer, mlp in self.memory.mlps.items() for m in mlp.experts if m.expert_id == expert_id}
 
+    def _trained_layers(self, expert_id: str) -> dict:
+        """`_expert_layers` from the lowest layer this sleep trains up (`trained_from`)."""
+        return {layer: m for layer, m in self._expert_layers(expert_id).items() if layer >= self.trained_from}
+
     def _fit_gates(self, modules: list[list], x: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor):
         """All experts' gates in every layer at once: z = x·w_e + b_e for x (layers, tokens, d),
         loss_e = mean over layers of Σ_n weights[e, n]·BCE(z, targets[e, n]) + a little L2. The
@@ -781,7 +834,7 @@ class Consolidator:
         should call the expert). x is detached: the loss trains the gate only, as a classifier."""
         losses = []
         for expert_id, owned in owners.items():
-            modules = self._expert_layers(expert_id)
+            modules = self._trained_layers(expert_id)
             for layer, got in xs.items():
                 if not got or layer not in modules:
                     continue
@@ -884,8 +937,9 @@ class Consolidator:
             with torch.no_grad(), self.memory.configured(muted=new_ids, fast_weights=self.teacher_fast):
                 t_logits = _scored_answer_logits(self.lm, [e.teacher for e in batch], [e.n_answer for e in batch],
                                                  self.pad)
+        student = self.frozen or FrozenBelow(self.lm, 0, self.pad)
         with self.memory.configured(muted=self.student_muted, fast_weights=False):
-            s_logits = _forward_answer_logits(self.lm, [e.student for e in batch], [e.n_answer for e in batch], self.pad)
+            s_logits = student.logits([e.student for e in batch], [e.n_answer for e in batch])
         return generalized_jsd_loss(s_logits, t_logits, beta=self.cfg.beta)
 
     def on_policy(self, batch: list[Example], new_ids: list[str]) -> list[Example]:
@@ -996,7 +1050,8 @@ class Consolidator:
             return {"steps": 0, "examples": 0, "final_divergence": None, "first_divergence": None,
                     "mean_reward": None}
         owners = owners or {eid: None for eid in new_ids}
-        params = self.memory.train_only(new_ids)
+        self.trained_from = self.memory.first_trained_layer(cfg.trained_layers)
+        params = self.memory.train_only(new_ids, from_layer=self.trained_from)
         fitted, negatives, gate_s = self.prepare_gates(examples, new_ids, owners)
         gate_on = cfg.gate_loss > 0 and not (fitted and cfg.gate_frozen)
         opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -1012,6 +1067,7 @@ class Consolidator:
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
         gate_losses: list[float] = []
+        self.frozen = FrozenBelow(self.lm, self.trained_from, self.pad)
         try:
             for step in range(planned):
                 self.check()
@@ -1044,7 +1100,9 @@ class Consolidator:
                     break
         finally:
             self.memory.freeze_all()
+            self.frozen = None
         return {"steps": len(divergences), "planned_steps": planned, "examples": len(examples), **self.written,
+                "trained_from_layer": self.trained_from,
                 "gate_s": gate_s, "training_s": round(sum(seconds), 1), "final_divergence": divergences[-1] if divergences else None,
                 "first_divergence": divergences[0] if divergences else None,
                 "mean_reward": sum(rewards) / len(rewards) if rewards else None,

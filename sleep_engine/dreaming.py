@@ -102,7 +102,8 @@ class Dreamer:
         # each dream sees the one episode its subject comes from (a small model mixes several up)
         topics = [(s, e.text) for e in episodes for s in subjects(e.text) or ["what you read"]]
         stats = {"generated": 0, "kept": 0, "rewarded": 0, "rounds": cfg.rest_rounds}
-        params = self.memory.train_only(new_ids)
+        # the layers consolidation trained: below them the new experts stay zero and shut
+        params = self.memory.train_only(new_ids, from_layer=self.memory.first_trained_layer(cfg.trained_layers))
         try:
             for rnd in range(max(cfg.rest_rounds, 1)):
                 self.check()

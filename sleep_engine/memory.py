@@ -201,6 +201,22 @@ class RoutingTrace:
         return [[(step.get(l) or [0.0] * E) for l in self.layers] for step in self.steps]
 
 
+@contextmanager
+def decoder_slice(model: nn.Module, start: int, stop: int | None = None, final_norm: bool = True):
+    """`model` (a transformers decoder body with `.layers` and `.norm`, e.g. LlamaModel) runs only
+    `layers[start:stop]` inside the block, then its final norm unless `final_norm` is False: fed
+    the hidden states after layer start − 1 as `inputs_embeds`, it continues the full forward
+    (positions and mask come from the call as they would). Not thread-safe: the sleep's model only."""
+    layers, norm = model.layers, model.norm
+    model.layers = nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        model.norm = nn.Identity()
+    try:
+        yield model
+    finally:
+        model.layers, model.norm = layers, norm
+
+
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
         obj = lm
@@ -315,18 +331,25 @@ class MemoryModel:
     def freeze_all(self) -> None:
         self.lm.requires_grad_(False)
 
-    def train_only(self, expert_ids=(), fast_weights: bool = False) -> list[nn.Parameter]:
-        """Freeze everything, then unfreeze the named experts (with their gates) and/or the fast
-        weights. Returns the parameters that now train, for the optimizer."""
+    def first_trained_layer(self, share: float) -> int:
+        """The lowest of the top `share` of the memory layers (at least one): where a sleep's new
+        experts start training (`train_only(from_layer=…)`)."""
+        ids = sorted(self.mlps)
+        return ids[len(ids) - max(1, round(share * len(ids)))]
+
+    def train_only(self, expert_ids=(), fast_weights: bool = False, from_layer: int = 0) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze the named experts (with their gates) in the layers from
+        `from_layer` up and/or the fast weights. Returns the parameters that now train, for the optimizer."""
         self.freeze_all()
         params: list[nn.Parameter] = []
         for eid in expert_ids:
             modules = self.expert_modules(eid)
             if not modules:
                 raise KeyError(f"no expert {eid!r}")
-            for m in modules:
-                m.requires_grad_(True)
-                params.extend(m.parameters())
+            for layer, mlp in self.mlps.items():
+                for m in (m for m in mlp.experts if m.expert_id == eid and layer >= from_layer):
+                    m.requires_grad_(True)
+                    params.extend(m.parameters())
         if fast_weights:
             for mlp in self.mlps.values():
                 mlp.fast_B.requires_grad_(True)

@@ -532,6 +532,7 @@ def test_a_sleep_cut_to_under_half_its_steps_says_so_and_the_summary_shows_the_p
     assert budget_cut_note(cut, 0.0) is None                       # no budget (the lab): nothing cut
     assert budget_cut_note({"steps": 0}, 180.0) is None            # nothing was planned (no data)
     assert steps_text(cut) == "1 of 18 planned steps" and steps_text({"steps": 9, "planned_steps": 9}) == "9 steps"
+    assert steps_text({"steps": 9, "planned_steps": 9, "trained_from_layer": 15}) == "9 steps, layers 15 up"
 
 
 def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_keeps_every_episode(tiny_engine):
@@ -722,3 +723,47 @@ def test_a_long_chat_is_probed_by_sample_and_r_carries_the_last_reading(tiny_eng
     assert R["episodes"][:3] == [int(k) for k in first["probe_after"]]   # an episode enters when first read
     unread = [j for j, e in enumerate(R["episodes"]) if str(e) not in second["probe_after"]]
     assert all(R["R"][1][j] == R["R"][0][j] for j in unread)              # carried, not counted as forgotten
+
+
+def test_a_step_from_the_top_layers_reads_the_rest_once_and_matches_a_full_pass(tokenizer):
+    from conftest import tiny_llama
+    from sleep_engine.config import MemoryConfig
+    from sleep_engine.consolidation import FrozenBelow, _forward_answer_logits
+    from sleep_engine.memory import MemoryModel
+    lm = tiny_llama(vocab_size=len(tokenizer), layers=4, initializer_range=0.3)
+    memory = MemoryModel(lm, MemoryConfig())
+    eid = memory.add_expert(tier=2, born=1)
+    torch.manual_seed(1)
+    with torch.no_grad():   # open and non-zero in every layer: each would move the answers
+        for m in memory.expert_modules(eid):
+            m.B.normal_(0, 0.3)
+            m.gate_bias.fill_(2.0)
+    assert [memory.first_trained_layer(s) for s in (1.0, 0.5, 0.01)] == [0, 2, 3]
+    params = memory.train_only([eid], from_layer=2)
+    assert len(params) == 2 * 4   # A, B, gate, bias in layers 2 and 3
+    seqs = [chat_ids(tokenizer, q) + [400 + k] * (k + 1) for k, q in enumerate(["Who?", "Where is it now?", "When?"])]
+    n = [1, 2, 3]
+    full = _forward_answer_logits(lm, seqs, n, 0)
+    want = torch.autograd.grad(full.pow(2).sum(), params)
+    frozen = FrozenBelow(lm, 2, 0)
+    got = frozen.logits(seqs, n)
+    assert len(frozen.kept) == 3 and len(lm.model.layers) == 4   # the model is whole again
+    assert torch.allclose(got, full, atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad(got.pow(2).sum(), params)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(grads, want))
+    with torch.no_grad():   # the lower layers are read once: changing them now changes nothing
+        for m in memory.expert_modules(eid)[:2]:
+            m.B.zero_()
+    assert torch.allclose(frozen.logits(seqs[:2], n[:2]), full[:3], atol=1e-4, rtol=1e-4)
+    assert len(frozen.kept) == 3
+
+
+def test_a_sleep_learns_in_the_top_layers_only(tiny_engine):
+    teach_two(tiny_engine)
+    tiny_engine.sleep(tiny_settings(trained_layers=0.5), wait=True)
+    assert tiny_engine.events.since(0)[-1].kind == "done"
+    summary = tiny_engine.events.since(0)[-1].data["summary"]
+    assert summary["consolidation"]["trained_from_layer"] == 1
+    info = next(e for e in tiny_engine.memory.experts() if e.born == 1)
+    assert info.layers == [0, 1]
+    assert info.layer_norms[0] == 0.0 < info.layer_norms[1]   # consolidation and dreaming left layer 0 alone
