@@ -392,7 +392,7 @@ class Consolidator:
         self.student_muted: list[str] = []   # tier consolidation: the student loses the experts it replaces
         self.studied: dict = {}              # what self-study asked and kept (`study_questions`), for the summary
         self.older_texts: list[str] = []     # the older taught episodes (`teacher_data`): the new gates stay shut on them
-        self.trained_from = 0                # the lowest layer whose new experts train (`SleepConfig.trained_layers`)
+        self.trained_from = memory.first_trained_layer(cfg.trained_layers)   # below it the new experts stay zero
         self.frozen: FrozenBelow | None = None   # the student's states below it, while `seed` runs
         a, b = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "b")
         # tokens every chat prompt shares (template + system prompt): never a positive for the gate
@@ -1050,7 +1050,6 @@ class Consolidator:
             return {"steps": 0, "examples": 0, "final_divergence": None, "first_divergence": None,
                     "mean_reward": None}
         owners = owners or {eid: None for eid in new_ids}
-        self.trained_from = self.memory.first_trained_layer(cfg.trained_layers)
         params = self.memory.train_only(new_ids, from_layer=self.trained_from)
         fitted, negatives, gate_s = self.prepare_gates(examples, new_ids, owners)
         gate_on = cfg.gate_loss > 0 and not (fitted and cfg.gate_frozen)

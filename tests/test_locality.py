@@ -185,7 +185,7 @@ def test_the_fitted_gate_is_sharpened_then_stays_frozen_while_the_expert_distils
     runs = {}
     for k, theta in ((1.0, 0.0), (3.0, 1.0)):
         eid = mem.add_expert(tier=2, born=1, gate_bias=-6.0, expert_id=f"e{len(runs)}")
-        cfg = tiny_settings(gate_sharpness=k, gate_threshold=theta, distill_steps=2, lti=False)
+        cfg = tiny_settings(gate_sharpness=k, gate_threshold=theta, distill_steps=2, lti=False, trained_layers=1.0)
         c = Consolidator(mem, tiny_engine.tokenizer, cfg, lambda *a, **kw: None, lambda: None, seed=3)
         examples = c.teacher_data(tiny_engine.pending_episodes(), [], [eid])
         with mem.configured(muted=[e for e in mem.expert_ids() if e != eid]):
