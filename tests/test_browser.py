@@ -46,19 +46,13 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Tab")   # commit the value (gr.Number updates on blur)
 
 
-def choose_file(page, elem_id: str, path: Path, tries: int = 3) -> None:
-    """Pick a file in a gr.File and wait until the page shows it.
-    Gradio's upload now and then never finishes while other events stream (gradio-app/gradio#5517;
-    it failed one CI run on 2026-12-05, not reproduced since): a user picks the file again, as this does."""
-    for attempt in range(1, tries + 1):
-        page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
-        try:
-            wait_text(page, elem_id, path.name, timeout=30_000)
-            return
-        except PlaywrightTimeout:
-            if attempt == tries:
-                raise
-            page.locator(f"#{elem_id} input[type=file]").set_input_files([])
+def choose_file(page, elem_id: str, path: Path) -> None:
+    """Pick a file in a gr.File and wait until its upload has finished.
+    The finished component lists the file as a row labelled with its name (whose text reads
+    "blob\n.txt"); "Uploading 1 file... blob.txt" shows only while it uploads, which a busy machine
+    can render too briefly to be seen (two CI failures on 2026-12-05 waited for that text)."""
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+    page.locator(f'#{elem_id} td.filename[aria-label="{path.name}"]').wait_for(timeout=60_000)
 
 
 def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long_steps: int = 500,
