@@ -1,6 +1,6 @@
-"""A sleep's time budget (`SleepConfig.budget_s`): a preset promises how long a sleep learns, so the
-teacher's writing and the training steps are sized, as the sleep runs, to what is left
-(docs/DESIGN.md §4). The probes before and after (evaluation and the safety gates) come on top."""
+"""A sleep's time budget (`SleepConfig.budget_s`): a preset promises how long a sleep takes, wall to
+wall, so the teacher's writing and the training steps are sized, as the sleep runs, to what is
+left once the probes after are set aside (docs/DESIGN.md §4)."""
 from __future__ import annotations
 
 import math
@@ -26,6 +26,23 @@ class Deadline:
 
 NEVER = Deadline()
 WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget); the rest trains
+# of the budget, kept for the probes after before a sleep of this process has timed them: they took
+# 10 s of a 90 s quick sleep over two passages, 15 s over ten episodes (2 cores, 2026-12-05)
+AFTER_SHARE = 0.15
+
+
+def after_reserve(budget_s: float, last: tuple[float, int] | None, probes: int) -> float:
+    """Seconds kept at the end of a sleep's budget for the probes after and the checkpoint:
+
+        reserve = 1.25 · t_last · max(1, n / n_last)   the last sleep took t_last s over n_last probes
+        reserve = AFTER_SHARE · budget_s               before any sleep of this process timed them
+
+    n: this sleep's closed-book probes (its episodes' and the older ones it reads again), the
+    part of the probes that grows with the sleeps."""
+    if last is None:
+        return AFTER_SHARE * budget_s
+    seconds, n_last = last
+    return 1.25 * seconds * max(1.0, probes / max(n_last, 1))
 
 
 def split_budget(left_s: float, dreaming: bool, tier_step: bool) -> dict[str, float]:

@@ -112,13 +112,12 @@ class WakeConfig:
 class SleepConfig:
     """One Sleep: consolidation (docs/DESIGN.md §4) then dreaming (§5). Ablation switches included."""
     preset: str = "quick"
-    # a preset is a time budget: a sleep fits its teacher's writing, steps and dreams into budget_s
-    # seconds, measured as it runs; the probes before and after come on top (2 cores: before ~12 s
-    # once the state was read, readings.py; after ~50 s) (0 = no budget: the recipe as written,
-    # for the lab). Measured (make budget-check, 2 cores):
-    # at 90 s two passages got 3 of 13 steps (teacher 40 s, gate fit 21 s, 8 s a step) and learned
-    # nothing, so quick has 180 s
-    budget_s: float = 180.0
+    # a preset is a time budget: a sleep takes at most budget_s seconds wall to wall, probes
+    # included; its teacher's writing, steps and dreams are sized as it runs to what is left once
+    # the probes after are set aside (budget.py) (0 = no budget: the recipe as written, for the
+    # lab). Measured (make budget-check, 2 cores, 2026-12-05): two passages, 90 s: every one of
+    # the 20 steps, 80–83 s; ten episodes: what the budget fits (README "Sleep presets are time budgets")
+    budget_s: float = 90.0
     # knowledge seeding: on-policy distillation
     prompts_per_episode: int = 10     # teacher prompts per episode (recitation, questions about its subjects)
     study_questions: int = 1          # self-study: questions the teacher writes about each sentence of an episode (0 = off)

@@ -19,7 +19,7 @@ import torch
 
 from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
-from .budget import NEVER, Deadline, median, split_budget, tier_step_seconds
+from .budget import NEVER, Deadline, after_reserve, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, distill_steps, episode_groups, teacher_prompt_count
 from .dreaming import Dreamer
@@ -164,16 +164,21 @@ class SleepRun:
         self.step_seconds: list[float] = []   # consolidation's measured step times (for time left)
         self.steps_left = 0
         self.mark = time.perf_counter()       # when consolidation started, then when it ended
-        self.deadline = NEVER                 # the end of the learning budget, set when consolidation starts
+        self.end = NEVER                      # the end of the sleep's time budget (start_clock)
+        self.deadline = NEVER                 # the end of its learning: the probes after fit in what is left
+
+    def start_clock(self, after_s: float) -> None:
+        """The budget's clock starts once the sleep holds the model; `after_s` seconds at its end
+        are kept for the probes after and the checkpoint (budget.after_reserve)."""
+        if self.cfg.budget_s:
+            self.end = Deadline.after(self.cfg.budget_s)
+            self.deadline = Deadline(self.end.at - after_s)
 
     def deadlines(self, dreaming_next: bool, tier_step: bool) -> tuple[Deadline, Deadline]:
         """(writing, training) deadlines for the teacher's answers and the steps of the part about
-        to start, from the learning time left and what the later parts need (budget.split_budget).
-        The first call (consolidation) starts the budget's clock."""
-        if not self.cfg.budget_s:
-            return NEVER, NEVER
+        to start, from the learning time left and what the later parts need (budget.split_budget)."""
         if self.deadline.at is None:
-            self.deadline = Deadline.after(self.cfg.budget_s)
+            return NEVER, NEVER
         share = split_budget(self.deadline.left(), dreaming_next, tier_step)
         return Deadline.after(share["writing"]), Deadline.after(share["writing"] + share["training"])
 
@@ -181,11 +186,9 @@ class SleepRun:
         """From the measured steps; with a time budget, never past its end."""
         guess = seconds_left(self.weights, self.phases, self.step_seconds, self.steps_left,
                              time.perf_counter() - self.mark)
-        if self.deadline.at is None or "probe_after" in self.phases:
+        if self.end.at is None or "probe_after" in self.phases:
             return guess
-        # learning ends with the budget; the probes after take about what the probes before took
-        budget_left = max(0.0, self.deadline.left()) + 1.2 * self.phases.get("probe_before", 0.0)
-        return budget_left if guess is None else min(guess, budget_left)
+        return max(0.0, self.end.left()) if guess is None else min(guess, max(0.0, self.end.left()))
 
     def memory_params(self):
         return [p for mlp in self.engine.memory.mlps.values() for n, p in mlp.named_parameters()
@@ -265,6 +268,7 @@ class SleepEngine:
         self._snapshot: MemoryModel | None = None   # the pre-sleep memory, while a sleep runs
         self._run: SleepRun | None = None             # the running sleep's bookkeeping (time left)
         self._step_seconds: list[float] = []          # the last sleep's step times (is a tier step worth planning?)
+        self._after_timed: tuple[float, int] | None = None   # its probes after: (seconds, closed-book probes)
         try:
             self._restore()
         except BaseException:
@@ -585,6 +589,7 @@ class SleepEngine:
                 if turns > cfg.probe_chat_turns:
                     summary["probes_read"] = {"chat_turns": cfg.probe_chat_turns, "of": turns}
                 generic = GENERIC_TEXT.read_text()
+                run.start_clock(after_reserve(cfg.budget_s, self._after_timed, len(probes[0]) + len(probes[1])))
                 with run.phase("probe_before"):
                     everyday = self._probe_before(run, probes, generic, cfg, summary)
                 run.tier_step = self._plan_tier_step(run, older + list(pending), cfg, summary)
@@ -608,6 +613,7 @@ class SleepEngine:
                     self._checkpoint(run, pending, snapshot, summary)
                 self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
                 self._step_seconds = list(run.step_seconds) or self._step_seconds
+                self._after_timed = (run.phases["probe_after"] + run.phases["checkpoint"], len(probes[0]) + len(probes[1]))
                 run.emit("done", summary=summary)
         except Cancelled:
             self._rollback(snapshot)

@@ -239,7 +239,7 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert "gamma must be between 0.0 and 1.0" in seen["bad_setting_notice"]
     assert "Sleep 1" in seen["progress_during"] and "probe_" not in seen["progress_during"]   # human phase names
     assert seen["sleep_now_disabled_during"]
-    assert "within 180 s" in seen["start_notice"]          # the quick preset is a time budget
+    assert "within 90 s" in seen["start_notice"]          # the quick preset is a time budget
     assert "started" not in seen["notice_after_finish"]    # the start notice does not outlive the sleep
     # the locality table: the taught text's own expert (episode 2; the chat turn has its own) and gate numbers
     assert re.search(r"\be\d+\s+2\s+0\.\d{3}\s+0\.\d{3}\s+[\d.]+×", seen["locality"]), seen["locality"]

@@ -522,6 +522,43 @@ def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps(
     assert steps_that_fit(0, 10, [], 1.0) == 10               # nothing measured yet: the plan
 
 
+def test_the_probes_after_are_set_aside_from_the_end_of_the_budget():
+    from sleep_engine.budget import AFTER_SHARE, after_reserve
+    assert after_reserve(90.0, None, 8) == pytest.approx(AFTER_SHARE * 90)   # nothing timed yet: a share
+    assert after_reserve(90.0, (10.0, 8), 8) == pytest.approx(12.5)          # the last sleep's, with a margin
+    assert after_reserve(90.0, (10.0, 8), 16) == pytest.approx(25.0)         # twice the probes to read
+    assert after_reserve(90.0, (10.0, 8), 4) == pytest.approx(12.5)          # fewer: never less than the last
+
+
+def test_a_budgeted_sleep_learns_until_its_end_less_what_the_probes_after_took(tiny_engine):
+    """The budget is the whole sleep: its clock starts before the probes before, and learning stops
+    where the probes after still fit (the last sleep's time for them, budget.after_reserve)."""
+    from sleep_engine import engine as E
+    teach_two(tiny_engine)
+    runs = []
+    start = E.SleepRun.start_clock
+
+    def timed(run, after_s):
+        start(run, after_s)
+        runs.append((run.end.at - run.deadline.at, run.end.left()))
+    E.SleepRun.start_clock = timed
+    try:
+        tiny_engine.sleep(tiny_settings(budget_s=3.0, distill_steps=5000, dreaming=False), wait=True)
+        first = tiny_engine.events.since(0)[-1]
+        tiny_engine.wake.teach("Brenmoor Island exports saffron; its ferry sails at noon.")
+        tiny_engine.sleep(tiny_settings(budget_s=3.0, distill_steps=5000, dreaming=False), wait=True)
+    finally:
+        E.SleepRun.start_clock = start
+    assert first.kind == "done", first.data
+    seeded = first.data["summary"]["consolidation"]
+    assert 1 <= seeded["steps"] < 1000 < seeded["planned_steps"]          # cut by the clock, not by the plan
+    assert runs[0][0] == pytest.approx(0.15 * 3.0) and runs[0][1] == pytest.approx(3.0, abs=0.1)
+    seconds, probes = tiny_engine._after_timed                         # what the second sleep planned with
+    phases = tiny_engine.events.since(0)[-1].data["summary"]["phases"]
+    assert seconds > 0 and probes >= 2 and phases["probe_after"] > 0
+    assert runs[1][0] >= 1.25 * first.data["summary"]["phases"]["probe_after"]
+
+
 def test_a_sleep_cut_to_under_half_its_steps_says_so_and_the_summary_shows_the_plan():
     from app.views import steps_text
     from sleep_engine.engine import budget_cut_note
