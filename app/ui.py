@@ -39,7 +39,7 @@ UPLOAD_LIMIT = 1 << 20       # bytes per uploaded text file (the server refuses 
 SETTINGS = [("distill_steps", "consolidation steps (0 = auto)"), ("dreams", "m dreams"), ("keep_top", "top-k kept"),
             ("keep_random", "b random kept"), ("gamma", "γ (semantic vs edit reward)"),
             ("alpha", "α (divergence vs reward)"), ("lmbda", "λ (student-sampled fraction)"),
-            ("budget_s", "time budget, s (0 = none)")]
+            ("budget_s", "time budget for the whole sleep, s (0 = none)")]
 DREAM_WIDTHS = ["5%", "4%", "7%", "7%", "6%", "7%", "7%", "20%", "37%"]
 INT_SETTINGS = {"distill_steps", "dreams", "keep_top", "keep_random"}
 

@@ -26,21 +26,22 @@ class Deadline:
 
 NEVER = Deadline()
 WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget); the rest trains
-# of the budget, kept for the probes after before a sleep of this process has timed them: they took
-# 10 s of a 90 s quick sleep over two passages, 15 s over ten episodes (2 cores, 2026-12-05)
-AFTER_SHARE = 0.15
+# kept for the probes after before a sleep of this process has timed them: a share of the budget,
+# at most AFTER_MAX_S. They took 10 s of a 90 s quick sleep over two passages, 15 s over ten
+# episodes (2 cores, 2026-12-05); 15% of the full preset's 360 s held 54 s, and 40 s went unused
+AFTER_SHARE, AFTER_MAX_S = 0.15, 30.0
 
 
 def after_reserve(budget_s: float, last: tuple[float, int] | None, probes: int) -> float:
     """Seconds kept at the end of a sleep's budget for the probes after and the checkpoint:
 
         reserve = 1.25 · t_last · max(1, n / n_last)   the last sleep took t_last s over n_last probes
-        reserve = AFTER_SHARE · budget_s               before any sleep of this process timed them
+        reserve = min(AFTER_SHARE · budget_s, AFTER_MAX_S)   before any sleep of this process timed them
 
     n: this sleep's closed-book probes (its episodes' and the older ones it reads again), the
     part of the probes that grows with the sleeps."""
     if last is None:
-        return AFTER_SHARE * budget_s
+        return min(AFTER_SHARE * budget_s, AFTER_MAX_S)
     seconds, n_last = last
     return 1.25 * seconds * max(1.0, probes / max(n_last, 1))
 

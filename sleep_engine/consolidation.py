@@ -586,7 +586,7 @@ class Consolidator:
         everyday prompts carry the un-slept model's greedy answers: an answer's first words look
         alike whatever the question, and gates fitted on prompts alone opened there. The un-slept
         model's, not the pre-sleep one's, so they are read once per machine (readings.py) instead
-        of every sleep (20 s of a quick sleep's 180 on 2 cores): the older experts' served gates
+        of every sleep (20 s on 2 cores, when a quick sleep had 180 s of learning): the older experts' served gates
         are shut on everyday prompts (the dead zone), so the two nearly agree (after one quick
         sleep: 63 of these 64 answers the same, one differing in its 24th token)."""
         n = min(self.cfg.gate_negatives, len(GATE_NEGATIVE_PROMPTS))

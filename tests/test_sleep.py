@@ -523,8 +523,9 @@ def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps(
 
 
 def test_the_probes_after_are_set_aside_from_the_end_of_the_budget():
-    from sleep_engine.budget import AFTER_SHARE, after_reserve
+    from sleep_engine.budget import AFTER_MAX_S, AFTER_SHARE, after_reserve
     assert after_reserve(90.0, None, 8) == pytest.approx(AFTER_SHARE * 90)   # nothing timed yet: a share
+    assert after_reserve(3600.0, None, 8) == AFTER_MAX_S                     # of at most so much
     assert after_reserve(90.0, (10.0, 8), 8) == pytest.approx(12.5)          # the last sleep's, with a margin
     assert after_reserve(90.0, (10.0, 8), 16) == pytest.approx(25.0)         # twice the probes to read
     assert after_reserve(90.0, (10.0, 8), 4) == pytest.approx(12.5)          # fewer: never less than the last
