@@ -594,6 +594,32 @@ def test_teacher_prompts_put_anchors_then_each_taught_episode_first_so_a_cut_kee
     assert ("Who painted Quarrow Point?", prompts[2][1], taught[0], None) in prompts   # self-study joins its episode
 
 
+def test_own_words_after_the_writing_cut_are_not_scored(tiny_engine, monkeypatch):
+    """merge_gold keeps the answers up to the first one the deadline left unwritten, and scores
+    only the episode's own words before it (the ones after would be dropped)."""
+    from sleep_engine import consolidation as C
+    seeder = C.Consolidator(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(), lambda *a, **k: None,
+                            lambda: None)
+    tok = tiny_engine.tokenizer
+    prompts = [chat_ids(tok, f"Question {i}?") for i in range(5)]
+    gold = [None, "Senna Alvik painted it.", None, "In 1873.", "Violet."]
+    scored = []
+    real = C._scored_answer_logits
+
+    def counting(lm, seqs, n_answers, pad):
+        scored.append(len(seqs))
+        return real(lm, seqs, n_answers, pad)
+    monkeypatch.setattr(C, "_scored_answer_logits", counting)
+    one = ([[5, 6]], [torch.zeros(2, 8)])                    # prompt 0 written, prompt 2 cut
+    answers, logits = seeder.merge_gold(prompts, gold, [0, 2], one, [])
+    assert len(answers) == 2 and answers[0] == [5, 6] and scored == [1]   # gold 1 scored; 3 and 4 not
+    assert logits[1].shape[0] == len(answers[1])
+    scored.clear()
+    both = ([[5, 6], [7]], [torch.zeros(2, 8), torch.zeros(1, 8)])   # nothing cut: every gold scored
+    answers, _ = seeder.merge_gold(prompts, gold, [0, 2], both, [])
+    assert len(answers) == 5 and scored == [3]
+
+
 def test_teacher_writing_stops_at_its_deadline_after_the_first_batch(tiny_engine):
     from sleep_engine.budget import Deadline
     from sleep_engine.sampling import generate_batch
