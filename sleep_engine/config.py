@@ -124,9 +124,14 @@ class SleepConfig:
     min_faithfulness: float = 0.75    # drop teacher answers naming things the episode does not contain
     answer_tokens: int = 36           # length of each teacher answer (a recitation needs ~60)
     replay_per_episode: int = 2       # self-replay: questions about each older episode, answered from memory
-    anchor_prompts: int = 12          # generic requests answered without context (keeps the rest unchanged)
+    # anchors: what must not change. The fitted gates (gate_frozen) are shut on everyday prompts, so
+    # quick spends no teacher answers or batch slots on them (budget-check, 90 s, 2026-12-05, one
+    # run each: two passages 3/8 either way, 17 of 20 steps against 14 of 14; ten episodes 0.15 →
+    # 0.175 with 12 + 2 per step, 0.275 without, everyday answers changed 0% and 0.5%); the full
+    # preset and every tier step keep them (a tier step without them once moved everyday text +25%)
+    anchor_prompts: int = 0           # generic requests answered without context (keeps the rest unchanged)
     anchor_texts: int = 12            # paragraphs of plain text the student must keep predicting as before
-    anchor_texts_per_step: int = 2    # of those, added to every step's batch
+    anchor_texts_per_step: int = 0    # of those, added to every step's batch
     distill_steps: int = 0            # 0 = follow the data: distill_epochs passes over the sleep's prompts
     distill_epochs: float = 2.8       # quick: 9 steps for 1 episode, 12 for 2 (90–99 s); a fixed 9 starved 4-episode sleeps
     batch_size: int = 6
@@ -215,7 +220,7 @@ class SleepConfig:
     PRESETS = {
         "quick": {},
         "full": {"budget_s": 360.0, "prompts_per_episode": 16, "answer_tokens": 48, "batch_size": 8, "lti_group": 4,
-                 "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 8,
+                 "replay_per_episode": 3, "anchor_prompts": 10, "anchor_texts": 8, "anchor_texts_per_step": 2,
                  "distill_epochs": 5.0, "lti_steps": 2, "lti_prefixes": 4, "dreams": 6, "keep_top": 2,
                  "keep_random": 1, "dream_tokens": 48, "trial_steps": 2, "rest_rounds": 2, "rest_steps": 2},
     }

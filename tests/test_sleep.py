@@ -415,6 +415,16 @@ def test_on_policy_distils_the_students_own_samples_with_the_teacher_scored_on_t
     assert len(batches) == 2 and all(e.teacher_logits is None for b in batches for e in b if e.prompt)
 
 
+def test_a_tier_step_keeps_its_anchors_whatever_the_preset():
+    from sleep_engine.engine import tier_settings
+    quick = SleepConfig.from_preset("quick")
+    assert quick.anchor_prompts == 0 and quick.anchor_texts_per_step == 0   # the gates keep everyday text
+    tier = tier_settings(quick)
+    assert (tier.anchor_prompts, tier.anchor_texts_per_step, tier.lti) == (12, 2, False)
+    assert tier.budget_s == quick.budget_s and tier.trained_layers == quick.trained_layers
+    assert tier_settings(SleepConfig.from_preset("full", anchor_prompts=16)).anchor_prompts == 16   # never fewer
+
+
 def test_auto_step_count_follows_the_chat_prompts_not_the_text_anchors(tiny_engine):
     from sleep_engine.consolidation import Consolidator, Example, distill_steps
     cfg = tiny_settings(distill_steps=0, distill_epochs=2.0, batch_size=4, lti=False)
@@ -524,11 +534,9 @@ def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps(
 
 def test_the_probes_after_are_set_aside_from_the_end_of_the_budget():
     from sleep_engine.budget import AFTER_MAX_S, AFTER_SHARE, after_reserve
-    assert after_reserve(90.0, None, 8) == pytest.approx(AFTER_SHARE * 90)   # nothing timed yet: a share
-    assert after_reserve(3600.0, None, 8) == AFTER_MAX_S                     # of at most so much
-    assert after_reserve(90.0, (10.0, 8), 8) == pytest.approx(12.5)          # the last sleep's, with a margin
-    assert after_reserve(90.0, (10.0, 8), 16) == pytest.approx(25.0)         # twice the probes to read
-    assert after_reserve(90.0, (10.0, 8), 4) == pytest.approx(12.5)          # fewer: never less than the last
+    assert after_reserve(90.0, None) == pytest.approx(AFTER_SHARE * 90)   # nothing timed yet: a share
+    assert after_reserve(3600.0, None) == AFTER_MAX_S                     # of at most so much
+    assert after_reserve(90.0, 10.0) == pytest.approx(12.0)               # the last sleep's, with a margin
 
 
 def test_a_budgeted_sleep_learns_until_its_end_less_what_the_probes_after_took(tiny_engine):
@@ -554,10 +562,9 @@ def test_a_budgeted_sleep_learns_until_its_end_less_what_the_probes_after_took(t
     seeded = first.data["summary"]["consolidation"]
     assert 1 <= seeded["steps"] < 1000 < seeded["planned_steps"]          # cut by the clock, not by the plan
     assert runs[0][0] == pytest.approx(0.15 * 3.0) and runs[0][1] == pytest.approx(3.0, abs=0.1)
-    seconds, probes = tiny_engine._after_timed                         # what the second sleep planned with
     phases = tiny_engine.events.since(0)[-1].data["summary"]["phases"]
-    assert seconds > 0 and probes >= 2 and phases["probe_after"] > 0
-    assert runs[1][0] >= 1.25 * first.data["summary"]["phases"]["probe_after"]
+    assert tiny_engine._after_timed >= phases["probe_after"] > 0          # the second's, for a third
+    assert runs[1][0] >= 1.2 * first.data["summary"]["phases"]["probe_after"]   # what the second planned with
 
 
 def test_a_sleep_cut_to_under_half_its_steps_says_so_and_the_summary_shows_the_plan():
