@@ -27,9 +27,10 @@ class Deadline:
 NEVER = Deadline()
 WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget); the rest trains
 # kept for the probes after before a sleep of this process has timed them: a share of the budget,
-# at most AFTER_MAX_S. They took 10 s of a 90 s quick sleep over two passages, 15 s over ten
-# episodes (2 cores, 2026-12-05); 15% of the full preset's 360 s held 54 s, and 40 s went unused
-AFTER_SHARE, AFTER_MAX_S = 0.15, 30.0
+# at most AFTER_MAX_S. They took 10 s of a 90 s quick sleep over two passages, 15–16 s over ten
+# episodes (2 cores, 2026-12-05): with 15% (13.5 s) that sleep took 93.0 s, with 20% 82.0 s (two
+# passages: 59.9 and 60.0 s, 14 of 14 steps both); 15% of full's 360 s left 40 s unused
+AFTER_SHARE, AFTER_MAX_S = 0.2, 30.0
 
 
 def after_reserve(budget_s: float, last_s: float | None) -> float:

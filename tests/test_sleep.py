@@ -543,6 +543,7 @@ def test_a_budgeted_sleep_learns_until_its_end_less_what_the_probes_after_took(t
     """The budget is the whole sleep: its clock starts before the probes before, and learning stops
     where the probes after still fit (the last sleep's time for them, budget.after_reserve)."""
     from sleep_engine import engine as E
+    from sleep_engine.budget import AFTER_SHARE
     teach_two(tiny_engine)
     runs = []
     start = E.SleepRun.start_clock
@@ -561,7 +562,7 @@ def test_a_budgeted_sleep_learns_until_its_end_less_what_the_probes_after_took(t
     assert first.kind == "done", first.data
     seeded = first.data["summary"]["consolidation"]
     assert 1 <= seeded["steps"] < 1000 < seeded["planned_steps"]          # cut by the clock, not by the plan
-    assert runs[0][0] == pytest.approx(0.15 * 3.0) and runs[0][1] == pytest.approx(3.0, abs=0.1)
+    assert runs[0][0] == pytest.approx(AFTER_SHARE * 3.0) and runs[0][1] == pytest.approx(3.0, abs=0.1)
     phases = tiny_engine.events.since(0)[-1].data["summary"]["phases"]
     assert tiny_engine._after_timed >= phases["probe_after"] > 0          # the second's, for a third
     assert runs[1][0] >= 1.2 * first.data["summary"]["phases"]["probe_after"]   # what the second planned with
