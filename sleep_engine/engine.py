@@ -198,7 +198,8 @@ class SleepRun:
                              time.perf_counter() - self.mark)
         if self.end.at is None or "probe_after" in self.phases:
             return guess
-        return max(0.0, self.end.left()) if guess is None else min(guess, max(0.0, self.end.left()))
+        left = max(0.0, self.end.left())
+        return left if guess is None else min(guess, left)
 
     def memory_params(self):
         return [p for mlp in self.engine.memory.mlps.values() for n, p in mlp.named_parameters()
