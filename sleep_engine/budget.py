@@ -36,8 +36,8 @@ AFTER_SHARE, AFTER_MAX_S = 0.2, 30.0
 def after_reserve(budget_s: float, last_s: float | None) -> float:
     """Seconds kept at the end of a sleep's budget for the probes after and the checkpoint:
 
-        reserve = 1.2 · t_last                         what they took in the last sleep of this process
-        reserve = min(AFTER_SHARE · budget_s, AFTER_MAX_S)   before any sleep of this process timed them
+        reserve = 1.2 · t_last                         what they took in the last sleep of this state dir
+        reserve = min(AFTER_SHARE · budget_s, AFTER_MAX_S)   before any sleep timed them
 
     They grow slowly with the sleeps (15.5, 16.2, 16.7 s over make user-check's three quick sleeps,
     2026-12-05): most of them (perplexity, everyday answers, gate selectivity) does not grow with
@@ -45,6 +45,16 @@ def after_reserve(budget_s: float, last_s: float | None) -> float:
     if last_s is None:
         return min(AFTER_SHARE * budget_s, AFTER_MAX_S)
     return 1.2 * last_s
+
+
+def after_seconds(phases: dict) -> float | None:
+    """What a sleep's probes after and checkpoint took, from its phase timings (None where it
+    did not time them). A committed sleep's manifest keeps its phases without the checkpoint,
+    which is timed after the commit: ~1 s, inside after_reserve's margin."""
+    times = [phases.get(k, 0.0) if isinstance(phases, dict) else None for k in ("probe_after", "checkpoint")]
+    if not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in times) or "probe_after" not in phases:
+        return None   # not timed, or a hand-edited manifest: the first sleep's rule then
+    return float(sum(times))
 
 
 def split_budget(left_s: float, dreaming: bool, tier_step: bool) -> dict[str, float]:

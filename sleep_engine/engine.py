@@ -19,7 +19,7 @@ import torch
 
 from . import ASSETS
 from .backbone import Backbone, float_weights, load_backbone
-from .budget import NEVER, Deadline, after_reserve, median, split_budget, tier_step_seconds
+from .budget import NEVER, Deadline, after_reserve, after_seconds, median, split_budget, tier_step_seconds
 from .config import ConfigError, LabConfig, SleepConfig
 from .consolidation import Consolidator, distill_steps, episode_groups, teacher_prompt_count
 from .dreaming import Dreamer
@@ -279,7 +279,7 @@ class SleepEngine:
         self._snapshot: MemoryModel | None = None   # the pre-sleep memory, while a sleep runs
         self._run: SleepRun | None = None             # the running sleep's bookkeeping (time left)
         self._step_seconds: list[float] = []          # the last sleep's step times (is a tier step worth planning?)
-        self._after_timed: float | None = None              # its probes after and checkpoint, seconds
+        self._after_timed: float | None = None        # its probes after and checkpoint, seconds (_restore)
         try:
             self._restore()
         except BaseException:
@@ -290,6 +290,8 @@ class SleepEngine:
         self.ready_s = time.perf_counter() - t0
 
     def _restore(self) -> None:
+        head = self.state.head()   # a restarted app budgets its first sleep with the last one's timing
+        self._after_timed = after_seconds(head.manifest.get("phases", {})) if head else None
         try:
             saved = self.state.load_state()
         except StateError as e:
@@ -624,7 +626,7 @@ class SleepEngine:
                     self._checkpoint(run, pending, snapshot, summary)
                 self._status = {"state": "awake", "last_sleep": number, "progress": 1.0}
                 self._step_seconds = list(run.step_seconds) or self._step_seconds
-                self._after_timed = run.phases["probe_after"] + run.phases["checkpoint"]
+                self._after_timed = after_seconds(run.phases)
                 run.emit("done", summary=summary)
         except Cancelled:
             self._rollback(snapshot)

@@ -566,6 +566,23 @@ def test_a_budgeted_sleep_learns_until_its_end_less_what_the_probes_after_took(t
     phases = tiny_engine.events.since(0)[-1].data["summary"]["phases"]
     assert tiny_engine._after_timed >= phases["probe_after"] > 0          # the second's, for a third
     assert runs[1][0] >= 1.2 * first.data["summary"]["phases"]["probe_after"]   # what the second planned with
+    tiny_engine.close()   # a restarted app plans its first sleep with the last sleep's timing
+    from conftest import make_tiny_engine
+    reopened = make_tiny_engine(tiny_engine.cfg.state_dir.parent, tiny_engine.tokenizer)
+    try:
+        assert reopened._after_timed == pytest.approx(phases["probe_after"])   # the manifest has no checkpoint time
+    finally:
+        reopened.close()
+
+
+def test_a_manifest_without_timings_leaves_the_first_sleeps_rule():
+    from sleep_engine.budget import after_seconds
+    assert after_seconds({"probe_after": 4.0, "checkpoint": 0.5}) == 4.5
+    assert after_seconds({"probe_after": 4.0}) == 4.0
+    assert after_seconds({"consolidation": 30.0}) is None          # cut before its probes after
+    assert after_seconds({"probe_after": "4"}) is None             # hand-edited: not trusted
+    assert after_seconds({"probe_after": float("nan")}) is None
+    assert after_seconds(["probe_after"]) is None
 
 
 def test_a_sleep_cut_to_under_half_its_steps_says_so_and_the_summary_shows_the_plan():
