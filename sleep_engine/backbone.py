@@ -255,6 +255,8 @@ class QuantLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k = self.out_features, self.in_features
+        if self.mode == "int4" and self.use_kernels and dtype == torch.float32 and self.qweight.device.type == "cpu":
+            return kernels.load().q4_dequant(self.qweight, self.step, self.lo)   # one pass, not five
         if self.mode == "int8":
             groups = self.qweight.view(n, self.scale_f32.shape[1], -1).to(dtype)
             return (groups * self.scale_f32[..., None].to(dtype)).view(n, k)

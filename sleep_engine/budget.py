@@ -26,25 +26,33 @@ class Deadline:
 
 NEVER = Deadline()
 WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget); the rest trains
-# kept for the probes after before a sleep of this process has timed them: a share of the budget,
-# at most AFTER_MAX_S. They took 10 s of a 90 s quick sleep over two passages, 15–16 s over ten
-# episodes (2 cores, 2026-12-05): with 15% (13.5 s) that sleep took 93.0 s, with 20% 82.0 s (two
-# passages: 59.9 and 60.0 s, 14 of 14 steps both); 15% of full's 360 s left 40 s unused
-AFTER_SHARE, AFTER_MAX_S = 0.2, 30.0
+# kept for the probes after before a sleep has timed them: a share of the budget, at most
+# AFTER_MAX_S, or AFTER_PER_BEFORE × what the probes before took in this sleep where that is more
+# (a slow hour), at most AFTER_MAX_SHARE of the budget. Measured, quick preset, 2 cores (2026-12-05):
+# probes after 10 s over two passages, 15–16 s over ten episodes on a fast hour, 21.9 s at one
+# thread (as a slow hour): 1.8–2.4 × the probes before over ten episodes (3.5 × over two, whose
+# probes before read cached readings: 2.8 s, under the share). With 15% (13.5 s) a ten-episode
+# sleep took 93.0 s, with 20% 82.0 s; at one thread 95.3 s with 20% (18 s); 15% of full's 360 s
+# left 40 s unused
+AFTER_SHARE, AFTER_MAX_S, AFTER_PER_BEFORE, AFTER_MAX_SHARE = 0.2, 30.0, 2.5, 0.5
 
 
-def after_reserve(budget_s: float, last_s: float | None) -> float:
+def after_reserve(budget_s: float, last_s: float | None, before_s: float | None = None) -> float:
     """Seconds kept at the end of a sleep's budget for the probes after and the checkpoint:
 
-        reserve = 1.2 · t_last                         what they took in the last sleep of this state dir
-        reserve = min(AFTER_SHARE · budget_s, AFTER_MAX_S)   before any sleep timed them
+        reserve = 1.2 · t_last              what they took in the last sleep of this state dir
+        reserve = max(min(AFTER_SHARE · budget_s, AFTER_MAX_S),
+                      min(AFTER_PER_BEFORE · t_before, AFTER_MAX_SHARE · budget_s))
+                                            before any sleep timed them (t_before: this sleep's
+                                            probes before, once they ran; 0 until then)
 
     They grow slowly with the sleeps (15.5, 16.2, 16.7 s over make user-check's three quick sleeps,
     2026-12-05): most of them (perplexity, everyday answers, gate selectivity) does not grow with
     the episodes; scaled by the closed-book probes as well, the reserve left 7–11 s unused."""
-    if last_s is None:
-        return min(AFTER_SHARE * budget_s, AFTER_MAX_S)
-    return 1.2 * last_s
+    if last_s is not None:
+        return 1.2 * last_s
+    share = min(AFTER_SHARE * budget_s, AFTER_MAX_S)
+    return max(share, min(AFTER_PER_BEFORE * (before_s or 0.0), AFTER_MAX_SHARE * budget_s))
 
 
 def after_seconds(phases: dict) -> float | None:

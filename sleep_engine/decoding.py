@@ -209,7 +209,10 @@ class FastLlamaDecoder:
         x = self.inner.embed_tokens(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]
         half = hd // 2
-        mask = None if T == 1 else torch.ones(T, end, dtype=torch.bool, device=ids.device).tril(start)
+        # a prompt from the start is plain causal attention, which SDPA's CPU kernel does in half
+        # the arithmetic; later chunks see the cached positions as well, under an explicit mask
+        causal = T > 1 and start == 0
+        mask = None if T == 1 or causal else torch.ones(T, end, dtype=torch.bool, device=ids.device).tril(start)
         for i, L in enumerate(self.layers):
             h = _norm(L.norm1, x)
             if L.qkv is not None:
@@ -222,7 +225,7 @@ class FastLlamaDecoder:
             self.k[i, :, :, start:end] = qk[:, H:]
             self.v[i, :, :, start:end] = qkv[..., (H + KV) * hd:].view(1, T, KV, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :end], self.v[i, :, :, :end],
-                                               attn_mask=mask, enable_gqa=KV != H)
+                                               attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
             x = x + L.o(o.transpose(1, 2).reshape(1, T, H * hd))
             x = x + self._mlp(L, _norm(L.norm2, x))
         return self.lm.lm_head(_norm(self.inner.norm, x[:, -1:]))[:, -1].float()

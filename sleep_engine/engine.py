@@ -182,6 +182,11 @@ class SleepRun:
         are kept for the probes after and the checkpoint (budget.after_reserve)."""
         if self.cfg.budget_s:
             self.end = Deadline.after(self.cfg.budget_s)
+            self.keep_for_after(after_s)
+
+    def keep_for_after(self, after_s: float) -> None:
+        """Learning ends `after_s` seconds before the end of the budget."""
+        if self.end.at is not None:
             self.deadline = Deadline(self.end.at - after_s)
 
     def deadlines(self, dreaming_next: bool, tier_step: bool) -> tuple[Deadline, Deadline]:
@@ -605,6 +610,8 @@ class SleepEngine:
                 run.start_clock(after_reserve(cfg.budget_s, self._after_timed))
                 with run.phase("probe_before"):
                     everyday = self._probe_before(run, probes, generic, cfg, summary)
+                # how long the probes before took says how fast the machine is now (a first sleep)
+                run.keep_for_after(after_reserve(cfg.budget_s, self._after_timed, run.phases["probe_before"]))
                 run.tier_step = self._plan_tier_step(run, older + list(pending), cfg, summary)
                 with run.phase("consolidation"):
                     owners = self._consolidate(run, pending, older, cfg, summary)

@@ -93,7 +93,10 @@ def _build(target: Path):
         log.warning("compiling the lab's CPU kernels once (about 30 s) …")
         source = target / SOURCE.name    # built from a copy: ninja's rules name the source's path
         shutil.copyfile(SOURCE, source)
-        module = build(NAME, [str(source)], build_directory=str(target), verbose=False, **FLAGS)
+        # copies: torch appends its own libraries to extra_ldflags, which changed FLAGS and with
+        # them _build_dir()'s name for the rest of the process
+        module = build(NAME, [str(source)], build_directory=str(target), verbose=False,
+                       **{k: list(v) for k, v in FLAGS.items()})
         (target / "built").write_text(Path(module.__file__).name + "\n")
         return module
 

@@ -38,6 +38,26 @@ def test_fast_decoder_matches_transformers_generate(experts):
     assert list(generate_tokens(HFDecoder(lab, 64), prompt, 12, stop_ids=set())) == want
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_prompts_longer_than_the_compiled_step_match_the_full_forward(quantize):
+    """Long prompts go through torch: from an empty cache as plain causal attention, a long chunk
+    after cached tokens under a mask; both give the model's own next-token logits."""
+    from sleep_engine.backbone import quantize_linears
+    lab = tiny_llama()
+    if quantize:
+        quantize_linears(lab, quantize)
+    _with_experts(lab, 2)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(3, 120, (200,), generator=g).tolist()
+    n = FastLlamaDecoder.PLAN_MAX_TOKENS
+    dec = FastLlamaDecoder(lab, 256)
+    with torch.no_grad():
+        dec.begin()
+        for end in (n + 30, 2 * n + 60):   # from the start, then a long chunk after the cached part
+            want = lab(input_ids=torch.tensor([seq[:end]])).logits[:, -1].float()
+            assert torch.allclose(dec.feed(seq[:end]), want, atol=1e-4, rtol=1e-4), end
+
+
 def test_static_step_matches_the_step_and_traces_the_same_gates():
     """The step a CUDA graph records (fixed shapes, whole-cache attention under a mask) gives the
     logits and routing gates of the usual step, token by token after a prefilled prompt."""

@@ -87,6 +87,19 @@ def test_q4_and_q8_linear_equal_the_dequantized_float_product(rows):
         assert ((q(x) - ref).abs().max() / ref.abs().max()) < 2e-2, mode
 
 
+@needs_kernels
+def test_q4_dequant_gives_the_codes_times_step_plus_lo():
+    """The kernel that dequantizes a whole int4 weight for long prompts and sleeps, against the
+    formula done with torch ops (w = code · step + lo per block of 32)."""
+    torch.manual_seed(0)
+    q = QuantLinear(torch.nn.Linear(96, 40, bias=False), "int4")
+    n, k = q.out_features, q.in_features
+    ref = (q.codes().view(n, k // 32, 32).float() * q.step[..., None] + q.lo[..., None]).view(n, k)
+    got = K.q4_dequant(q.qweight, q.step, q.lo)
+    assert got.shape == (n, k) and torch.equal(got, ref)   # bit for bit: cached readings stay valid
+    assert torch.equal(q.dequantized(), got)
+
+
 def test_auto_quantize_keeps_the_embedded_model_in_bf16_on_cuda(monkeypatch):
     """nf4 cost the embedded model +28.6% perplexity on an H200 (README "On a GPU"); other models
     get nf4 on CUDA only where bitsandbytes is installed."""
