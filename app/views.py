@@ -129,8 +129,13 @@ def tier_rows(tiers: list[dict]) -> list[list]:
                          f"{t.get('learning', 'on')}", human(t["params"]), age])
         else:
             ids = ", ".join(t.get("ids", [])) or "none yet"
-            rows.append([t["tier"], t["name"], f"{t['experts']} experts", human(t["params"]), ids])
+            rows.append([t["tier"], t["name"], count(t["experts"], "expert"), human(t["params"]), ids])
     return rows
+
+
+def count(n: int, noun: str) -> str:
+    """'1 expert', '2 experts', '0 experts'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 # the engine's phase names, as a person reads them

@@ -222,3 +222,12 @@ def test_repetition_penalty_by_hand_and_against_a_loop():
     plain = list(generate_tokens(Fixed([0.0] * 7 + [1.0, 0.9, 0.8]), [1, 2, 3], 6, set()))
     penalised = list(generate_tokens(Fixed([0.0] * 7 + [1.0, 0.9, 0.8]), [1, 2, 3, 7], 6, set(), repetition_penalty=1.5))
     assert plain == [7] * 6 and penalised[:3] == [7, 8, 9]
+
+
+def test_the_bench_long_prompt_is_a_whole_chat_turn_of_the_asked_length(tokenizer):
+    from sleep_engine.lab.speed import long_prompt_ids
+    for n in (300, 1000):
+        ids = long_prompt_ids(tokenizer, n)
+        assert len(ids) == n
+        assert tokenizer.decode(ids[-5:]).endswith("<|im_start|>assistant\n")   # the template is whole
+

@@ -202,6 +202,7 @@ def test_header_tiers_progress_and_inspect_views():
                              "params": 4096, "drift": 0.004, "learning": "every 2 turns"},
                             {"tier": 2, "name": "experts (tier 2)", "experts": 1, "params": 100, "ids": ["e0"]}])
     assert rows[0][2] == "40 / 2048 tokens" and rows[1][4] == "updated 12s ago" and rows[2][4] == "e0"
+    assert rows[2][2] == "1 expert" and views.count(0, "expert") == "0 experts"
     assert "drift +0.4%" in rows[1][2] and "every 2 turns" in rows[1][2]
     assert views.tier_rows([{"tier": 1, "name": "fast weights", "norm": 0.0, "steps": 0, "age_s": None,
                              "params": 4096}])[0][4].startswith("empty")

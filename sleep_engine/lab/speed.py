@@ -74,6 +74,57 @@ def lab_rate(memory: MemoryModel, prompts_ids, tokens: int, beside_work: bool = 
     return _median_rate(run, prompts_ids), statistics.median(ttfts)
 
 
+LONG_PROMPT_TOKENS = 1000
+
+
+def long_prompt_ids(tokenizer, n: int = LONG_PROMPT_TOKENS) -> list[int]:
+    """A user turn of `n` tokens (the generic text, repeated as needed) in the chat template."""
+    body = tokenizer((ASSETS / "generic_text.txt").read_text())["input_ids"]
+    body = body * (1 + n // max(len(body), 1))
+    keep = n - (len(_chat_ids(tokenizer, "x")) - 1)
+    for _ in range(5):   # decoding and encoding again may merge or split a few tokens
+        ids = _chat_ids(tokenizer, tokenizer.decode(body[:keep]))
+        if len(ids) == n:
+            break
+        keep += n - len(ids)
+    return ids
+
+
+def prefill_seconds(memory: MemoryModel, ids: list[int], repeats: int = 3) -> float:
+    """Median seconds from an empty cache to the first new token of `ids` (the whole prompt
+    prefilled, routing traces on), after a warm-up."""
+    decoder = make_decoder(memory.lm, len(ids) + 8)
+    times = []
+    for _ in range(repeats + 1):
+        decoder.reset()
+        t = time.perf_counter()
+        with memory.tracing():
+            next(iter(generate_tokens(decoder, ids, 1, stop_ids=set())))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def llama_cpp_prefill_seconds(gguf_path, ids: list[int], threads: int, repeats: int = 3) -> float | None:
+    """llama.cpp's time to the first token of `ids` from an empty cache, timed like
+    `prefill_seconds`; None without `llama-cpp-python`."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf_path), n_ctx=len(ids) + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=len(ids), verbose=False)
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            llm.reset()
+            t = time.perf_counter()
+            next(iter(llm.generate(ids, top_k=1, temp=0.0, reset=True)))
+            times.append(time.perf_counter() - t)
+    finally:
+        llm.close()
+    return statistics.median(times[1:])
+
+
 def llama_cpp_rate(gguf_path, prompts_ids, tokens: int, threads: int) -> dict | None:
     """llama.cpp on the same GGUF file, same token ids, greedy, exactly `tokens` new tokens
     (its raw `generate` loop, which never stops on its own), timed like `lab_rate`; None when
@@ -254,9 +305,16 @@ def bench_wake(cfg: LabConfig, tokens: int = 64, modes: list[str] = (), cold: bo
         (rate, _), trainer = beside_training(lambda: lab_rate(memory, prompts_ids, tokens, beside_work=beside))
         result[f"lab_{name}_tokens_per_s"] = round(rate, 2)
         result[f"lab_{name}_trainer_steps_per_s"] = round(trainer, 1)
+    long_ids = long_prompt_ids(tok)
+    log(f"lab model, 6 routed experts, a {len(long_ids)}-token prompt to its first token …")
+    result["long_prompt_tokens"] = len(long_ids)
+    result["lab_long_prompt_ttft_s"] = round(prefill_seconds(memory, long_ids), 3)
     if cfg.model == "embedded":
         log("llama.cpp on the same GGUF file, alternating with the lab (if llama-cpp-python is installed) …")
         result.update(against_llama_cpp(memory, prompts_ids, tokens))
+        ref = llama_cpp_prefill_seconds(embedded_gguf_path(), long_ids, torch.get_num_threads())
+        if ref is not None:
+            result["llama_cpp_long_prompt_ttft_s"] = round(ref, 3)
     memory.remove_experts(memory.expert_ids())
     result["quality"] = quality(memory, tok)
 
