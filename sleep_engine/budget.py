@@ -59,9 +59,11 @@ def after_seconds(phases: dict) -> float | None:
     """What a sleep's probes after and checkpoint took, from its phase timings (None where it
     did not time them). A committed sleep's manifest keeps its phases without the checkpoint,
     which is timed after the commit: ~1 s, inside after_reserve's margin."""
-    times = [phases.get(k, 0.0) if isinstance(phases, dict) else None for k in ("probe_after", "checkpoint")]
-    if not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in times) or "probe_after" not in phases:
-        return None   # not timed, or a hand-edited manifest: the first sleep's rule then
+    if not isinstance(phases, dict) or "probe_after" not in phases:
+        return None   # cut or failed before them: the first sleep's rule then
+    times = [phases["probe_after"], phases.get("checkpoint", 0.0)]
+    if not all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in times):
+        return None   # a hand-edited manifest is not trusted
     return float(sum(times))
 
 
