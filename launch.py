@@ -561,5 +561,19 @@ def main(argv=None) -> int:
         return 2
 
 
+def leave(code: int) -> None:
+    """Exit with `code`. A command-line verb is done when main() returns: its state dir closed
+    (every write fsynced, the lock released) and its output flushed, so Python's teardown of
+    torch's and transformers' modules is skipped: 0.6–0.9 s of a 5.2 s `chat --once` (measured,
+    2 cores). Not after the web app, whose atexit handlers remove its temporary files."""
+    if "app.ui" in sys.modules:
+        sys.exit(code)
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -60,3 +60,22 @@ def test_the_package_ships_every_module_and_the_data():
             if "==" in line and not line.startswith("#")}
     declared = {d.split("==")[0] for d in project["project"]["dependencies"]}
     assert pins <= declared      # the package needs what make setup installs
+
+
+def test_chat_once_leaves_at_once_with_its_episode_saved_and_the_state_dir_free(tmp_path, embedded_source):
+    """`chat --once` skips Python's teardown (launch.leave): the reply is printed, the turn is in
+    the episode log and the state dir's lock is free once the process is gone."""
+    from stress_state import make_tiny_model
+    from sleep_engine.store import StateDir
+    make_tiny_model(tmp_path / "m", embedded_source)
+    out = run("chat", "--model", str(tmp_path / "m"), "--quantize", "none", "--threads", "1", "--fast-every", "0",
+              "--max-new-tokens", "4", "--state-dir", str(tmp_path / "s"), "--once", "Where is Brenmoor?")
+    assert out.returncode == 0, out.stderr[-2000:]
+    state = StateDir(tmp_path / "s")   # takes the writer lock: the process released it
+    try:
+        (turn,) = state.episodes.all()
+        assert turn.kind == "turn" and "Where is Brenmoor?" in turn.text
+        # the reply reached the pipe (this random model's reply is newlines; the logged turn has them)
+        assert out.stdout and out.stdout[:-1] in turn.text
+    finally:
+        state.close()
