@@ -210,23 +210,45 @@ class QuantLinear(nn.Module):
             # one scale per 32 inputs (per row where k is not a multiple of 32): the GGUF's Q8_0
             # output head then comes back exactly (one scale per row diverged from the float
             # model's greedy text after 12 tokens; per 32: the same 64 tokens)
-            n, k = w.shape
-            groups = w.view(n, k // self.GROUP if k % self.GROUP == 0 else 1, -1)
-            scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-            self.register_buffer("qweight", (groups / scale).round().clamp(-127, 127).to(torch.int8).view(n, k))
-            self.register_buffer("scale_f32", scale.squeeze(-1).contiguous())
-        elif mode == "int4":
-            n, k = w.shape
-            groups = w.view(n, k // self.GROUP, self.GROUP)
-            lo = groups.amin(-1, keepdim=True)
-            step = (groups.amax(-1, keepdim=True) - lo).clamp(min=1e-8) / 15
-            codes = ((groups - lo) / step).round().clamp(0, 15).to(torch.uint8).view(n, k)
-            # codes with float32 step and minimum reproduce Q4_1 weights exactly
-            self.register_buffer("qweight", kernels.pack_q4(codes))
-            self.register_buffer("step", step.squeeze(-1).contiguous())
-            self.register_buffer("lo", lo.squeeze(-1).contiguous())
+            q, scale = self.quantize_int8(w, w.shape[1] // self.GROUP if w.shape[1] % self.GROUP == 0 else 1)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale_f32", scale)
+        elif mode == "int4":   # codes with float32 step and minimum reproduce Q4_1 weights exactly
+            packed, step, lo = self.quantize_int4(w)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("step", step)
+            self.register_buffer("lo", lo)
         else:
             raise ValueError(mode)
+
+    @staticmethod
+    def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float32 [n, k] → (packed codes [n, k/2], step, lo [n, k/32]) per block of 32:
+
+            lo = min(w_b), step = max(max(w_b) − lo, 1e-8) / 15, code = round((w − lo) / step)
+
+        The lab's kernel where it is built (one pass; bit for bit these torch ops, tested)."""
+        K = kernels.load() if w.device.type == "cpu" else None
+        if K is not None:
+            return tuple(K.q4_quantize(w))
+        n, k = w.shape
+        groups = w.view(n, k // QuantLinear.GROUP, QuantLinear.GROUP)
+        lo = groups.amin(-1, keepdim=True)
+        step = (groups.amax(-1, keepdim=True) - lo).clamp(min=1e-8) / 15
+        codes = ((groups - lo) / step).round().clamp(0, 15).to(torch.uint8).view(n, k)
+        return kernels.pack_q4(codes), step.squeeze(-1).contiguous(), lo.squeeze(-1).contiguous()
+
+    @staticmethod
+    def quantize_int8(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 [n, k] → (int8 q [n, k], scale [n, groups]): scale = max(max |w_g|, 1e-8) / 127,
+        q = round(w / scale); the kernel where it is built, as for `quantize_int4`."""
+        K = kernels.load() if w.device.type == "cpu" else None
+        if K is not None:
+            return tuple(K.q8_quantize(w, groups))
+        n, k = w.shape
+        g = w.view(n, groups, -1)
+        scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+        return (g / scale).round().clamp(-127, 127).to(torch.int8).view(n, k), scale.squeeze(-1).contiguous()
 
     @classmethod
     def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear":

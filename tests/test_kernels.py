@@ -100,6 +100,22 @@ def test_q4_dequant_gives_the_codes_times_step_plus_lo():
     assert torch.equal(q.dequantized(), got)
 
 
+@needs_kernels
+def test_the_quantize_kernels_give_the_torch_ops_codes_bit_for_bit(monkeypatch):
+    """Loading quantizes every base weight with the lab's kernels; machines without them use the
+    torch ops. Both must store the same codes and scales (an export made on one is loaded on the
+    other), including a constant block (its step is the 1e-8 floor) and exact halves."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    w[0, :32] = 0.25                                     # a constant block
+    w[1, :32] = torch.arange(32) / 2                     # codes that land on .5 before rounding
+    fast4, fast8, fast8_row = QuantLinear.quantize_int4(w), QuantLinear.quantize_int8(w, 3), QuantLinear.quantize_int8(w, 1)
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    slow4, slow8, slow8_row = QuantLinear.quantize_int4(w), QuantLinear.quantize_int8(w, 3), QuantLinear.quantize_int8(w, 1)
+    for fast, slow in ((fast4, slow4), (fast8, slow8), (fast8_row, slow8_row)):
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(fast, slow))
+
+
 def test_auto_quantize_keeps_the_embedded_model_in_bf16_on_cuda(monkeypatch):
     """nf4 cost the embedded model +28.6% perplexity on an H200 (README "On a GPU"); other models
     get nf4 on CUDA only where bitsandbytes is installed."""
