@@ -27,8 +27,11 @@ def _base(fig: go.Figure, title: str, revision: str, height: int = 320) -> go.Fi
     return fig
 
 
-def _empty(fig: go.Figure, message: str) -> go.Figure:
-    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+def _empty(fig: go.Figure, message: str, width: int = 50) -> go.Figure:
+    """The empty state: what will appear and how, in lines a half-width panel shows whole (Plotly
+    does not wrap an annotation; one line of 110 characters was cut off at both ends)."""
+    fig.add_annotation(text="<br>".join(textwrap.wrap(message, width)), showarrow=False, xref="paper",
+                       yref="paper", x=0.5, y=0.5,
                        font={"size": 13, "color": "#888"})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)

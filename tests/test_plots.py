@@ -76,6 +76,9 @@ def test_routing_without_experts_or_reply_says_so():
     assert not empty.data and "No reply" in empty.layout.annotations[0].text
     no_experts = plots.routing_heatmap(views.routing_view(Trace([0], [], [{0: []}]), ["a"]))
     assert not no_experts.data and "No routed experts" in no_experts.layout.annotations[0].text
+    lines = no_experts.layout.annotations[0].text.split("<br>")
+    assert len(lines) > 1 and max(map(len, lines)) <= 50   # a half-width panel shows it whole
+    assert " ".join(lines).endswith("Sleep adds the first expert.")
 
 
 def test_expert_load_bar():
