@@ -428,8 +428,10 @@ class WakeTab:
             self.retry_btn = gr.Button("Retry", elem_id="retry")
             self.clear_btn = gr.Button("Clear", elem_id="clear")
         self.notice = gr.HTML(elem_id="wake-notice")
+        # wrapped, in the column's width: unwrapped, "size" ran past the panel and hid the last two columns
         self.tiers = gr.Dataframe(headers=["tier", "memory", "size", "parameters", "age / experts"],
-                                  label="Memory tiers", interactive=False, elem_id="tiers")
+                                  label="Memory tiers", interactive=False, elem_id="tiers", wrap=True,
+                                  column_widths=["8%", "20%", "38%", "14%", "20%"])
         self.fast_every = gr.Number(value=self.engine.cfg.wake.fast_update_every, precision=0, minimum=0,
                                     maximum=1000, elem_id="fast-every",
                                     label="test-time learning: update the fast weights every N turns "
@@ -674,7 +676,7 @@ class InspectTab:
             self.ev_dl = gr.DownloadButton("Event log (JSON lines)", elem_id="dl-events", scale=1)
             self.csv_dl = gr.DownloadButton("Accuracy matrix (CSV)", elem_id="dl-matrix", scale=1)
         self.notice = gr.HTML(elem_id="inspect-notice")
-        self.summary = gr.Dataframe(headers=["", "value"], label="Summary", interactive=False, wrap=True)
+        self.summary = gr.Dataframe(headers=["what", "value"], label="Summary", interactive=False, wrap=True)
         self.dreams = gr.Dataframe(headers=views.DREAM_COLUMNS, label="Dreams", interactive=False,
                                    wrap=True, max_height=300, column_widths=DREAM_WIDTHS)
         self.experts = gr.Dataframe(headers=["expert", "tier", "its episodes", "rank", "layers", "parameters",
