@@ -258,6 +258,25 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert all((shots / f"{tab}.png").stat().st_size > 10_000 for tab in ("wake", "sleep", "inspect"))
 
 
+def readme_shots(page, shots: Path, question: str) -> None:
+    """The README's Inspect and Wake shots, after walk_through: sleep 1's memories before and after
+    asked `question`, then Wake asked it in a fresh conversation."""
+    page.get_by_role("tab", name="Inspect").click()
+    page.locator("#before-after").click()
+    page.locator("#ba-question textarea").fill(question)
+    page.locator("#ba-ask").click()
+    wait_text(page, "ba-notice", "sleep", timeout=120_000)
+    page.screenshot(path=str(shots / "inspect.png"), full_page=True)
+    page.get_by_role("tab", name="Wake").click()
+    page.locator("#clear").click()
+    wait_text(page, "wake-notice", "cleared")
+    page.locator("#message textarea").fill(question)
+    page.locator("#message textarea").press("Enter")
+    wait_text(page, "wake-notice", "tokens/s", timeout=120_000)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(shots / "wake.png"), full_page=True)
+
+
 if __name__ == "__main__":   # screenshots of a running lab: python tests/test_browser.py URL OUT_DIR
     from playwright.sync_api import sync_playwright
     url, out = sys.argv[1], Path(sys.argv[2])
@@ -268,4 +287,5 @@ if __name__ == "__main__":   # screenshots of a running lab: python tests/test_b
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         print(walk_through(page, url, out, passage, steps=int(os.environ.get("STEPS", "6")), long_steps=200,
                            sleep_timeout=900_000, question="What is the capital of France?"))
+        readme_shots(page, out, "Who founded Velmora Ridge?")
         browser.close()
