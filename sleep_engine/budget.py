@@ -96,27 +96,6 @@ def steps_that_fit(done: int, planned: int, step_seconds: list[float], left_s: f
     return max(done, 1, min(planned, done + int(max(0.0, left_s) // max(per, 1e-6))))
 
 
-# An imitation (LTI) step samples completions and scores them with the reward embedder: it cost
-# 4.8, 4.8 and 8.0 s more than a plain step (2.0, 5.6 and 4.4 plain steps: a ten-episode quick
-# sleep, a two-passage one, a full one; 2 cores, 2026-12-05). Kept last in a cut run, it ran past
-# the training deadline by that much when the plan counted it as a plain step.
-IMITATION_EXTRA_STEPS = 3.0
-
-
-def imitation_extra_s(plain_seconds: list[float], imitation_seconds: list[float]) -> float:
-    """Seconds an imitation step takes beyond a plain one:
-
-        extra = median(imitation) − median(plain)      once one ran in this sleep
-        extra = IMITATION_EXTRA_STEPS · median(plain)   before
-
-    0 before any step was timed."""
-    if not plain_seconds:
-        return 0.0
-    if imitation_seconds:
-        return max(0.0, median(imitation_seconds) - median(plain_seconds))
-    return IMITATION_EXTRA_STEPS * median(plain_seconds)
-
-
 def tier_step_seconds(steps: int, step_seconds: list[float]) -> float | None:
     """Seconds a tier step of `steps` distillation steps needs: the median step time this sleep
     measured × steps, plus the teacher's writing at its usual share,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ASSETS
-from .budget import NEVER, Deadline, imitation_extra_s, steps_that_fit
+from .budget import NEVER, Deadline, steps_that_fit
 from .config import SleepConfig
 from .losses import gate_closing_loss, generalized_jsd_loss, group_policy_gradient_loss
 from .memory import MemoryModel, decoder_slice
@@ -1064,7 +1064,7 @@ class Consolidator:
             pool, texts = texts, []
         planned = total = distill_steps(cfg, len(pool)) + (cfg.lti_steps if cfg.lti else 0)
         lti_at = set(range(total - cfg.lti_steps, total)) if cfg.lti else set()
-        divergences, rewards, seconds, imitation_seconds = [], [], [], []
+        divergences, rewards, seconds = [], [], []
         per_step = min(cfg.anchor_texts_per_step, len(texts))
         order: list[int] = []
         gate_losses: list[float] = []
@@ -1092,13 +1092,7 @@ class Consolidator:
                 opt.step()
                 divergences.append(float(div.detach()))
                 seconds.append(time.perf_counter() - t0)
-                if step in lti_at:
-                    imitation_seconds.append(seconds[-1])
-                # the imitation steps still ahead come last and cost more than a plain step
-                plain = seconds[:len(seconds) - len(imitation_seconds)] or seconds
-                ahead = cfg.lti_steps - len(imitation_seconds) if cfg.lti else 0
-                left = self.training.left() - max(0, ahead) * imitation_extra_s(plain, imitation_seconds)
-                total = steps_that_fit(step + 1, total, plain, left)
+                total = steps_that_fit(step + 1, total, seconds, self.training.left())
                 if cfg.lti and step + 1 < total:   # imitation keeps its place at the end of a shortened run
                     lti_at = set(range(max(step + 1, total - cfg.lti_steps), total))
                 self.emit("loss", phase=phase, step=step + 1, total=total, divergence=divergences[-1],

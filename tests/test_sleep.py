@@ -532,17 +532,6 @@ def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps(
     assert steps_that_fit(0, 10, [], 1.0) == 10               # nothing measured yet: the plan
 
 
-def test_an_imitation_step_is_planned_at_what_it_costs_beyond_a_plain_step():
-    from sleep_engine.budget import IMITATION_EXTRA_STEPS, imitation_extra_s, steps_that_fit
-    assert imitation_extra_s([], []) == 0.0                                      # nothing timed yet
-    assert imitation_extra_s([2.0, 2.4, 2.2], []) == pytest.approx(IMITATION_EXTRA_STEPS * 2.2)   # a guess
-    assert imitation_extra_s([2.0, 2.4, 2.2], [7.2]) == pytest.approx(5.0)       # measured in this sleep
-    assert imitation_extra_s([2.0], [1.5]) == 0.0
-    # 20 s left at 2 s a step: ten plain steps, or seven and the imitation step (6 s more) at the end
-    assert steps_that_fit(3, 30, [2.0] * 3, 20.0) == 13
-    assert steps_that_fit(3, 30, [2.0] * 3, 20.0 - imitation_extra_s([2.0] * 3, [])) == 10
-
-
 def test_the_probes_after_are_set_aside_from_the_end_of_the_budget():
     from sleep_engine.budget import AFTER_MAX_S, AFTER_MAX_SHARE, AFTER_PER_BEFORE, AFTER_SHARE, after_reserve
     assert after_reserve(90.0, None) == pytest.approx(AFTER_SHARE * 90)   # nothing timed yet: a share
