@@ -598,7 +598,7 @@ class SleepEngine:
         summary: dict = {"sleep": number, "episode_ids": [e.id for e in pending], "settings": vars(cfg).copy(),
                          "left_out": sorted(i for i in self.state.episodes.excluded if i > self.state.consolidated_through())}
         try:
-            with self.lock, float_weights(self.memory.lm), cancel_points(run.check):
+            with self.lock, float_weights(self.memory.lm), cancel_points(run.check, self.memory.lm):
                 older = [e for e in self.state.episodes.all() if e.id <= self.state.consolidated_through()]
                 read = probed_episodes(pending, older, cfg.probe_chat_turns, self.cfg.seed + number)
                 probes = ([p for e in pending if e.id in read for p in episode_probes(e)],

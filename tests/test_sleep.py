@@ -862,3 +862,37 @@ def test_a_sleep_learns_in_the_top_layers_only(tiny_engine):
     info = next(e for e in tiny_engine.memory.experts() if e.born == 1)
     assert info.layers == [0, 1]
     assert info.layer_norms[0] == 0.0 < info.layer_norms[1]   # consolidation and dreaming left layer 0 alone
+
+
+def test_a_stop_lands_inside_a_forward_of_the_sleeps_thread_only():
+    """cancel_points with the model: each decoder layer checks before its forward, so one long
+    batched forward (the teacher's first prefill) is cut within a layer; a chat thread using the
+    same layers meanwhile is not; nothing stays hooked after the block."""
+    import threading
+    from conftest import tiny_llama
+    from sleep_engine.sampling import cancel_points
+    lm = tiny_llama()
+    layers = lm.model.layers
+    assert len(layers) >= 2
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:
+            raise Stop
+
+    ids = torch.tensor([[5, 9, 33, 2]])
+    other = []
+    with cancel_points(check, lm):
+        worker = threading.Thread(target=lambda: other.append(lm(input_ids=ids).logits), name="chat")
+        worker.start()
+        worker.join()
+        with pytest.raises(Stop), torch.no_grad():
+            lm(input_ids=ids)
+    assert other and calls == [threading.current_thread().name] * 2   # cut at the second layer
+    assert all(not layer._forward_pre_hooks for layer in layers)
+    lm(input_ids=ids)   # after the block: no checks
+    assert len(calls) == 2
