@@ -230,4 +230,3 @@ def test_the_bench_long_prompt_is_a_whole_chat_turn_of_the_asked_length(tokenize
         ids = long_prompt_ids(tokenizer, n)
         assert len(ids) == n
         assert tokenizer.decode(ids[-5:]).endswith("<|im_start|>assistant\n")   # the template is whole
-

@@ -90,18 +90,27 @@ def long_prompt_ids(tokenizer, n: int = LONG_PROMPT_TOKENS) -> list[int]:
     return ids
 
 
+def _median_seconds(run, repeats: int) -> float:
+    """Median seconds of `run()` over `repeats` calls after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def prefill_seconds(memory: MemoryModel, ids: list[int], repeats: int = 3) -> float:
     """Median seconds from an empty cache to the first new token of `ids` (the whole prompt
     prefilled, routing traces on), after a warm-up."""
     decoder = make_decoder(memory.lm, len(ids) + 8)
-    times = []
-    for _ in range(repeats + 1):
+
+    def first_token():
         decoder.reset()
-        t = time.perf_counter()
         with memory.tracing():
             next(iter(generate_tokens(decoder, ids, 1, stop_ids=set())))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+    return _median_seconds(first_token, repeats)
 
 
 def llama_cpp_prefill_seconds(gguf_path, ids: list[int], threads: int, repeats: int = 3) -> float | None:
@@ -113,16 +122,14 @@ def llama_cpp_prefill_seconds(gguf_path, ids: list[int], threads: int, repeats: 
         return None
     llm = Llama(model_path=str(gguf_path), n_ctx=len(ids) + 8, n_threads=threads, n_threads_batch=threads,
                 n_batch=len(ids), verbose=False)
-    times = []
+
+    def first_token():
+        llm.reset()
+        next(iter(llm.generate(ids, top_k=1, temp=0.0, reset=True)))
     try:
-        for _ in range(repeats + 1):
-            llm.reset()
-            t = time.perf_counter()
-            next(iter(llm.generate(ids, top_k=1, temp=0.0, reset=True)))
-            times.append(time.perf_counter() - t)
+        return _median_seconds(first_token, repeats)
     finally:
         llm.close()
-    return statistics.median(times[1:])
 
 
 def llama_cpp_rate(gguf_path, prompts_ids, tokens: int, threads: int) -> dict | None:
