@@ -1,8 +1,8 @@
 """The lab page (Gradio Blocks): Wake, Sleep and Inspect tabs over one SleepEngine.
 
 The page only reads engine state and events and starts/stops engine work; the Sleep itself runs
-in the engine's own worker thread, so a reload or a second tab re-attaches to it (a 1 s timer
-polls `engine.status()` and the event bus and redraws only when something changed).
+in the engine's own worker thread, so a reload or a second tab re-attaches to it (a timer, 1 s
+asleep and 5 s awake, polls `engine.status()` and the event bus and redraws only when something changed).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import hmac
 import html
 import json
 import os
-import queue
 import re
 import secrets
 import shutil
@@ -115,54 +114,77 @@ def read_upload(path: str | None) -> tuple[str, str]:
 
 
 # Streamed replies reach the page at most this often (the last one at once). Each update costs
-# the server process CPU on the two cores that decode; measured in one run (`bench wake`'s Wake
-# tab row, issue 17), the decode rate inside the page was 32 / 50 / 62 / 58 tokens/s at one update
-# per token / 50 / 100 / 200 ms, against ~60 for the engine alone.
-STREAM_INTERVAL_S = 0.1
+# the server and, more, the browser CPU on the two cores that decode. Measured with the page in
+# headless chromium (2026-12-06, 2 cores, three prompts × 4, side by side in one run): at one
+# update per 100 ms the page's own decode rate was 73 tokens/s and a 79-token reply took
+# 1.8–2.1 s to the last word; at one per 250 ms 86 tokens/s and 1.0–1.3 s.
+STREAM_INTERVAL_S = 0.25
+
+# The page's timer: every second while a sleep runs (its progress), every 5 s while awake. Each
+# tick is a whole Gradio event; with the page open and idle, 1 s ticks cost the server ~35 ms and
+# chromium ~120 ms of CPU per second, which the two cores' decoding pays for (issue 17).
+ASLEEP_TICK_S, AWAKE_TICK_S = 1.0, 5.0
 
 
-def _next_batch(q: queue.Queue, deadline: float, done) -> list:
-    """At least one item; then whatever else arrives before `deadline`, ending early at `done`
-    or an exception (the end of a reply is never held back)."""
-    batch = [q.get()]
-    while batch[-1] is not done and not isinstance(batch[-1], BaseException):
-        try:
-            batch.append(q.get(timeout=max(0.0, deadline - time.perf_counter())))
-        except queue.Empty:
-            break
-    return batch
+class _Newest:
+    """A one-slot mailbox between a producer thread and its relay: the newest item, whether it
+    is unread, and the producer's end (or error). Writing never wakes the reader per item."""
+
+    def __init__(self):
+        self.lock, self.changed, self.ended = threading.Lock(), threading.Event(), threading.Event()
+        self.item, self.unread, self.done, self.error = None, False, False, None
+
+    def put(self, item) -> None:
+        with self.lock:
+            self.item, self.unread = item, True
+        self.changed.set()
+
+    def end(self, error: BaseException | None = None) -> None:
+        with self.lock:
+            self.done, self.error = True, error
+        self.ended.set()
+        self.changed.set()
+
+    def take(self) -> tuple:
+        """(item or None if nothing new, done, error), once something changed."""
+        self.changed.wait()
+        self.changed.clear()
+        with self.lock:
+            item, unread, self.unread = self.item, self.unread, False
+            return (item if unread else None), self.done, self.error
 
 
 def in_own_thread(make_iter, stop: threading.Event, interval_s: float | None = None):
     """Run an engine generator in one dedicated thread and relay its items, at most one per
     `interval_s`: the items are cumulative snapshots, so only the newest is passed on (the last
-    item always is, at once). The engine holds its (thread-owned) lock across yields, while
-    Gradio may resume a generator on any worker thread; an exception in the producer is
-    re-raised here, and closing this relay stops the producer."""
+    item always is, at once). The relay sleeps out each interval rather than waking per item:
+    a wake per token cost the decode ~5% (issue 17). The engine holds its (thread-owned) lock
+    across yields, while Gradio may resume a generator on any worker thread; an exception in
+    the producer is re-raised here, and closing this relay stops the producer."""
     interval_s = STREAM_INTERVAL_S if interval_s is None else interval_s
-    q: queue.Queue = queue.Queue()
-    done = object()
+    box = _Newest()
 
     def produce():
         try:
             for item in make_iter():
-                q.put(item)
+                box.put(item)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
-        q.put(done)
+            box.end(e)
+        else:
+            box.end()
 
     threading.Thread(target=produce, daemon=True, name="wake-stream").start()
     try:
         deadline = time.perf_counter()   # the first item goes out as soon as it is there
         while True:
-            batch = _next_batch(q, deadline, done)
-            if isinstance(batch[-1], BaseException):
-                raise batch[-1]
-            items = [item for item in batch if item is not done]
-            if items:
+            box.ended.wait(max(0.0, deadline - time.perf_counter()))   # the interval, cut short by the end
+            item, done, error = box.take()
+            if error is not None:
+                raise error
+            if item is not None:
                 deadline = time.perf_counter() + interval_s
-                yield items[-1]
-            if batch[-1] is done:
+                yield item
+            if done:
                 return
     finally:
         stop.set()   # the page went away or the relay ended: let the producer finish its turn
@@ -340,6 +362,10 @@ class Page:
     def asleep(self) -> bool:
         return self.engine.status().get("state") == "sleeping"
 
+    def pace(self) -> float:
+        """The timer's interval now: a running sleep's progress is shown every second."""
+        return ASLEEP_TICK_S if self.asleep() else AWAKE_TICK_S
+
     def sleep_choices(self) -> list[str]:
         return [d.name for d in self.engine.state.sleep_dirs()]
 
@@ -348,15 +374,16 @@ class Page:
         st["events"] = len(self.engine.events.since(0))
         return json.loads(json.dumps(st, default=str))
 
-    # -- what the 1 s timer and a page load redraw ---------------------------------------------
+    # -- what the timer and a page load redraw -------------------------------------------------
     def live(self) -> list:
         s = self.sleep
-        return [self.panel_key, self.header, s.progress, s.notes, s.cons_plot, s.samples, s.dream_plot, s.dream_df,
+        return [self.panel_key, self.timer, self.header, s.progress, s.notes, s.cons_plot, s.samples, s.dream_plot, s.dream_df,
                 s.forget_plot, s.growth_plot, s.locality_df, self.wake.tiers, self.inspect.pick, s.sleep_btn,
                 s.stop_sleep_btn, s.episodes_df, s.sleep_notice]
 
     def tick(self, seen, request: gr.Request = None) -> dict:
-        """Every second: the progress line; the rest only when something changed since `seen`."""
+        """Each tick: the progress line; the rest, and the timer's pace, only when something changed
+        since `seen`."""
         engine, s = self.engine, self.sleep
         status = engine.status()
         now = [status.get("state"), status.get("sleep") or status.get("last_sleep"),
@@ -370,7 +397,8 @@ class Page:
         if seen is not None and (now[3] or 0) > (seen[3] or 0):   # "Sleep N started …" is old news: the progress line says it finished
             out[s.sleep_notice] = ""
         sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
-        return {**out, **s.panels(), self.panel_key: now, self.header: self.header_html(),
+        return {**out, **s.panels(), self.panel_key: now, self.timer: ASLEEP_TICK_S if sleeping else AWAKE_TICK_S,
+                self.header: self.header_html(),
                 self.wake.tiers: self.tiers_table(request), s.sleep_btn: gr.update(interactive=not sleeping),
                 s.stop_sleep_btn: gr.update(interactive=sleeping), s.episodes_df: views.episode_table(engine.episode_rows())}
 
@@ -595,7 +623,7 @@ class SleepTab:
     def wire(self) -> None:
         self.preset.change(self.preset_values, self.preset, self.fields, api_name=False)
         self.sleep_btn.click(self.start_sleep, [self.preset] + self.fields + [self.more], self.sleep_notice,
-                             api_name="sleep")
+                             api_name="sleep").then(self.page.pace, None, self.page.timer, api_name=False)
         self.stop_sleep_btn.click(self.stop_sleep, None, self.sleep_notice, api_name="stop_sleep",
                                   concurrency_limit=None)
         out = [self.episodes_notice, self.episodes_df, self.episode_ids]
@@ -851,7 +879,7 @@ class ReportsPanel:
 
 def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
     """The page as it reads: a header, the Wake, Sleep and Inspect tabs (one builder each), then
-    what spans them: the 1 s timer that redraws the live panels and the page load that
+    what spans them: the timer that redraws the live panels and the page load that
     re-attaches a browser to its own conversation."""
     page = Page(engine, reports_dir)
     with gr.Blocks(title="Sleep Lab", analytics_enabled=False) as demo:
@@ -860,7 +888,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         page.browser = gr.BrowserState(None, storage_key="sleep-lab-conversation")   # this browser's conversation id
         guide_dismissed = gr.BrowserState(False, storage_key="sleep-lab-guide-dismissed")
         page.panel_key = gr.State(None)   # what the panels last showed (tick redraws on change)
-        timer = gr.Timer(1.0)
+        page.timer = gr.Timer(AWAKE_TICK_S)
         with gr.Tabs():
             with gr.Tab("Wake", id="wake"):
                 page.wake = WakeTab(page)
@@ -871,7 +899,7 @@ def build_app(engine, reports_dir: str | Path = "reports") -> gr.Blocks:
         for tab in (page.wake, page.sleep, page.inspect):
             tab.wire()
         gr.api(page.status_api, api_name="status")
-        timer.tick(page.tick, page.panel_key, page.live(), show_progress="hidden", concurrency_limit=None,
+        page.timer.tick(page.tick, page.panel_key, page.live(), show_progress="hidden", concurrency_limit=None,
                    api_name=False)
         guide = page.wake.guide
         page.wake.guide_ok.click(lambda: (True, gr.update(visible=False)), None, [guide_dismissed, guide],

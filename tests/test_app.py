@@ -218,3 +218,16 @@ def test_the_wake_tab_bench_row_times_the_same_reply_through_the_page(tiny_engin
         assert r["page"]["tokens"] == r["engine"]["tokens"] > 1
         assert r["page"]["ttft_s"] > 0 and r["page"]["tokens_per_s"] > 0
     assert row["page_vs_engine"] > 0 and tiny_engine.cfg.wake.fast_update_every == 0
+
+
+def test_the_page_timer_ticks_every_second_asleep_and_every_five_seconds_awake(tiny_engine, tmp_path, monkeypatch):
+    """Each tick is a whole event for the server and the browser, on the cores that decode."""
+    demo = ui.build_app(tiny_engine, tmp_path)
+    page = next(f.fn.__self__ for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "tick")
+    first = page.tick(None)
+    assert first[page.timer] == ui.AWAKE_TICK_S == page.pace()
+    assert set(page.tick(first[page.panel_key])) == {page.sleep.progress}   # nothing changed: the progress line only
+    status = tiny_engine.status()
+    monkeypatch.setattr(tiny_engine, "status", lambda: {**status, "state": "sleeping", "sleep": 1})
+    asleep = page.tick(first[page.panel_key])
+    assert asleep[page.timer] == ui.ASLEEP_TICK_S == page.pace()
