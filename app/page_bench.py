@@ -1,16 +1,21 @@
 """`bench wake`'s Wake-tab row: what a reply streamed through the web app delivers.
 
 The same engine answers each bench prompt twice, side by side: once directly (`wake.stream`, no
-UI) and once through the page's own `/chat` endpoint over HTTP, as the browser sends it (gradio's
-client, streaming, in a process of its own as a browser is). Both are timed alike: first text,
-and tokens / seconds from sending to the whole text (the bench's own definition); the page's
-status line ("N tokens, first after X ms, Y tokens/s": its decode rate) is kept too. Replies stop
-at the end of the answer as in the app, so they are shorter than the bench's fixed 64 tokens.
+UI) and once through the page, in a process of its own as a browser is: the page itself in
+headless chromium where Playwright and chromium are installed (the text timed as it appears in
+the chat, by a MutationObserver), else gradio's Python client on the page's `/chat` endpoint.
+Both are timed alike: first text, and tokens / seconds from sending to the whole text (the
+bench's own definition); the page's status line ("N tokens, first after X ms, Y tokens/s": its
+decode rate) is kept too. Replies stop at the end of the answer as in the app, so they are
+shorter than the bench's fixed 64 tokens. On two cores the browser's own CPU is part of what the
+page costs: the engine's timings run with the page open (and idle) in the same browser.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,6 +25,33 @@ import time
 from pathlib import Path
 
 STATUS = re.compile(r"(\d+) tokens, first after (\d+) ms, ([\d.]+) tokens/s")
+CHROMIUM = os.environ.get("SLEEP_LAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+# Records each new content of the last assistant message (its HTML: a random-weight model's text
+# may render as nothing visible), with the page's clock, from the Enter that sends the message
+# (a capturing listener: it runs before the page's own).
+WATCH_REPLY = """() => {
+  const rec = window.__reply = {t0: null, arrivals: []};
+  const box = document.getElementById('chatbot');
+  rec.observer = new MutationObserver(() => {
+    const bots = box.querySelectorAll('[data-testid="bot"]');
+    const html = bots.length ? bots[bots.length - 1].innerHTML : null;
+    const last = rec.arrivals[rec.arrivals.length - 1];
+    if (rec.t0 !== null && html !== null && (!last || last[1] !== html)) rec.arrivals.push([performance.now(), html]);
+  });
+  rec.observer.observe(box, {childList: true, subtree: true, characterData: true});
+  document.querySelector('#message textarea').addEventListener(
+    'keydown', e => { if (e.key === 'Enter') rec.t0 = performance.now(); }, {capture: true, once: true});
+}"""
+
+
+def browser_available() -> bool:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which(CHROMIUM) is not None
 
 
 def _direct(engine, prompt: str) -> dict:
@@ -32,7 +64,8 @@ def _direct(engine, prompt: str) -> dict:
     done = time.perf_counter()
     engine.wake.clear("bench-direct")
     return {"tokens": len(reply.token_ids), "ttft_s": first - t0,
-            "tokens_per_s": len(reply.token_ids) / (last - t0), "logged_after_s": done - last}
+            "tokens_per_s": len(reply.token_ids) / (last - t0), "logged_after_s": done - last,
+            "status_tokens_per_s": reply.tokens_per_s}   # the decode rate the page's status line would show
 
 
 def _through_page(client, prompt: str) -> dict:
@@ -56,57 +89,105 @@ def _through_page(client, prompt: str) -> dict:
             "status_ttft_s": int(m.group(2)) / 1000, "status_tokens_per_s": float(m.group(3))}
 
 
+def _in_browser(page, prompt: str) -> dict:
+    """One reply typed into the page, timed by the page's clock as the text appears."""
+    page.locator("#clear").click()
+    page.wait_for_function("() => !document.getElementById('wake-notice').innerText.includes('tokens/s')")
+    page.evaluate(WATCH_REPLY)
+    page.locator("#message textarea").fill(prompt)
+    page.locator("#message textarea").press("Enter")
+    page.wait_for_function("() => document.getElementById('wake-notice').innerText.includes('tokens/s')",
+                           timeout=120_000)
+    rec = page.evaluate("() => { window.__reply.observer.disconnect(); return window.__reply; }")
+    m = STATUS.search(page.locator("#wake-notice").inner_text())
+    arrivals = rec["arrivals"]
+    if m is None or not arrivals:
+        raise RuntimeError("the page did not show a reply")
+    tokens, t0 = int(m.group(1)), rec["t0"]
+    text_done = next(t for t, text in arrivals if text == arrivals[-1][1])
+    return {"tokens": tokens, "updates": len(arrivals), "ttft_s": (arrivals[0][0] - t0) / 1000,
+            "tokens_per_s": tokens / ((text_done - t0) / 1000),
+            "status_ttft_s": int(m.group(2)) / 1000, "status_tokens_per_s": float(m.group(3))}
+
+
+def _browser_main(url: str, prompts: list[str], repeats: int = 1) -> None:
+    """The browser's process: the page as a user has it, a warm-up reply, then one JSON line per
+    prompt."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("() => (document.getElementById('header') || {}).innerText")
+        if page.locator("#guide-ok").is_visible():
+            page.locator("#guide-ok").click()
+        _serve(lambda prompt: _in_browser(page, prompt), prompts, repeats)
+        browser.close()
+
+
 def _client_main(url: str, prompts: list[str], repeats: int = 1) -> None:
-    """The client's process: a warm-up reply, then one JSON line per prompt."""
+    """The Python client's process (no browser installed)."""
     from gradio_client import Client
     client = Client(url, verbose=False)
-    _through_page(client, prompts[0])   # the first request sets the page up
+    _serve(lambda prompt: _through_page(client, prompt), prompts, repeats)
+
+
+def _serve(reply, prompts: list[str], repeats: int) -> None:
+    """A warm-up reply (the first request sets the page up), then, at each line on stdin, one
+    timed reply as a JSON line."""
+    reply(prompts[0])
     print("ready", flush=True)
     for prompt in prompts * repeats:
         sys.stdin.readline()             # the engine's own reply to this prompt comes first
         cpu = time.process_time()
-        row = _through_page(client, prompt)
+        row = reply(prompt)
         print(json.dumps({**row, "client_cpu_s": time.process_time() - cpu}), flush=True)
 
 
-def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print) -> dict:
+def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print, client: str | None = None) -> dict:
     """The Wake tab's row of `bench wake` (medians over `prompts`), with the engine's own rate on
-    the same prompts in the same run and the page / engine ratio. The client runs in a process of
-    its own, as a browser does (not in the server's interpreter). Switches the engine's tier-1
-    updates off: meant for a scratch engine (`launch.py bench wake`)."""
+    the same prompts in the same run and the page / engine ratio. The client ("browser", or
+    "gradio_client"; by default the browser where installed) runs in a process of its own, as a
+    browser does (not in the server's interpreter). Switches the engine's tier-1 updates off:
+    meant for a scratch engine (`launch.py bench wake`)."""
+    client = client or ("browser" if browser_available() else "gradio_client")
+    main = {"browser": "_browser_main", "gradio_client": "_client_main"}[client]
     from .ui import STREAM_INTERVAL_S, launch
     engine.cfg.wake.fast_update_every = 0   # a background tier-1 update would hold the next reply
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as reports:
         demo = launch(engine, port=None, block=False, reports_dir=reports)   # gradio finds a free port from 7860
-        code = f"from app.page_bench import _client_main; _client_main({demo.local_url!r}, {list(prompts)!r}, {repeats})"
-        client = subprocess.Popen([sys.executable, "-c", code], cwd=root, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        code = f"from app.page_bench import {main}; {main}({demo.local_url!r}, {list(prompts)!r}, {repeats})"
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
-            if client.stdout.readline().strip() != "ready":   # its warm-up must not overlap a timing
+            if proc.stdout.readline().strip() != "ready":   # its warm-up must not overlap a timing
                 raise RuntimeError("the page client did not start (see its error above)")
             direct, page = [], []
             for prompt in prompts * repeats:   # side by side, prompt by prompt
                 direct.append(_direct(engine, prompt))
-                client.stdin.write("go\n")
-                client.stdin.flush()
-                line = client.stdout.readline()
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
                 if not line:
                     raise RuntimeError("the page client stopped (see its error above)")
                 page.append(json.loads(line))
         finally:
-            client.kill()
+            proc.kill()
             demo.close()
 
-    def median(rows, key, scale=1.0):
-        return round(scale * statistics.median(r[key] for r in rows), 1)
+    def median(rows, key, scale=1.0):   # None where this client does not time it
+        return round(scale * statistics.median(r[key] for r in rows), 1) if key in rows[0] else None
     row = {"engine_tokens_per_s": median(direct, "tokens_per_s"), "engine_ttft_ms": median(direct, "ttft_s", 1000),
            "page_tokens_per_s": median(page, "tokens_per_s"), "page_ttft_ms": median(page, "ttft_s", 1000),
            "status_tokens_per_s": median(page, "status_tokens_per_s"),
+           "engine_status_tokens_per_s": median(direct, "status_tokens_per_s"),
            "panels_after_text_ms": median(page, "panels_after_text_s", 1000),
-           "stream_interval_s": STREAM_INTERVAL_S, "repeats": repeats,
+           "stream_interval_s": STREAM_INTERVAL_S, "repeats": repeats, "client": client,
            "per_prompt": [{"page": p, "engine": d} for p, d in zip(page, direct)]}
     row["page_vs_engine"] = round(row["page_tokens_per_s"] / row["engine_tokens_per_s"], 3)
-    log(f"Wake tab: {row['page_tokens_per_s']} tokens/s at the client, first text after {row['page_ttft_ms']} ms "
-        f"(engine alone {row['engine_tokens_per_s']} tokens/s, {row['engine_ttft_ms']} ms)")
+    row["status_vs_engine"] = round(row["status_tokens_per_s"] / row["engine_status_tokens_per_s"], 3)   # decode rates
+    log(f"Wake tab ({client}): {row['page_tokens_per_s']} tokens/s at the client, first text after {row['page_ttft_ms']} ms "
+        f"(engine alone {row['engine_tokens_per_s']} tokens/s, {row['engine_ttft_ms']} ms); decoding, by the status "
+        f"line {row['status_tokens_per_s']} against {row['engine_status_tokens_per_s']} tokens/s")
     return row

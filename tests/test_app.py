@@ -208,12 +208,16 @@ def test_the_stream_relay_sends_the_newest_snapshot_at_most_once_per_interval_an
     assert list(ui.in_own_thread(lambda: iter([7]), threading.Event())) == [7]
 
 
-def test_the_wake_tab_bench_row_times_the_same_reply_through_the_page(tiny_engine):
-    """`bench wake`'s page row: the client process gets the very reply the engine gives alone."""
-    from app.page_bench import wake_tab_rate
+@pytest.mark.parametrize("client", ["gradio_client", "browser"])
+def test_the_wake_tab_bench_row_times_the_same_reply_through_the_page(tiny_engine, client):
+    """`bench wake`'s page row: the client process (the page in chromium, or gradio's Python
+    client) gets the very reply the engine gives alone."""
+    from app.page_bench import browser_available, wake_tab_rate
+    if client == "browser" and not browser_available():
+        pytest.skip("no chromium / Playwright")
     tiny_engine.cfg.wake.max_new_tokens = 12
-    row = wake_tab_rate(tiny_engine, ["Hello there"], repeats=2, log=lambda s: None)
-    assert len(row["per_prompt"]) == 2
+    row = wake_tab_rate(tiny_engine, ["Hello there"], repeats=2, log=lambda s: None, client=client)
+    assert len(row["per_prompt"]) == 2 and row["client"] == client and row["status_vs_engine"] > 0
     for r in row["per_prompt"]:
         assert r["page"]["tokens"] == r["engine"]["tokens"] > 1
         assert r["page"]["ttft_s"] > 0 and r["page"]["tokens_per_s"] > 0
