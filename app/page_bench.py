@@ -12,6 +12,7 @@ page costs: the engine's timings run with the page open (and idle) in the same b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,6 +45,10 @@ WATCH_REPLY = """() => {
   document.querySelector('#message textarea').addEventListener(
     'keydown', e => { if (e.key === 'Enter') rec.t0 = performance.now(); }, {capture: true, once: true});
 }"""
+
+
+SETTLE_S = 1.0   # after a reply through the page, before the engine's next timing: the server's and
+                 # the browser's work on that reply's last update is over, as before a person's next message
 
 
 def browser_available() -> bool:
@@ -99,6 +104,9 @@ def _in_browser(page, prompt: str) -> dict:
     page.wait_for_function("() => document.getElementById('wake-notice').innerText.includes('tokens/s')",
                            timeout=120_000)
     rec = page.evaluate("() => { window.__reply.observer.disconnect(); return window.__reply; }")
+    # the routing panels came with the last update: the engine's next timing starts once the page
+    # has drawn them, as a person's next message would
+    page.evaluate("() => new Promise(done => requestIdleCallback(done, {timeout: 5000}))")
     m = STATUS.search(page.locator("#wake-notice").inner_text())
     arrivals = rec["arrivals"]
     if m is None or not arrivals:
@@ -172,9 +180,11 @@ def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print, clien
                 if not line:
                     raise RuntimeError("the page client stopped (see its error above)")
                 page.append(json.loads(line))
+                time.sleep(SETTLE_S)
         finally:
             proc.kill()
-            demo.close()
+            with contextlib.redirect_stdout(sys.stderr):   # gradio says "Closing server …": --json's stdout stays JSON
+                demo.close()
 
     def median(rows, key, scale=1.0):   # None where this client does not time it
         return round(scale * statistics.median(r[key] for r in rows), 1) if key in rows[0] else None
