@@ -4,6 +4,7 @@ and fine-tune the new expert on the dreams that helped (ReST-EM)."""
 from __future__ import annotations
 
 import random
+import time
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -85,12 +86,20 @@ def isolated(params):
                 p.grad = None
 
 
+OUT_OF_TIME = "the sleep's time budget"
+
+
 class Dreamer:
     def __init__(self, memory: MemoryModel, tokenizer, cfg: SleepConfig, emit, check, seed: int = 0,
                  deadline: Deadline = NEVER):
         self.memory, self.tok, self.cfg, self.emit, self.check = memory, tokenizer, cfg, emit, check
         self.rng = random.Random(seed)
-        self.deadline = deadline   # the sleep's learning budget: no new round or trial after it
+        self.deadline = deadline   # the sleep's learning budget: no round, trial or M-step that would pass it
+        self.trial_s = self.step_s = None   # measured: the last trial, one SFT step
+
+    def fits(self, seconds: float | None) -> bool:
+        """Whether work that took `seconds` last time (None: not timed yet) still fits the budget."""
+        return not self.deadline.passed() and (seconds is None or seconds <= self.deadline.left())
 
     def metric(self, facts: list[Probe]) -> float:
         """τ: mean closed-book log-likelihood of the episodes' facts."""
@@ -108,19 +117,9 @@ class Dreamer:
             for rnd in range(max(cfg.rest_rounds, 1)):
                 self.check()
                 if rnd and self.deadline.passed():
-                    stats.update(rounds=rnd, cut="the sleep's time budget")
+                    stats.update(rounds=rnd, cut=OUT_OF_TIME)
                     break
-                # E-step: dreams conditioned on the episodes, one random expert per router
-                picks = [self.rng.choice(topics) for _ in range(cfg.dreams)]
-                asks = [self.rng.choice(DREAM_PROMPTS).format(s=subject) for subject, _ in picks]
-                contexts = [chat_ids(self.tok, a, CONTEXT_SYSTEM.format(notes=text)) for a, (_, text) in zip(asks, picks)]
-                novelty = random_expert(self.memory, new_ids, self.rng) if cfg.random_expert else nullcontext()
-                with torch.no_grad(), novelty:
-                    dreams = generate_batch(self.memory.lm, self.tok, contexts,
-                                            cfg.dream_tokens, temperature=1.0, top_p=0.95,
-                                            seed=self.rng.randrange(1 << 30))
-                asks, dreams = zip(*[(a, d) for a, d in zip(asks, dreams) if d]) if any(dreams) else ((), ())
-                pairs = [(chat_ids(self.tok, a), d) for a, d in zip(asks, dreams)]
+                asks, pairs = self.dream(topics, new_ids)
                 stats["generated"] += len(pairs)
                 if not pairs:
                     continue
@@ -130,30 +129,57 @@ class Dreamer:
                 kept = order[:cfg.keep_top]
                 rest = order[cfg.keep_top:]
                 kept += self.rng.sample(rest, min(cfg.keep_random, len(rest)))
-                before = self.metric(facts)
-                rewarded = []
-                for i, (p, d) in enumerate(pairs):
-                    self.check()
-                    reward, after = None, None
-                    if i in kept and self.deadline.passed():   # out of time: no more isolated trials
-                        kept.remove(i)
-                        stats["cut"] = "the sleep's time budget"
-                    if i in kept:
-                        with isolated(params):
-                            sft(self.memory, self.tok, [(p, d)], params, cfg.trial_steps, cfg.dream_lr)
-                            after = self.metric(facts)
-                        reward = 1 if after > before else 0
-                        if reward:
-                            rewarded.append((p, d))
-                    self.emit("dream", round=rnd + 1, index=i, text=self.tok.decode(d, skip_special_tokens=True),
-                              prompt=asks[i], grad_score=round(scores[i], 5),
-                              kept=i in kept, reward=reward, metric_before=round(before, 4),
-                              metric_after=None if after is None else round(after, 4))
+                rewarded = self.trials(rnd, asks, pairs, scores, kept, facts, params, stats)
                 stats["kept"] += len(kept)
                 stats["rewarded"] += len(rewarded)
                 # M-step: fine-tune the new expert on the rewarded dreams
                 if rewarded and cfg.rest_steps:
-                    sft(self.memory, self.tok, rewarded, params, cfg.rest_steps, cfg.dream_lr)
+                    if self.fits(None if self.step_s is None else cfg.rest_steps * self.step_s):
+                        sft(self.memory, self.tok, rewarded, params, cfg.rest_steps, cfg.dream_lr)
+                    else:
+                        stats["cut"] = OUT_OF_TIME
         finally:
             self.memory.freeze_all()
         return stats
+
+    def dream(self, topics, new_ids: list[str]) -> tuple[list[str], list[tuple]]:
+        """E-step: dreams conditioned on the episodes, one random expert per router; (asks,
+        (prompt ids, dream ids) pairs) for the dreams that are not empty."""
+        cfg = self.cfg
+        picks = [self.rng.choice(topics) for _ in range(cfg.dreams)]
+        asks = [self.rng.choice(DREAM_PROMPTS).format(s=subject) for subject, _ in picks]
+        contexts = [chat_ids(self.tok, a, CONTEXT_SYSTEM.format(notes=text)) for a, (_, text) in zip(asks, picks)]
+        novelty = random_expert(self.memory, new_ids, self.rng) if cfg.random_expert else nullcontext()
+        with torch.no_grad(), novelty:
+            dreams = generate_batch(self.memory.lm, self.tok, contexts, cfg.dream_tokens, temperature=1.0,
+                                    top_p=0.95, seed=self.rng.randrange(1 << 30))
+        asks, dreams = zip(*[(a, d) for a, d in zip(asks, dreams) if d]) if any(dreams) else ((), ())
+        return list(asks), [(chat_ids(self.tok, a), d) for a, d in zip(asks, dreams)]
+
+    def trials(self, rnd: int, asks, pairs, scores, kept: list[int], facts, params, stats) -> list:
+        """Try each kept dream on an isolated copy of the trainable parameters: reward 1 where τ
+        rose. A trial starts only while the last one's time is left (a kept dream not tried is
+        dropped from `kept`); the dreams that were rewarded are returned."""
+        before = self.metric(facts) if kept and self.fits(self.trial_s) else None   # τ, if a trial can start
+        rewarded = []
+        for i, (p, d) in enumerate(pairs):
+            self.check()
+            reward, after = None, None
+            if i in kept and not self.fits(self.trial_s):
+                kept.remove(i)
+                stats["cut"] = OUT_OF_TIME
+            if i in kept:
+                t0 = time.perf_counter()
+                with isolated(params):
+                    sft(self.memory, self.tok, [(p, d)], params, self.cfg.trial_steps, self.cfg.dream_lr)
+                    self.step_s = (time.perf_counter() - t0) / self.cfg.trial_steps
+                    after = self.metric(facts)
+                self.trial_s = time.perf_counter() - t0
+                reward = 1 if after > before else 0
+                if reward:
+                    rewarded.append((p, d))
+            self.emit("dream", round=rnd + 1, index=i, text=self.tok.decode(d, skip_special_tokens=True),
+                      prompt=asks[i], grad_score=round(scores[i], 5), kept=i in kept, reward=reward,
+                      metric_before=None if before is None else round(before, 4),
+                      metric_after=None if after is None else round(after, 4))
+        return rewarded

@@ -781,6 +781,24 @@ def test_dreaming_out_of_time_starts_no_trial_and_no_new_round(tiny_engine):
     assert dreams and all(d["reward"] is None for d in dreams)   # generated and scored, never tried
 
 
+def test_dreaming_starts_a_trial_or_m_step_only_while_its_last_time_is_left(tiny_engine):
+    from sleep_engine.budget import Deadline
+    from sleep_engine.dreaming import Dreamer
+    teach_two(tiny_engine)
+    new_id = tiny_engine.memory.add_expert(tier=2, born=1)
+    dreams = []
+    dreamer = Dreamer(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(),
+                      lambda kind, **d: dreams.append(d) if kind == "dream" else None, lambda: None,
+                      deadline=Deadline.after(600))
+    assert dreamer.fits(None) and dreamer.fits(500) and not dreamer.fits(700)
+    dreamer.trial_s = 700.0   # the last trial took longer than what is left
+    stats = dreamer.run(tiny_engine.state.episodes.all(), [], [new_id])
+    assert stats["generated"] > 0 and stats["kept"] == 0 and stats["cut"]
+    assert all(d["reward"] is None and d["metric_before"] is None for d in dreams)   # τ not even read
+    assert not Dreamer(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(), None, None,
+                       deadline=Deadline(at=0.0)).fits(None)
+
+
 def test_probed_episodes_keep_every_taught_one_and_sample_the_chat_turns():
     from sleep_engine.engine import probed_episodes
     from sleep_engine.store import Episode
