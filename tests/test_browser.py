@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from lab_app import MORE, PASSAGE, lab_fixture  # noqa: F401 - the `lab` fixture
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-CHROMIUM = os.environ.get("SLEEP_LAB_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script too
+from lab_app import MORE, PASSAGE, lab_fixture  # noqa: F401,E402 - the `lab` fixture
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
+
+from app.page_bench import CHROMIUM  # noqa: E402
+from app.page_bench import CHROMIUM_ARGS as ARGS  # noqa: E402
+
 
 
 def plot_traces(page, elem_id: str) -> int:
