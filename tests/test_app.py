@@ -224,7 +224,7 @@ def test_the_wake_tab_bench_row_times_the_same_reply_through_the_page(tiny_engin
     assert row["page_vs_engine"] > 0 and tiny_engine.cfg.wake.fast_update_every == 0
 
 
-def test_the_page_timer_ticks_every_second_asleep_and_every_five_seconds_awake(tiny_engine, tmp_path, monkeypatch):
+def test_the_page_ticks_every_second_asleep_every_five_awake_and_redraws_a_sleeps_panels_every_few(tiny_engine, tmp_path, monkeypatch):
     """Each tick is a whole event for the server and the browser, on the cores that decode."""
     demo = ui.build_app(tiny_engine, tmp_path)
     page = next(f.fn.__self__ for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "tick")
@@ -235,3 +235,9 @@ def test_the_page_timer_ticks_every_second_asleep_and_every_five_seconds_awake(t
     monkeypatch.setattr(tiny_engine, "status", lambda: {**status, "state": "sleeping", "sleep": 1})
     asleep = page.tick(first[page.panel_key])
     assert asleep[page.timer] == ui.ASLEEP_TICK_S == page.pace()
+    # while it runs, new events alone redraw the panels every PANELS_EVERY_S, not every tick
+    key = asleep[page.panel_key]
+    fewer = key[:2] + [key[2] - 1] + key[3:5]
+    assert set(page.tick(fewer + [key[5]])) == {page.sleep.progress}
+    assert page.sleep.cons_plot in page.tick(fewer + [key[5] - ui.PANELS_EVERY_S - 1])
+    assert page.sleep.cons_plot in page.tick(fewer)   # a key from before (no time): redrawn
