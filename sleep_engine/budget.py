@@ -33,17 +33,14 @@ WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget);
 # thread (as a slow hour): 1.8–2.4 × the probes before over ten episodes (3.5 × over two, whose
 # probes before read cached readings: 2.8 s, under the share). With 15% (13.5 s) a ten-episode
 # sleep took 93.0 s, with 20% 82.0 s; at one thread 95.3 s with 20% (18 s); 15% of full's 360 s
-# left 40 s unused. 2.5 × (and 1.2 × the last sleep's) fell short by 1.1 s and 0.3 s on 2026-12-06:
-# a first sleep with the page open in chromium (probes after 2.64 × before: 91.6 s) and a second
-# sleep that added two passages to ten episodes (probes after 16.8 → 20.4 s: 90.3 s)
-AFTER_SHARE, AFTER_MAX_S, AFTER_PER_BEFORE, AFTER_MAX_SHARE = 0.2, 30.0, 3.0, 0.5
-AFTER_PER_LAST = 1.3
+# left 40 s unused
+AFTER_SHARE, AFTER_MAX_S, AFTER_PER_BEFORE, AFTER_MAX_SHARE = 0.2, 30.0, 2.5, 0.5
 
 
 def after_reserve(budget_s: float, last_s: float | None, before_s: float | None = None) -> float:
     """Seconds kept at the end of a sleep's budget for the probes after and the checkpoint:
 
-        reserve = 1.3 · t_last              what they took in the last sleep of this state dir
+        reserve = 1.2 · t_last              what they took in the last sleep of this state dir
         reserve = max(min(AFTER_SHARE · budget_s, AFTER_MAX_S),
                       min(AFTER_PER_BEFORE · t_before, AFTER_MAX_SHARE · budget_s))
                                             before any sleep timed them (t_before: this sleep's
@@ -53,7 +50,7 @@ def after_reserve(budget_s: float, last_s: float | None, before_s: float | None 
     2026-12-05): most of them (perplexity, everyday answers, gate selectivity) does not grow with
     the episodes; scaled by the closed-book probes as well, the reserve left 7–11 s unused."""
     if last_s is not None:
-        return AFTER_PER_LAST * last_s
+        return 1.2 * last_s
     share = min(AFTER_SHARE * budget_s, AFTER_MAX_S)
     return max(share, min(AFTER_PER_BEFORE * (before_s or 0.0), AFTER_MAX_SHARE * budget_s))
 

@@ -160,11 +160,12 @@ def forgetting(R: list[list[float]]) -> float:
 
 @torch.no_grad()
 def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str] | None = None,
-                   batch_size: int = 16) -> dict[str, list[float]]:
+                   batch_size: int = 16, deadline=None) -> dict[str, list[float]] | None:
     """Mean gate g = routed_gate(w·x + b) of each routed expert on each question, closed-book in the probes'
     answer prompt: averaged over the question's own tokens (from where the prompts stop sharing
     the template and the fixed instruction, up to the start of the reply) and over layers.
-    Returns {expert_id: [one mean gate per question]}."""
+    Returns {expert_id: [one mean gate per question]}, or None when `deadline` (budget.Deadline)
+    passed before the last batch."""
     ids_of = expert_ids or memory.expert_ids()
     out: dict[str, list[float]] = {e: [] for e in ids_of}
     if not questions or not ids_of:
@@ -175,6 +176,8 @@ def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str
     dev = next(memory.lm.parameters()).device
     pad = tokenizer.pad_token_id or 0
     for i in range(0, len(questions), batch_size):
+        if deadline is not None and deadline.passed():
+            return None
         seqs = [chat_ids(tokenizer, ANSWER_PROMPT.format(q=q)) for q in questions[i:i + batch_size]]
         with memory.configured(fast_weights=False), memory.capturing() as xs:
             _, P, mask = shared_prefix_pass(memory.lm.model, seqs, pad, start)

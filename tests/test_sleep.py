@@ -533,12 +533,11 @@ def test_the_budget_is_split_between_the_later_phases_the_teacher_and_the_steps(
 
 
 def test_the_probes_after_are_set_aside_from_the_end_of_the_budget():
-    from sleep_engine.budget import (AFTER_MAX_S, AFTER_MAX_SHARE, AFTER_PER_BEFORE, AFTER_PER_LAST, AFTER_SHARE,
-                                     after_reserve)
+    from sleep_engine.budget import AFTER_MAX_S, AFTER_MAX_SHARE, AFTER_PER_BEFORE, AFTER_SHARE, after_reserve
     assert after_reserve(90.0, None) == pytest.approx(AFTER_SHARE * 90)   # nothing timed yet: a share
     assert after_reserve(3600.0, None) == AFTER_MAX_S                     # of at most so much
-    assert after_reserve(90.0, 10.0) == pytest.approx(AFTER_PER_LAST * 10)   # the last sleep's, with a margin
-    assert after_reserve(90.0, 10.0, 30.0) == pytest.approx(AFTER_PER_LAST * 10)   # which beats the probes before
+    assert after_reserve(90.0, 10.0) == pytest.approx(12.0)               # the last sleep's, with a margin
+    assert after_reserve(90.0, 10.0, 30.0) == pytest.approx(12.0)         # which beats the probes before
     # a first sleep on a slow hour: its probes before took 9 s, so its probes after will take ~20 s
     assert after_reserve(90.0, None, 9.0) == pytest.approx(AFTER_PER_BEFORE * 9.0)
     assert after_reserve(90.0, None, 2.0) == pytest.approx(AFTER_SHARE * 90)   # fast probes: the share
@@ -798,6 +797,16 @@ def test_dreaming_starts_a_trial_or_m_step_only_while_its_last_time_is_left(tiny
     assert all(d["reward"] is None and d["metric_before"] is None for d in dreams)   # τ not even read
     assert not Dreamer(tiny_engine.memory, tiny_engine.tokenizer, tiny_settings(), None, None,
                        deadline=Deadline(at=0.0)).fits(None)
+
+
+def test_gate_selectivity_is_the_part_of_the_probes_after_that_the_budgets_end_cuts(tiny_engine):
+    from sleep_engine.budget import Deadline
+    from sleep_engine.probes import question_gates
+    eid = tiny_engine.memory.add_expert(tier=2, born=1)
+    questions = ["Who founded the town?", "What is 2 + 2?"]
+    gates = question_gates(tiny_engine.memory, tiny_engine.tokenizer, questions, [eid], deadline=Deadline.after(600))
+    assert len(gates[eid]) == 2
+    assert question_gates(tiny_engine.memory, tiny_engine.tokenizer, questions, [eid], deadline=Deadline(at=0.0)) is None
 
 
 def test_probed_episodes_keep_every_taught_one_and_sample_the_chat_turns():
