@@ -131,6 +131,10 @@ ASLEEP_TICK_S, AWAKE_TICK_S = 1.0, 5.0
 PANELS_EVERY_S = 5.0
 
 
+def tick_every(sleeping: bool) -> float:
+    return ASLEEP_TICK_S if sleeping else AWAKE_TICK_S
+
+
 def _only_new_events(seen: list, now: list) -> bool:
     """Whether the page's key moved by new events alone (a running sleep), nothing else."""
     return len(seen) == len(now) and now[:2] == seen[:2] and now[3:5] == seen[3:5]
@@ -142,7 +146,7 @@ class _Newest:
 
     def __init__(self):
         self.lock, self.changed, self.ended = threading.Lock(), threading.Event(), threading.Event()
-        self.item, self.unread, self.done, self.error = None, False, False, None
+        self.item, self.unread, self.error = None, False, None
 
     def put(self, item) -> None:
         with self.lock:
@@ -150,9 +154,9 @@ class _Newest:
         self.changed.set()
 
     def end(self, error: BaseException | None = None) -> None:
-        with self.lock:
-            self.done, self.error = True, error
-        self.ended.set()
+        with self.lock:   # with the last item's lock: a reader that sees the end has seen that item
+            self.error = error
+            self.ended.set()
         self.changed.set()
 
     def take(self) -> tuple:
@@ -161,7 +165,7 @@ class _Newest:
         self.changed.clear()
         with self.lock:
             item, unread, self.unread = self.item, self.unread, False
-            return (item if unread else None), self.done, self.error
+            return (item if unread else None), self.ended.is_set(), self.error
 
 
 def in_own_thread(make_iter, stop: threading.Event, interval_s: float | None = None):
@@ -374,7 +378,7 @@ class Page:
 
     def pace(self) -> float:
         """The timer's interval now: a running sleep's progress is shown every second."""
-        return ASLEEP_TICK_S if self.asleep() else AWAKE_TICK_S
+        return tick_every(self.asleep())
 
     def sleep_choices(self) -> list[str]:
         return [d.name for d in self.engine.state.sleep_dirs()]
@@ -409,8 +413,7 @@ class Page:
         if seen is not None and (now[3] or 0) > (seen[3] or 0):   # "Sleep N started …" is old news: the progress line says it finished
             out[s.sleep_notice] = ""
         sleeping = status.get("state") == "sleeping"    # the buttons say what can be done now
-        return {**out, **s.panels(), self.panel_key: now, self.timer: ASLEEP_TICK_S if sleeping else AWAKE_TICK_S,
-                self.header: self.header_html(),
+        return {**out, **s.panels(), self.panel_key: now, self.timer: tick_every(sleeping), self.header: self.header_html(),
                 self.wake.tiers: self.tiers_table(request), s.sleep_btn: gr.update(interactive=not sleeping),
                 s.stop_sleep_btn: gr.update(interactive=sleeping), s.episodes_df: views.episode_table(engine.episode_rows())}
 
