@@ -31,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync"]
 # Records each new content of the last assistant message (its HTML: a random-weight model's text
 # may render as nothing visible), with the page's clock, from the Enter that sends the message
-# (a capturing listener: it runs before the page's own).
+# (a capturing listener: it runs before the page's own), and when the routing plots last changed.
 WATCH_REPLY = """() => {
   const rec = window.__reply = {t0: null, arrivals: []};
   const box = document.getElementById('chatbot');
@@ -42,11 +42,15 @@ WATCH_REPLY = """() => {
     if (rec.t0 !== null && html !== null && (!last || last[1] !== html)) rec.arrivals.push([performance.now(), html]);
   });
   rec.observer.observe(box, {childList: true, subtree: true, characterData: true});
+  rec.plots = new MutationObserver(() => { if (rec.t0 !== null) rec.plotted = performance.now(); });
+  for (const id of ['routing-heatmap', 'expert-load'])
+    rec.plots.observe(document.getElementById(id), {childList: true, subtree: true, attributes: true});
   document.querySelector('#message textarea').addEventListener(
     'keydown', e => { if (e.key === 'Enter') rec.t0 = performance.now(); }, {capture: true, once: true});
 }"""
 
 
+PLOTS_DRAWN_MS = 300
 SETTLE_S = 1.0   # after a reply through the page, before the engine's next timing: the server's and
                  # the browser's work on that reply's last update is over, as before a person's next message
 
@@ -103,9 +107,12 @@ def _in_browser(page, prompt: str) -> dict:
     page.locator("#message textarea").press("Enter")
     page.wait_for_function("() => document.getElementById('wake-notice').innerText.includes('tokens/s')",
                            timeout=120_000)
-    rec = page.evaluate("() => { window.__reply.observer.disconnect(); return window.__reply; }")
-    # the routing panels came with the last update: the engine's next timing starts once the page
-    # has drawn them, as a person's next message would
+    # the routing plots come after the reply: the engine's next timing starts once the page has
+    # drawn them (unchanged for PLOTS_DRAWN_MS), as a person's next message would
+    page.wait_for_function(f"() => window.__reply.plotted && performance.now() - window.__reply.plotted > {PLOTS_DRAWN_MS}",
+                           timeout=30_000)
+    rec = page.evaluate("() => { window.__reply.observer.disconnect(); window.__reply.plots.disconnect(); "
+                        "return {t0: window.__reply.t0, arrivals: window.__reply.arrivals}; }")
     page.evaluate("() => new Promise(done => requestIdleCallback(done, {timeout: 5000}))")
     m = STATUS.search(page.locator("#wake-notice").inner_text())
     arrivals = rec["arrivals"]

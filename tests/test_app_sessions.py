@@ -15,7 +15,7 @@ def test_two_clients_have_two_private_conversations(lab):
     a, b = Client(url, verbose=False), Client(url, verbose=False)
     a.predict("my secret code is AAA-123", [], api_name="/chat")
     a.predict("and my name is Ada", [], api_name="/chat")
-    tiers_b = b.predict("What is my secret code?", [], api_name="/chat")[6]
+    tiers_b = b.predict("What is my secret code?", [], api_name="/chat")[4]   # chatbot, box, notice, strip, tiers, header
     context_b = tiers_b["data"][0][2]       # tier 0 counts B's own conversation, not A's (or the terminal's)
     assert context_b == f"{engine.wake.context_tokens(next(k for k, c in engine.wake.conversations.items() if len(c) == 2))}" \
         f" / {engine.cfg.wake.context_tokens} tokens"

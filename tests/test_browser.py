@@ -28,6 +28,24 @@ def plot_traces(page, elem_id: str) -> int:
                          " return gd && gd.data ? gd.data.length : 0; }")
 
 
+def mark_plot(page, elem_id: str) -> None:
+    """Remember what a gr.Plot shows now, for drawn_traces to wait for something newer."""
+    page.evaluate(f"() => {{ const gd = document.querySelector('#{elem_id} .js-plotly-plot');"
+                  f" window.__shown = window.__shown || {{}}; window.__shown['{elem_id}'] = gd ? gd.data : null; }}")
+
+
+def drawn_traces(page, elem_id: str, timeout_ms: int = 30_000) -> int:
+    """plot_traces once the plot has drawn data newer than its mark_plot (the routing plots are
+    drawn by an event of their own just after a reply), or 0 if none comes."""
+    try:
+        page.wait_for_function(f"() => {{ const gd = document.querySelector('#{elem_id} .js-plotly-plot');"
+                               f" return gd && gd.data && gd.data !== (window.__shown || {{}})['{elem_id}']; }}",
+                               timeout=timeout_ms)
+    except Exception:   # noqa: BLE001 - playwright's TimeoutError: nothing new drawn
+        return 0
+    return plot_traces(page, elem_id)
+
+
 def table_rows(page, elem_id: str) -> int:
     return page.locator(f"#{elem_id} tbody tr").count()
 
@@ -79,11 +97,12 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     wait_text(page, "wake-notice", "message is empty")
     seen["empty_message_turns"] = page.locator("#chatbot .message-row").count()
     # a real message: the reply streams in, then the routing view appears
+    mark_plot(page, "routing-heatmap")
     page.locator("#message textarea").fill(question)
     page.locator("#message textarea").press("Enter")
     wait_text(page, "wake-notice", "tokens/s", timeout=120_000)
     seen["chat_text"] = text_of(page, "chatbot")
-    seen["heatmap_traces"] = plot_traces(page, "routing-heatmap")
+    seen["heatmap_traces"] = drawn_traces(page, "routing-heatmap")
 
     # Teach: pasted text works; a binary file is refused with a message
     page.locator("#teach-text textarea").fill(passage)
@@ -206,12 +225,12 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
 
     # Wake again: the new expert now shows in the routing of a reply
     page.get_by_role("tab", name="Wake").click()
+    mark_plot(page, "routing-heatmap")
     page.locator("#message textarea").fill(question)
     page.locator("#message textarea").press("Enter")
     page.wait_for_function("() => document.getElementById('wake-notice').innerText.includes('episode 4')",
                            timeout=120_000)
-    page.wait_for_timeout(500)
-    seen["heatmap_after_sleep"] = plot_traces(page, "routing-heatmap")
+    seen["heatmap_after_sleep"] = drawn_traces(page, "routing-heatmap")
     page.screenshot(path=str(shots / "wake-after-sleep.png"), full_page=True)
     return seen
 
@@ -272,6 +291,7 @@ def readme_shots(page, shots: Path, question: str) -> None:
     page.get_by_role("tab", name="Wake").click()
     page.locator("#clear").click()
     wait_text(page, "wake-notice", "cleared")
+    mark_plot(page, "routing-heatmap")
     page.locator("#message textarea").fill(question)
     page.locator("#message textarea").press("Enter")
     wait_text(page, "wake-notice", "tokens/s", timeout=120_000)
