@@ -498,17 +498,17 @@ class WakeTab:
         # event, chromium redrew both on every update of the reply (~0.6 s of its CPU in a 79-token
         # reply, on the cores that decode; profiled 2026-12-06).
         out = [self.chatbot, self.msg, self.notice, self.strip, self.tiers, page.header]
+
+        def then_plots(event) -> None:
+            event.then(self.reply_plots, None, [self.heat, self.load], api_name=False, show_progress="hidden")
         for trigger in (self.msg.submit, self.send.click):
-            trigger(self.chat, [self.msg, self.chatbot], out, api_name="chat" if trigger == self.msg.submit else False,
-                    concurrency_id="wake", show_progress="hidden").then(self.reply_plots, None, [self.heat, self.load],
-                                                                       api_name=False, show_progress="hidden")
+            then_plots(trigger(self.chat, [self.msg, self.chatbot], out, concurrency_id="wake", show_progress="hidden",
+                               api_name="chat" if trigger == self.msg.submit else False))
         self.stop.click(self.stop_reply, None, None, queue=False, api_name="stop_reply")
-        self.retry_btn.click(self.retry, [self.chatbot], out, api_name="retry", concurrency_id="wake",
-                             show_progress="hidden").then(self.reply_plots, None, [self.heat, self.load],
-                                                          api_name=False, show_progress="hidden")
-        self.chatbot.retry(self.retry, [self.chatbot], out, api_name=False, concurrency_id="wake",
-                           show_progress="hidden").then(self.reply_plots, None, [self.heat, self.load],
-                                                        api_name=False, show_progress="hidden")
+        then_plots(self.retry_btn.click(self.retry, [self.chatbot], out, api_name="retry", concurrency_id="wake",
+                                        show_progress="hidden"))
+        then_plots(self.chatbot.retry(self.retry, [self.chatbot], out, api_name=False, concurrency_id="wake",
+                                      show_progress="hidden"))
         self.clear_btn.click(self.clear, None, [self.chatbot, self.notice, self.tiers], api_name="clear")
         self.chatbot.clear(self.clear, None, [self.chatbot, self.notice, self.tiers], api_name=False)
         self.fast_every.change(self.set_fast_learning, self.fast_every, [self.notice, self.tiers],
@@ -528,16 +528,16 @@ class WakeTab:
             self.page.usage.add(view)
         return view
 
+    def routing_plots(self, view: dict) -> dict:
+        return {self.heat: plots.routing_heatmap(view), self.load: plots.expert_load_bar(views.expert_load(view))}
+
     def routing(self, view: dict) -> dict:
-        return {self.heat: plots.routing_heatmap(view), self.strip: views.token_strip(view),
-                self.load: plots.expert_load_bar(views.expert_load(view))}
+        return {**self.routing_plots(view), self.strip: views.token_strip(view)}
 
     def reply_plots(self, request: gr.Request) -> dict:
-        """The routing plots of this browser's reply that just ended (none if it was refused)."""
+        """The routing plots of this browser's reply that just ended (unchanged if it was refused)."""
         view = self.views.pop(self.page.sessions.key(request), None)
-        if view is None:
-            return {self.heat: gr.skip(), self.load: gr.skip()}
-        return {self.heat: plots.routing_heatmap(view), self.load: plots.expert_load_bar(views.expert_load(view))}
+        return self.routing_plots(view) if view is not None else {self.heat: gr.skip(), self.load: gr.skip()}
 
     def chat(self, message, history, request: gr.Request):
         page, history = self.page, list(history or [])

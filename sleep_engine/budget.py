@@ -23,6 +23,9 @@ class Deadline:
     def passed(self) -> bool:
         return self.left() <= 0
 
+    def earlier(self, seconds: float) -> "Deadline":
+        return Deadline(None if self.at is None else self.at - seconds)
+
 
 NEVER = Deadline()
 WRITING_SHARE = 0.35   # of a part's time, the teacher's answers (split_budget); the rest trains

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import time
 from dataclasses import dataclass
 
 import torch
@@ -164,8 +165,8 @@ def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str
     """Mean gate g = routed_gate(w·x + b) of each routed expert on each question, closed-book in the probes'
     answer prompt: averaged over the question's own tokens (from where the prompts stop sharing
     the template and the fixed instruction, up to the start of the reply) and over layers.
-    Returns {expert_id: [one mean gate per question]}, or None when `deadline` (budget.Deadline)
-    passed before the last batch."""
+    Returns {expert_id: [one mean gate per question]}, or None when a batch did not fit before
+    `deadline` (budget.Deadline): one starts only while the last one's time is left."""
     ids_of = expert_ids or memory.expert_ids()
     out: dict[str, list[float]] = {e: [] for e in ids_of}
     if not questions or not ids_of:
@@ -175,9 +176,11 @@ def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str
     start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     dev = next(memory.lm.parameters()).device
     pad = tokenizer.pad_token_id or 0
+    batch_s = 0.0
     for i in range(0, len(questions), batch_size):
-        if deadline is not None and deadline.passed():
+        if deadline is not None and deadline.left() <= batch_s:
             return None
+        started = time.perf_counter()
         seqs = [chat_ids(tokenizer, ANSWER_PROMPT.format(q=q)) for q in questions[i:i + batch_size]]
         with memory.configured(fast_weights=False), memory.capturing() as xs:
             _, P, mask = shared_prefix_pass(memory.lm.model, seqs, pad, start)
@@ -192,6 +195,7 @@ def question_gates(memory, tokenizer, questions: list[str], expert_ids: list[str
                     sums[e.expert_id] += (g * own).sum(-1) / own.sum(-1).clamp(min=1)
         for e in ids_of:
             out[e] += (sums[e] / len(memory.mlps)).tolist()
+        batch_s = time.perf_counter() - started
     return out
 
 

@@ -2,7 +2,10 @@
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
+import plotly.graph_objects as go
 import pytest
 import torch
 from conftest import ROOT
@@ -241,3 +244,20 @@ def test_the_page_ticks_every_second_asleep_every_five_awake_and_redraws_a_sleep
     assert set(page.tick(fewer + [key[5]])) == {page.sleep.progress}
     assert page.sleep.cons_plot in page.tick(fewer + [key[5] - ui.PANELS_EVERY_S - 1])
     assert page.sleep.cons_plot in page.tick(fewer)   # a key from before (no time): redrawn
+
+
+def test_the_routing_plots_come_after_the_reply_not_with_each_update(tiny_engine, tmp_path):
+    """The streamed event carries text, not plots (chromium redrew them on every update); the
+    plots event then draws this session's reply, and leaves the plots as they are after a
+    refused message."""
+    demo = ui.build_app(tiny_engine, tmp_path)
+    wake = next(f.fn.__self__ for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "chat")
+    request = SimpleNamespace(session_hash="s1", username=None, headers={}, query_params={})
+    updates = list(wake.chat("Hello there", [], request))
+    assert len(updates) >= 2 and all(wake.heat not in u and wake.load not in u for u in updates)
+    assert wake.strip in updates[-1]
+    plots = wake.reply_plots(request)
+    assert isinstance(plots[wake.heat], go.Figure) and isinstance(plots[wake.load], go.Figure)
+    refused = list(wake.chat("   ", [], request))
+    assert "empty" in refused[-1][wake.notice]
+    assert all(isinstance(v, type(gr.skip())) for v in wake.reply_plots(request).values())

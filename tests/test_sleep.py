@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -807,6 +808,12 @@ def test_gate_selectivity_is_the_part_of_the_probes_after_that_the_budgets_end_c
     gates = question_gates(tiny_engine.memory, tiny_engine.tokenizer, questions, [eid], deadline=Deadline.after(600))
     assert len(gates[eid]) == 2
     assert question_gates(tiny_engine.memory, tiny_engine.tokenizer, questions, [eid], deadline=Deadline(at=0.0)) is None
+    # a batch starts only while the last one's time is left: 1 µs left after a first batch is not enough
+    left = iter([600.0, 1e-6])
+    closing = SimpleNamespace(left=lambda: next(left))
+    assert question_gates(tiny_engine.memory, tiny_engine.tokenizer, questions, [eid], batch_size=1,
+                          deadline=closing) is None
+    assert Deadline(at=10.0).earlier(0.5).at == 9.5 and Deadline().earlier(0.5).at is None
 
 
 def test_probed_episodes_keep_every_taught_one_and_sample_the_chat_turns():
