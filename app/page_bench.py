@@ -159,7 +159,12 @@ def _serve(reply, prompts: list[str], repeats: int) -> None:
         print(json.dumps({**row, "client_cpu_s": time.process_time() - cpu}), flush=True)
 
 
-def wake_tab_rate(engine, prompts: list[str], repeats: int = 3, log=print, client: str | None = None) -> dict:
+# Rounds of the bench prompts. The page / engine ratio spread 0.68–0.92 over runs of the same
+# code with three rounds (and 0.70, 0.84 with five; 2026-12-06): more samples per run, ~10 s each.
+ROUNDS = 5
+
+
+def wake_tab_rate(engine, prompts: list[str], repeats: int = ROUNDS, log=print, client: str | None = None) -> dict:
     """The Wake tab's row of `bench wake` (medians over `prompts`), with the engine's own rate on
     the same prompts in the same run and the page / engine ratio. The client ("browser", or
     "gradio_client"; by default the browser where installed) runs in a process of its own, as a
