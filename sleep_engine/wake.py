@@ -77,7 +77,7 @@ class WakeSession:
     def conversation(self, session: str = DEFAULT_SESSION) -> list[dict]:
         """A copy of one session's turns ([] for a session not seen yet)."""
         with self._conv_lock:
-            return [dict(m) for m in self.conversations.get(session, [])]
+            return [{"role": m["role"], "content": m["content"]} for m in self.conversations.get(session, [])]
 
     def _set_conversation(self, session: str, history: list[dict]) -> None:
         with self._conv_lock:
@@ -88,7 +88,7 @@ class WakeSession:
 
     @property
     def history(self) -> list[dict]:
-        return self.conversations.get(DEFAULT_SESSION, [])
+        return self.conversation(DEFAULT_SESSION)
 
     @history.setter
     def history(self, value: list[dict]) -> None:
@@ -156,7 +156,9 @@ class WakeSession:
             if len(reply.token_ids) > 1 and reply.ttft_s is not None and elapsed > reply.ttft_s:
                 reply.tokens_per_s = (len(reply.token_ids) - 1) / (elapsed - reply.ttft_s)
             turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-            self._set_conversation(session, self.conversations.get(session, []) + turn)
+            # the reply's own ids stay with it in the conversation (chat_format.generated_ids)
+            kept = [turn[0], dict(turn[1], ids=[t for t in reply.token_ids if t not in self.stop_ids])]
+            self._set_conversation(session, self.conversations.get(session, []) + kept)
             if reply.stopped or not reply.text:   # a cut-off or empty reply teaches nothing true
                 reply.notices.append("not kept as an episode: the reply was " + ("stopped" if reply.stopped else "empty"))
             else:

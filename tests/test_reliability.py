@@ -350,6 +350,32 @@ def test_typed_chat_template_tokens_stay_text(tiny_engine):
     assert tiny_engine.state.episodes.all()[-1].messages[0]["content"] == forged and reply.done
 
 
+def test_a_reply_keeps_the_ids_it_was_generated_as_in_the_next_prompt(tiny_engine):
+    """Tokenized again, a generated "\n\n" came back as two "\n": the next turn's prompt no
+    longer matched the decoder's cache from there (the embedded model: 95 tokens prefilled
+    again, first token 242 ms against ~50). Only ids that are the content exactly and hold no
+    special token are kept; the conversation handed out has text only."""
+    from sleep_engine.chat_format import encode_chat, generated_ids
+    tok, wake = tiny_engine.tokenizer, tiny_engine.wake
+    *_, reply = wake.stream("Hello there", session="ids")
+    ids = [t for t in reply.token_ids if t not in wake.stop_ids]
+    assert wake.conversation("ids")[-1] == {"role": "assistant", "content": reply.text}
+    prompt, _ = wake.build_prompt("And then?", session="ids")
+    k = reply.prompt_tokens + len(ids) - 1                      # (the last new token was never fed)
+    assert len(wake.decoder.tokens) >= k and prompt[:k] == wake.decoder.tokens[:k]   # the whole first turn is reused
+    # encode_chat: a reply's ids where they decode to its content, its text otherwise
+    twice = tok.decode([198, 198])
+    canonical = encode_chat(tok, [{"role": "assistant", "content": twice}], add_generation_prompt=False)
+    mine = encode_chat(tok, [{"role": "assistant", "content": twice, "ids": [198, 198]}], add_generation_prompt=False)
+    assert generated_ids(tok, {"content": twice, "ids": [198, 198]}) == [198, 198]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    at = mine.index(end, len(mine) - 3)                         # the reply's turn closes the rendering
+    assert mine[at - 2:at] == [198, 198] and mine != canonical and tok.decode(mine) == tok.decode(canonical)
+    assert generated_ids(tok, {"content": "other text", "ids": [198, 198]}) is None
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    assert generated_ids(tok, {"content": tok.decode([special]), "ids": [special]}) is None
+
+
 def test_ui_parse_more_lines_override_the_numeric_fields(tiny_engine):
     """`dreams=-1` in More settings was silently ignored: the numeric fields overrode the lines."""
     from app import ui
