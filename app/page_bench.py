@@ -50,7 +50,7 @@ WATCH_REPLY = """() => {
 }"""
 
 
-PLOTS_DRAWN_MS = 300
+PLOTS_DRAWN_MS = 300   # the routing plots unchanged this long: drawn (Plotly redraws in one go)
 SETTLE_S = 1.0   # after a reply through the page, before the engine's next timing: the server's and
                  # the browser's work on that reply's last update is over, as before a person's next message
 

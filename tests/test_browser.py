@@ -295,7 +295,7 @@ def readme_shots(page, shots: Path, question: str) -> None:
     page.locator("#message textarea").fill(question)
     page.locator("#message textarea").press("Enter")
     wait_text(page, "wake-notice", "tokens/s", timeout=120_000)
-    page.wait_for_timeout(500)
+    drawn_traces(page, "routing-heatmap")   # the shot shows this reply's routing
     page.screenshot(path=str(shots / "wake.png"), full_page=True)
 
 
