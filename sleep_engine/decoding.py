@@ -17,6 +17,7 @@ from torch import nn
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from . import kernels
+from .backbone import bf16_many_rows, native_bf16
 from .memory import MemoryMLP
 
 FAST_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -108,8 +109,13 @@ class FastLlamaDecoder:
     # the trainer at 57–68 steps/s (torch's own threads: 59–72 tokens/s, trainer 52–60).
     PAUSES_ALONE, PAUSES_BESIDE_WORK = 2048, 256
 
-    def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False, cuda_graphs: bool = True):
+    def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False, cuda_graphs: bool = True,
+                 bf16_prompts: bool | None = None):
+        """`bf16_prompts`: a prompt longer than the compiled step takes has its quantized layers
+        multiplied in bfloat16 (`backbone.bf16_many_rows`); by default where the CPU does that
+        natively (`backbone.native_bf16`)."""
         cfg = lm.config
+        self.bf16_prompts = native_bf16() if bf16_prompts is None else bf16_prompts
         self.pauses = self.PAUSES_BESIDE_WORK if beside_work else self.PAUSES_ALONE
         self.lm, self.inner = lm, lm.model
         self.n_heads = cfg.num_attention_heads
@@ -198,13 +204,18 @@ class FastLlamaDecoder:
         return logits
 
     def _step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        T, end = ids.shape[1], start + ids.shape[1]
+        T = ids.shape[1]
         if self.one and self.plan_ready and T <= self.PLAN_MAX_TOKENS:
             return self._compiled_step(ids[0].tolist(), start)
         if self.graph is not None and T == 1:
             logits = self.graph(ids, start)
             if logits is not None:
                 return logits
+        with bf16_many_rows(self.bf16_prompts):
+            return self._torch_step(ids, start)
+
+    def _torch_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        T, end = ids.shape[1], start + ids.shape[1]
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]
@@ -390,9 +401,10 @@ class HFDecoder:
         return out.logits[:, -1].float()
 
 
-def make_decoder(lm: nn.Module, max_len: int, fast: bool = True, beside_work: bool = False, cuda_graphs: bool = True):
+def make_decoder(lm: nn.Module, max_len: int, fast: bool = True, beside_work: bool = False, cuda_graphs: bool = True,
+                 bf16_prompts: bool | None = None):
     if fast and FastLlamaDecoder.supports(lm):
-        return FastLlamaDecoder(lm, max_len, beside_work, cuda_graphs)
+        return FastLlamaDecoder(lm, max_len, beside_work, cuda_graphs, bf16_prompts)
     return HFDecoder(lm, max_len)
 
 

@@ -50,12 +50,49 @@ def test_prompts_longer_than_the_compiled_step_match_the_full_forward(quantize):
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(3, 120, (200,), generator=g).tolist()
     n = FastLlamaDecoder.PLAN_MAX_TOKENS
-    dec = FastLlamaDecoder(lab, 256)
+    dec = FastLlamaDecoder(lab, 256, bf16_prompts=False)
     with torch.no_grad():
         dec.begin()
         for end in (n + 30, 2 * n + 60):   # from the start, then a long chunk after the cached part
             want = lab(input_ids=torch.tensor([seq[:end]])).logits[:, -1].float()
             assert torch.allclose(dec.feed(seq[:end]), want, atol=1e-4, rtol=1e-4), end
+
+
+def test_many_rows_in_bfloat16_are_bfloat16_products_only_without_a_gradient():
+    """`bf16_many_rows`: above KERNEL_MAX_ROWS rows a QuantLinear multiplies bfloat16 x by its
+    bfloat16 weight (float32 bias after); fewer rows, or a gradient, keep their float32 path."""
+    from sleep_engine.backbone import bf16_many_rows
+    lin = torch.nn.Linear(64, 48)
+    q = QuantLinear(lin, "int4")
+    w = q.dequantized()
+    many, few = torch.randn(QuantLinear.KERNEL_MAX_ROWS + 1, 64), torch.randn(3, 64)
+    with bf16_many_rows():
+        got_many, got_few = q(many), q(few)
+        graded = q(many.clone().requires_grad_())
+    want = torch.nn.functional.linear(many.bfloat16(), w.bfloat16()).float() + q.bias
+    assert got_many.dtype == torch.float32 and torch.equal(got_many, want)
+    assert torch.equal(got_few, q(few))   # the kernels' float32 x, as outside the block
+    assert torch.allclose(graded, many @ w.T + q.bias, atol=1e-5)
+    assert not torch.allclose(got_many, many @ w.T + q.bias, atol=1e-5)
+
+
+def test_a_long_prompt_in_bfloat16_stays_within_bfloat16_rounding_of_float32():
+    """The decoder's bf16_prompts: a prompt longer than the compiled step takes gives logits within
+    bfloat16's rounding of the float32 path's, and the same next token; a short one is untouched."""
+    from sleep_engine.backbone import quantize_linears
+    lab = tiny_llama()
+    quantize_linears(lab, "int4")
+    _with_experts(lab, 2)
+    seq = torch.randint(3, 120, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    f32, b16 = FastLlamaDecoder(lab, 256, bf16_prompts=False), FastLlamaDecoder(lab, 256, bf16_prompts=True)
+    with torch.no_grad():
+        for dec in (f32, b16):
+            dec.begin()
+        a, b = f32.feed(seq), b16.feed(seq)
+        assert not torch.equal(a, b)
+        assert (a - b).abs().max() <= 0.02 * a.abs().max() and a.argmax() == b.argmax()
+        f32.reset(), b16.reset()
+        assert torch.equal(f32.feed(seq[:20]), b16.feed(seq[:20]))
 
 
 def test_static_step_matches_the_step_and_traces_the_same_gates():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import embedded_gguf_path, load_backbone
+from ..backbone import QuantLinear, bf16_many_rows, embedded_gguf_path, load_backbone, native_bf16
 from ..config import LabConfig
 from ..decoding import generate_tokens, make_decoder
 from ..memory import MemoryModel
@@ -101,10 +101,10 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def prefill_seconds(memory: MemoryModel, ids: list[int], repeats: int = 3) -> float:
+def prefill_seconds(memory: MemoryModel, ids: list[int], repeats: int = 3, bf16_prompts: bool | None = None) -> float:
     """Median seconds from an empty cache to the first new token of `ids` (the whole prompt
     prefilled, routing traces on), after a warm-up."""
-    decoder = make_decoder(memory.lm, len(ids) + 8)
+    decoder = make_decoder(memory.lm, len(ids) + 8, bf16_prompts=bf16_prompts)
 
     def first_token():
         decoder.reset()
@@ -242,9 +242,14 @@ def quality(model, tokenizer) -> dict:
     reply = tokenizer.decode(list(generate_tokens(decoder, ids, 32, stop_ids={tokenizer.eos_token_id})))
     text = (ASSETS / "generic_text.txt").read_text()
     enc = tokenizer(text, return_tensors="pt")["input_ids"][:, :1024].to(lm.device)
-    with torch.inference_mode():
-        ppl = float(torch.exp(lm(input_ids=enc, labels=enc).loss))
-    return {"paris": "paris" in reply.lower(), "reply": reply.strip()[:80], "general_ppl": round(ppl, 3)}
+    out = {"paris": "paris" in reply.lower(), "reply": reply.strip()[:80]}
+    runs = {"general_ppl": False}
+    if native_bf16() and any(isinstance(m, QuantLinear) for m in lm.modules()):
+        runs["general_ppl_bf16_prompts"] = True   # the quantized layers as a long Wake prompt takes them
+    for key, bf16 in runs.items():
+        with torch.inference_mode(), bf16_many_rows(bf16):
+            out[key] = round(float(torch.exp(lm(input_ids=enc, labels=enc).loss)), 3)
+    return out
 
 
 def start_times(cfg: LabConfig) -> dict:
@@ -316,6 +321,8 @@ def bench_wake(cfg: LabConfig, tokens: int = 64, modes: list[str] = (), cold: bo
     log(f"lab model, 6 routed experts, a {len(long_ids)}-token prompt to its first token …")
     result["long_prompt_tokens"] = len(long_ids)
     result["lab_long_prompt_ttft_s"] = round(prefill_seconds(memory, long_ids), 3)
+    if native_bf16():   # what the bfloat16 products of a long prompt bought
+        result["lab_long_prompt_float32_ttft_s"] = round(prefill_seconds(memory, long_ids, bf16_prompts=False), 3)
     if cfg.model == "embedded":
         log("llama.cpp on the same GGUF file, alternating with the lab (if llama-cpp-python is installed) …")
         result.update(against_llama_cpp(memory, prompts_ids, tokens))
