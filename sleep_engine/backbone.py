@@ -298,8 +298,8 @@ class QuantLinear(nn.Module):
                 (not self.use_kernels and self.mode == "int4" and self.out_features % 16):   # torch's int4 needs n % 16 == 0
             weight = self.float_weight if self.float_weight is not None else self.dequantized()
             if _many_rows_bf16.get() and not x.requires_grad and rows > self.KERNEL_MAX_ROWS:
-                y = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
-                return (y if self.bias is None else y + self.bias).to(x.dtype)
+                y = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16))
+                return (y if self.bias is None else y.float() + self.bias).to(x.dtype)
             return F.linear(x.float(), weight, self.bias).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(rows, shape[-1])
