@@ -110,8 +110,9 @@ class FastLlamaDecoder:
     def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False, cuda_graphs: bool = True,
                  bf16_prompts: bool | None = None):
         """`bf16_prompts`: a prompt longer than the compiled step takes has its quantized layers
-        multiplied in bfloat16 (`backbone.bf16_many_rows`); by default where the CPU does that
-        natively (`backbone.native_bf16`)."""
+        multiplied in bfloat16 (`backbone.bf16_many_rows`) and, from an empty cache, its attention
+        too where the lab's kernel runs (AVX512-BF16, head size 64); by default where the CPU
+        multiplies bfloat16 natively (`backbone.native_bf16`)."""
         cfg = lm.config
         self.bf16_prompts = native_bf16() if bf16_prompts is None else bf16_prompts
         self.pauses = self.PAUSES_BESIDE_WORK if beside_work else self.PAUSES_ALONE
@@ -131,6 +132,10 @@ class FastLlamaDecoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=emb.device)
         self.tokens: list[int] = []   # token ids whose keys/values are in the cache
         self.plan_ready = False
+        # a long prompt's attention from position 0 in bfloat16 dot products too (`attend_prompt_bf16`:
+        # 5.0 against torch's 13.7 ms a layer at 1,000 tokens, 2026-12-06)
+        self.bf16_attention = (self.bf16_prompts and _KERNELS is not None and _KERNELS.bf16_dot_supported()
+                               and self.head_dim == 64 and self.dtype == torch.float32 and emb.device.type == "cpu")
         self.plan = self._plan()
         self.one = self.plan is not None   # one token at a time through the compiled step
         self.graph = CudaGraphStep(self) if cuda_graphs and emb.device.type == "cuda" else None
@@ -212,7 +217,16 @@ class FastLlamaDecoder:
         with bf16_many_rows(self.bf16_prompts):
             return self._torch_step(ids, start)
 
-    def _torch_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Every position's next-token logits (T, vocab) for `token_ids` from an empty cache, by
+        the path a long prompt takes: a perplexity of that path (`lab.speed.quality`)."""
+        self.reset()
+        with bf16_many_rows(self.bf16_prompts):
+            logits = self._torch_step(torch.tensor([token_ids], device=self.k.device), 0, every_row=True)
+        self.tokens = list(token_ids)
+        return logits
+
+    def _torch_step(self, ids: torch.Tensor, start: int, every_row: bool = False) -> torch.Tensor:
         T, end = ids.shape[1], start + ids.shape[1]
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         x = self.inner.embed_tokens(ids)
@@ -224,7 +238,7 @@ class FastLlamaDecoder:
         mask = None if T == 1 or causal else torch.ones(T, end, dtype=torch.bool, device=ids.device).tril(start)
         # bfloat16 products (`bf16_many_rows`): the MLP's activations stay bfloat16 between its
         # two products, which then skip a cast each (~3 of ~38 ms a layer at 1,000 tokens)
-        bf16_mlp = self.bf16_prompts and T > QuantLinear.KERNEL_MAX_ROWS
+        bf16_rows = self.bf16_prompts and T > QuantLinear.KERNEL_MAX_ROWS
         for i, L in enumerate(self.layers):
             h = _norm(L.norm1, x)
             if L.qkv is not None:
@@ -236,10 +250,15 @@ class FastLlamaDecoder:
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
             self.k[i, :, :, start:end] = qk[:, H:]
             self.v[i, :, :, start:end] = qkv[..., (H + KV) * hd:].view(1, T, KV, hd).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :end], self.v[i, :, :, :end],
-                                               attn_mask=mask, is_causal=causal, enable_gqa=KV != H)
-            x = x + L.o(o.transpose(1, 2).reshape(1, T, H * hd))
-            x = x + self._mlp(L, _norm(L.norm2, x), bf16_mlp)
+            if bf16_rows and causal and self.bf16_attention:   # out [T, H, hd]
+                o = _KERNELS.attend_prompt_bf16(qk[0, :H], self.k[i, 0, :, :end], self.v[i, 0, :, :end])
+            else:
+                o = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :end], self.v[i, :, :, :end],
+                                                   attn_mask=mask, is_causal=causal, enable_gqa=KV != H).transpose(1, 2)
+            x = x + L.o(o.reshape(1, T, H * hd))
+            x = x + self._mlp(L, _norm(L.norm2, x), bf16_rows)
+        if every_row:
+            return self.lm.lm_head(_norm(self.inner.norm, x))[0].float()
         return self.lm.lm_head(_norm(self.inner.norm, x[:, -1:]))[:, -1].float()
 
     def static_step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

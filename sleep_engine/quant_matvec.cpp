@@ -18,6 +18,7 @@
 #include <sched.h>
 #include <thread>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -769,6 +770,153 @@ class DecodePlan {
   std::vector<float> gu_, act_;
 };
 
+// ---------------------------------------------------------------------------------------------
+// A whole prompt's causal attention from position 0, in bfloat16 dot products with float32
+// accumulation (AVX512-BF16: `vdpbf16ps`), for head size 64. The lab calls it only where the CPU
+// has those instructions (backbone.native_bf16) and a long prompt's products are bfloat16
+// anyway. Per head and block of 4 query rows: the scores against every key up to the last row
+// (64 keys per tile), a softmax over each row (float32), then the weights (bfloat16) times the
+// values. Keys are packed as bfloat16 pairs along the head dimension, values as pairs along
+// the keys, so each `vdpbf16ps` multiplies 16 keys (or 16 value columns) by one broadcast pair.
+namespace {
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
+constexpr int kAttRows = 4, kAttD = 64, kAttKeys = 64;   // query rows per block, head size, keys per tile
+
+inline uint16_t to_bf16(float f) {   // round to nearest even (finite inputs)
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+
+inline uint32_t bf16_pair(float lo, float hi) { return to_bf16(lo) | (uint32_t(to_bf16(hi)) << 16); }
+
+BF16_TARGET inline __m512 exp512(__m512 x) {
+  // 2^n · p(r): n = round(x · log2 e), r = x − n · ln 2 in two parts, p degree 6 (rel. error ~2e-7)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Scores of kAttRows query rows (bf16 pairs Q [rows][32]) against keys [k0, k0 + 64): S[i][k0 + ...].
+BF16_TARGET inline void score_tile(const uint32_t* Q, const uint32_t* Kp, int64_t ld_k, int64_t k0, float* S, int64_t ld_s) {
+  __m512 acc[kAttRows][4];
+  for (int i = 0; i < kAttRows; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int d2 = 0; d2 < kAttD / 2; ++d2) {
+    __m512i kv[4];
+    for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_si512(Kp + d2 * ld_k + k0 + 16 * j);
+    for (int i = 0; i < kAttRows; ++i) {
+      const __m512i q = _mm512_set1_epi32(static_cast<int>(Q[i * (kAttD / 2) + d2]));
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)q, (__m512bh)kv[j]);
+    }
+  }
+  for (int i = 0; i < kAttRows; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(S + i * ld_s + k0 + 16 * j, acc[i][j]);
+}
+
+// Softmax of S[0..n) in place as bf16 weights P (pairs, zero from n up to `to`); returns 1 / sum.
+BF16_TARGET inline float softmax_row(const float* S, int64_t n, int64_t to, uint16_t* P) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(S + c));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - c)) - 1);
+  if (n > c) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, S + c));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (c = 0; c < to; c += 16) {
+    const int64_t left = n - c;
+    const __mmask16 keep = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, S + c), mx)));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + c), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// O[i] = Σ_t P[i][t] V[t] for kAttRows rows, over key pairs [0, pairs): scaled by inv[i] into out rows.
+BF16_TARGET inline void weigh_values(const uint16_t* P, int64_t ld_p, const uint32_t* Vp, int64_t pairs,
+                                     const float* inv, float* out, int64_t ld_out, int rows) {
+  __m512 acc[kAttRows][4];
+  for (int i = 0; i < kAttRows; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t t2 = 0; t2 < pairs; ++t2) {
+    __m512i v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_loadu_si512(Vp + t2 * kAttD + 16 * j);
+    for (int i = 0; i < kAttRows; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, P + i * ld_p + 2 * t2, 4);
+      const __m512i p = _mm512_set1_epi32(static_cast<int>(pair));
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)p, (__m512bh)v[j]);
+    }
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * ld_out + 16 * j, _mm512_mul_ps(acc[i][j], _mm512_set1_ps(inv[i])));
+}
+
+}  // namespace
+
+bool bf16_dot_supported() { return __builtin_cpu_supports("avx512bf16"); }
+
+// q [H, T, 64], k and v [KV, T, 64] float32 (the last dimension contiguous; rotary applied, keys
+// and values of positions 0..T-1) → out [T, H, 64] float32: softmax(q kᵀ / 8 + causal mask) v.
+torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
+  const int64_t H = q.size(0), T = q.size(1), KV = k.size(0), d = q.size(2);
+  TORCH_CHECK(bf16_dot_supported(), "attend_prompt_bf16: this CPU has no AVX512-BF16");
+  TORCH_CHECK(d == kAttD && k.size(2) == d && v.sizes() == k.sizes() && k.size(1) >= T && H % KV == 0 &&
+              q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.scalar_type() == torch::kFloat32 &&
+              k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32, "attend_prompt_bf16: bad shapes");
+  const int64_t Tk = (T + kAttKeys - 1) / kAttKeys * kAttKeys, nb = (T + kAttRows - 1) / kAttRows, half = d / 2;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // packed copies: Q pairs [H][nb·rows][32] (scaled), K pairs [KV][32][Tk], V pairs [KV][Tk/2][64]
+  std::vector<uint32_t> Qp(H * nb * kAttRows * half, 0), Kp(KV * half * Tk, 0), Vp(KV * (Tk / 2) * d, 0);
+  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
+  at::parallel_for(0, std::max(H, KV) * T, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t h = i / T, t = i % T;
+      if (h < H) {
+        const float* row = Q + h * q.stride(0) + t * q.stride(1);
+        for (int64_t c = 0; c < half; ++c) Qp[(h * nb * kAttRows + t) * half + c] = bf16_pair(scale * row[2 * c], scale * row[2 * c + 1]);
+      }
+      if (h < KV) {
+        const float* kr = K + h * k.stride(0) + t * k.stride(1);
+        for (int64_t c = 0; c < half; ++c) Kp[(h * half + c) * Tk + t] = bf16_pair(kr[2 * c], kr[2 * c + 1]);
+        const float* vr = V + h * v.stride(0) + t * v.stride(1);
+        uint16_t* vp = reinterpret_cast<uint16_t*>(Vp.data() + (h * (Tk / 2) + t / 2) * d);
+        for (int64_t c = 0; c < d; ++c) vp[2 * c + (t & 1)] = to_bf16(vr[c]);
+      }
+    }
+  });
+  auto out = torch::empty({T, H, d}, q.options());
+  float* O = out.data_ptr<float>();
+  // item i: head i % H, row block j = i / H taken from both ends in turn, so that each thread's
+  // contiguous share of items holds short and long rows alike (a causal block's cost grows with it)
+  at::parallel_for(0, H * nb, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> S(kAttRows * Tk);
+    std::vector<uint16_t> P(kAttRows * Tk);
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t h = i % H, j = i / H, g = h / (H / KV);
+      const int64_t blk = j % 2 == 0 ? j / 2 : nb - 1 - j / 2, r0 = blk * kAttRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kAttRows, T - r0));
+      const int64_t keys = r0 + rows, tiles = (keys + kAttKeys - 1) / kAttKeys * kAttKeys;
+      const uint32_t* Qb = Qp.data() + (h * nb * kAttRows + r0) * half;
+      for (int64_t k0 = 0; k0 < tiles; k0 += kAttKeys) score_tile(Qb, Kp.data() + g * half * Tk, Tk, k0, S.data(), Tk);
+      float inv[kAttRows] = {0, 0, 0, 0};
+      const int64_t to = (keys + 15) / 16 * 16;
+      for (int r = 0; r < kAttRows; ++r)   // rows past T: zero weights (their output is not stored)
+        inv[r] = r < rows ? softmax_row(S.data() + r * Tk, r0 + r + 1, to, P.data() + r * Tk)
+                          : (std::fill_n(P.data() + r * Tk, to, uint16_t(0)), 0.0f);
+      weigh_values(P.data(), Tk, Vp.data() + g * (Tk / 2) * d, to / 2, inv, O + (r0 * H + h) * d, H * d, rows);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x·Wᵀ, W in Q4_1 blocks of 32 (float32 x, AVX2)");
   m.def("attend_one", &attend_one, "one decoding step of attention with rotary embedding and KV cache write");
@@ -778,6 +926,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_quantize", &q4_quantize, "float32 [n, k] → Q4_1 blocks [packed, step, lo]");
   m.def("q8_quantize", &q8_quantize, "float32 [n, k] → int8 [q, scale per group]");
   m.def("q8_linear", &q8_linear, "x·Wᵀ, W int8 with one scale per row (float32 x, AVX2)");
+  m.def("bf16_dot_supported", &bf16_dot_supported, "the CPU has AVX512-BF16 (attend_prompt_bf16 can run)");
+  m.def("attend_prompt_bf16", &attend_prompt_bf16, "a prompt's causal attention from position 0 (head size 64, AVX512-BF16)");
   py::class_<DecodePlan>(m, "DecodePlan")
       .def(py::init<torch::Tensor, torch::Tensor, double, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor,
                     torch::Tensor, torch::Tensor, int64_t>())

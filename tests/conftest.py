@@ -37,9 +37,9 @@ def pytest_collection_modifyitems(items):
 def tiny_llama(vocab_size: int = 256, layers: int = 2, seed: int = 0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **config)
+    cfg = LlamaConfig(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2), **config})
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 

@@ -76,15 +76,19 @@ def test_many_rows_in_bfloat16_are_bfloat16_products_only_without_a_gradient():
     assert not torch.allclose(got_many, many @ w.T + q.bias, atol=1e-5)
 
 
-def test_a_long_prompt_in_bfloat16_stays_within_bfloat16_rounding_of_float32():
+@pytest.mark.parametrize("head_dim", [16, 64])   # 64: attention through the lab's kernel where it runs
+def test_a_long_prompt_in_bfloat16_stays_within_bfloat16_rounding_of_float32(head_dim):
     """The decoder's bf16_prompts: a prompt longer than the compiled step takes gives logits within
     bfloat16's rounding of the float32 path's, and the same next token; a short one is untouched."""
+    from sleep_engine import kernels
     from sleep_engine.backbone import quantize_linears
-    lab = tiny_llama()
+    lab = tiny_llama(hidden_size=64 * 2, num_attention_heads=2, num_key_value_heads=1) if head_dim == 64 else tiny_llama()
     quantize_linears(lab, "int4")
     _with_experts(lab, 2)
     seq = torch.randint(3, 120, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     f32, b16 = FastLlamaDecoder(lab, 256, bf16_prompts=False), FastLlamaDecoder(lab, 256, bf16_prompts=True)
+    K = kernels.load()
+    assert b16.bf16_attention == (head_dim == 64 and K is not None and K.bf16_dot_supported())
     with torch.no_grad():
         for dec in (f32, b16):
             dec.begin()
@@ -93,6 +97,19 @@ def test_a_long_prompt_in_bfloat16_stays_within_bfloat16_rounding_of_float32():
         assert (a - b).abs().max() <= 0.02 * a.abs().max() and a.argmax() == b.argmax()
         f32.reset(), b16.reset()
         assert torch.equal(f32.feed(seq[:20]), b16.feed(seq[:20]))
+
+
+def test_prompt_logits_are_the_full_forwards_logits_at_every_position():
+    """`prompt_logits` (the bench's perplexity of the long-prompt path) on the float32 path."""
+    lab = tiny_llama()
+    _with_experts(lab, 2)
+    seq = torch.randint(3, 120, (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        want = lab(input_ids=torch.tensor([seq])).logits[0].float()
+        dec = FastLlamaDecoder(lab, 128, bf16_prompts=False)
+        dec.begin()
+        assert torch.allclose(dec.prompt_logits(seq), want, atol=1e-4, rtol=1e-4)
+        assert dec.tokens == seq
 
 
 def test_static_step_matches_the_step_and_traces_the_same_gates():

@@ -14,10 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ..backbone import QuantLinear, bf16_many_rows, embedded_gguf_path, load_backbone, native_bf16
+from ..backbone import embedded_gguf_path, load_backbone, native_bf16
 from ..config import LabConfig
-from ..decoding import generate_tokens, make_decoder
+from ..decoding import FastLlamaDecoder, generate_tokens, make_decoder
 from ..memory import MemoryModel
 
 PROMPTS = ["What is the capital of France?",
@@ -209,7 +210,7 @@ def beside_training(fn):
         w = torch.randn(1536, 576, requires_grad=True)
         n = 0
         while not stop.is_set():
-            torch.nn.functional.linear(x, w).relu().sum().backward()
+            F.linear(x, w).relu().sum().backward()
             n += 1
         steps.append(n)
     trainer = threading.Thread(target=train)
@@ -243,12 +244,13 @@ def quality(model, tokenizer) -> dict:
     text = (ASSETS / "generic_text.txt").read_text()
     enc = tokenizer(text, return_tensors="pt")["input_ids"][:, :1024].to(lm.device)
     out = {"paris": "paris" in reply.lower(), "reply": reply.strip()[:80]}
-    runs = {"general_ppl": False}
-    if native_bf16() and any(isinstance(m, QuantLinear) for m in lm.modules()):
-        runs["general_ppl_bf16_prompts"] = True   # the quantized layers as a long Wake prompt takes them
-    for key, bf16 in runs.items():
-        with torch.inference_mode(), bf16_many_rows(bf16):
-            out[key] = round(float(torch.exp(lm(input_ids=enc, labels=enc).loss)), 3)
+    with torch.inference_mode():
+        out["general_ppl"] = round(float(torch.exp(lm(input_ids=enc, labels=enc).loss)), 3)
+        if isinstance(decoder, FastLlamaDecoder):   # the same text as one long Wake prompt, both ways
+            ids = enc[0].tolist()
+            for key, bf16 in (("general_ppl_wake_prompt_float32", False), ("general_ppl_wake_prompt", None)):
+                logits = FastLlamaDecoder(lm, len(ids) + 1, bf16_prompts=bf16).prompt_logits(ids)
+                out[key] = round(float(torch.exp(F.cross_entropy(logits[:-1], enc[0, 1:]))), 3)
     return out
 
 
