@@ -110,8 +110,8 @@ class FastLlamaDecoder:
     def __init__(self, lm: nn.Module, max_len: int, beside_work: bool = False, cuda_graphs: bool = True,
                  bf16_prompts: bool | None = None):
         """`bf16_prompts`: a prompt longer than the compiled step takes has its quantized layers
-        multiplied in bfloat16 (`backbone.bf16_many_rows`) and, from an empty cache, its attention
-        too where the lab's kernel runs (AVX512-BF16, head size 64); by default where the CPU
+        multiplied in bfloat16 (`backbone.bf16_many_rows`), and its attention too where the lab's
+        kernel runs (AVX512-BF16, head size 64); by default where the CPU
         multiplies bfloat16 natively (`backbone.native_bf16`)."""
         cfg = lm.config
         self.bf16_prompts = native_bf16() if bf16_prompts is None else bf16_prompts
@@ -132,7 +132,7 @@ class FastLlamaDecoder:
         self.v = torch.zeros(shape, dtype=self.dtype, device=emb.device)
         self.tokens: list[int] = []   # token ids whose keys/values are in the cache
         self.plan_ready = False
-        # a long prompt's attention from position 0 in bfloat16 dot products too (`attend_prompt_bf16`:
+        # a long prompt's attention in bfloat16 dot products too (`attend_prompt_bf16`:
         # 5.0 against torch's 13.7 ms a layer at 1,000 tokens, 2026-12-06)
         self.bf16_attention = (self.bf16_prompts and _KERNELS is not None and _KERNELS.bf16_dot_supported()
                                and self.head_dim == 64 and self.dtype == torch.float32 and emb.device.type == "cpu")
@@ -250,8 +250,8 @@ class FastLlamaDecoder:
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
             self.k[i, :, :, start:end] = qk[:, H:]
             self.v[i, :, :, start:end] = qkv[..., (H + KV) * hd:].view(1, T, KV, hd).transpose(1, 2)
-            if bf16_rows and causal and self.bf16_attention:   # out [T, H, hd]
-                o = _KERNELS.attend_prompt_bf16(qk[0, :H], self.k[i, 0, :, :end], self.v[i, 0, :, :end])
+            if bf16_rows and self.bf16_attention:   # out [T, H, hd]
+                o = _KERNELS.attend_prompt_bf16(qk[0, :H], self.k[i, 0, :, :end], self.v[i, 0, :, :end], start)
             else:
                 o = F.scaled_dot_product_attention(qk[:, :H], self.k[i, :, :, :end], self.v[i, :, :, :end],
                                                    attn_mask=mask, is_causal=causal, enable_gqa=KV != H).transpose(1, 2)

@@ -771,7 +771,7 @@ class DecodePlan {
 };
 
 // ---------------------------------------------------------------------------------------------
-// A whole prompt's causal attention from position 0, in bfloat16 dot products with float32
+// A prompt's causal attention (after any cached positions), in bfloat16 dot products with float32
 // accumulation (AVX512-BF16: `vdpbf16ps`), for head size 64. The lab calls it only where the CPU
 // has those instructions (backbone.native_bf16) and a long prompt's products are bfloat16
 // anyway. Per head and block of 4 query rows: the scores against every key up to the last row
@@ -863,23 +863,23 @@ BF16_TARGET inline void weigh_values(const uint16_t* P, int64_t ld_p, const uint
 
 bool bf16_dot_supported() { return __builtin_cpu_supports("avx512bf16"); }
 
-// q [H, T, 64], k and v [KV, T, 64] float32 (the last dimension contiguous; rotary applied, keys
-// and values of positions 0..T-1) → out [T, H, 64] float32: softmax(q kᵀ / 8 + causal mask) v.
-torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
-  const int64_t H = q.size(0), T = q.size(1), KV = k.size(0), d = q.size(2);
+// q [H, T, 64] at positions start..start+T-1, k and v [KV, start+T, 64] float32 (the last
+// dimension contiguous; rotary applied) → out [T, H, 64] float32: softmax(q kᵀ / 8 + causal mask) v.
+torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start) {
+  const int64_t H = q.size(0), T = q.size(1), KV = k.size(0), d = q.size(2), L = start + T;
   TORCH_CHECK(bf16_dot_supported(), "attend_prompt_bf16: this CPU has no AVX512-BF16");
-  TORCH_CHECK(d == kAttD && k.size(2) == d && v.sizes() == k.sizes() && k.size(1) >= T && H % KV == 0 &&
+  TORCH_CHECK(d == kAttD && k.size(2) == d && v.sizes() == k.sizes() && k.size(1) == L && start >= 0 && H % KV == 0 &&
               q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.scalar_type() == torch::kFloat32 &&
               k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32, "attend_prompt_bf16: bad shapes");
-  const int64_t Tk = (T + kAttKeys - 1) / kAttKeys * kAttKeys, nb = (T + kAttRows - 1) / kAttRows, half = d / 2;
+  const int64_t Tk = (L + kAttKeys - 1) / kAttKeys * kAttKeys, nb = (T + kAttRows - 1) / kAttRows, half = d / 2;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   // packed copies: Q pairs [H][nb·rows][32] (scaled), K pairs [KV][32][Tk], V pairs [KV][Tk/2][64]
   std::vector<uint32_t> Qp(H * nb * kAttRows * half, 0), Kp(KV * half * Tk, 0), Vp(KV * (Tk / 2) * d, 0);
   const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
-  at::parallel_for(0, std::max(H, KV) * T, 256, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, std::max(H, KV) * L, 256, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t h = i / T, t = i % T;
-      if (h < H) {
+      const int64_t h = i / L, t = i % L;
+      if (h < H && t < T) {
         const float* row = Q + h * q.stride(0) + t * q.stride(1);
         for (int64_t c = 0; c < half; ++c) Qp[(h * nb * kAttRows + t) * half + c] = bf16_pair(scale * row[2 * c], scale * row[2 * c + 1]);
       }
@@ -903,13 +903,13 @@ torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor
       const int64_t h = i % H, j = i / H, g = h / (H / KV);
       const int64_t blk = j % 2 == 0 ? j / 2 : nb - 1 - j / 2, r0 = blk * kAttRows;
       const int rows = static_cast<int>(std::min<int64_t>(kAttRows, T - r0));
-      const int64_t keys = r0 + rows, tiles = (keys + kAttKeys - 1) / kAttKeys * kAttKeys;
+      const int64_t keys = start + r0 + rows, tiles = (keys + kAttKeys - 1) / kAttKeys * kAttKeys;
       const uint32_t* Qb = Qp.data() + (h * nb * kAttRows + r0) * half;
       for (int64_t k0 = 0; k0 < tiles; k0 += kAttKeys) score_tile(Qb, Kp.data() + g * half * Tk, Tk, k0, S.data(), Tk);
       float inv[kAttRows] = {0, 0, 0, 0};
       const int64_t to = (keys + 15) / 16 * 16;
       for (int r = 0; r < kAttRows; ++r)   // rows past T: zero weights (their output is not stored)
-        inv[r] = r < rows ? softmax_row(S.data() + r * Tk, r0 + r + 1, to, P.data() + r * Tk)
+        inv[r] = r < rows ? softmax_row(S.data() + r * Tk, start + r0 + r + 1, to, P.data() + r * Tk)
                           : (std::fill_n(P.data() + r * Tk, to, uint16_t(0)), 0.0f);
       weigh_values(P.data(), Tk, Vp.data() + g * (Tk / 2) * d, to / 2, inv, O + (r0 * H + h) * d, H * d, rows);
     }
@@ -927,7 +927,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_quantize", &q8_quantize, "float32 [n, k] → int8 [q, scale per group]");
   m.def("q8_linear", &q8_linear, "x·Wᵀ, W int8 with one scale per row (float32 x, AVX2)");
   m.def("bf16_dot_supported", &bf16_dot_supported, "the CPU has AVX512-BF16 (attend_prompt_bf16 can run)");
-  m.def("attend_prompt_bf16", &attend_prompt_bf16, "a prompt's causal attention from position 0 (head size 64, AVX512-BF16)");
+  m.def("attend_prompt_bf16", &attend_prompt_bf16, "a prompt's causal attention after `start` cached positions (head size 64, AVX512-BF16)");
   py::class_<DecodePlan>(m, "DecodePlan")
       .def(py::init<torch::Tensor, torch::Tensor, double, std::vector<torch::Tensor>, torch::Tensor, torch::Tensor,
                     torch::Tensor, torch::Tensor, int64_t>())

@@ -92,9 +92,10 @@ def test_a_long_prompt_in_bfloat16_stays_within_bfloat16_rounding_of_float32(hea
     with torch.no_grad():
         for dec in (f32, b16):
             dec.begin()
-        a, b = f32.feed(seq), b16.feed(seq)
-        assert not torch.equal(a, b)
-        assert (a - b).abs().max() <= 0.02 * a.abs().max() and a.argmax() == b.argmax()
+        for end in (80, 150):   # from the start, then a long chunk after the cached part
+            a, b = f32.feed(seq[:end]), b16.feed(seq[:end])
+            assert not torch.equal(a, b)
+            assert (a - b).abs().max() <= 0.02 * a.abs().max() and a.argmax() == b.argmax()
         f32.reset(), b16.reset()
         assert torch.equal(f32.feed(seq[:20]), b16.feed(seq[:20]))
 

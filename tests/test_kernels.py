@@ -290,25 +290,26 @@ def test_embedded_model_int4_kernels_give_the_float_models_greedy_text(embedded_
         assert list(generate_tokens(dec, ids, 48, stop_ids=stops)) == want
 
 
-@pytest.mark.parametrize("T", [1, 5, 64, 130])
-def test_prompt_attention_in_bfloat16_is_the_bfloat16_rounded_softmax_attention(T):
-    """`attend_prompt_bf16` (AVX512-BF16 only): causal grouped-query attention from position 0 on
-    bfloat16-rounded q/8, k, v and weights with float32 sums; q strided as the decoder hands it."""
+@pytest.mark.parametrize("T,start", [(1, 0), (5, 0), (64, 0), (130, 0), (70, 50), (3, 100)])
+def test_prompt_attention_in_bfloat16_is_the_bfloat16_rounded_softmax_attention(T, start):
+    """`attend_prompt_bf16` (AVX512-BF16 only): causal grouped-query attention of T new positions
+    after `start` cached ones, on bfloat16-rounded q/8, k, v and weights with float32 sums; q
+    strided as the decoder hands it."""
     K = kernels.load()
     if K is None or not K.bf16_dot_supported():
         pytest.skip("needs the lab's kernels on a CPU with AVX512-BF16")
-    g = torch.Generator().manual_seed(T)
+    g, L = torch.Generator().manual_seed(T), start + T
     qkv = torch.randn(T, 6, 64, generator=g) * 2
     q = qkv[:, :4].transpose(0, 1)                        # (4 heads, T, 64), rows strided
-    k, v = torch.randn(2, T + 3, 64, generator=g)[:, :T], torch.randn(2, T, 64, generator=g)
-    got = K.attend_prompt_bf16(q, k, v).double()           # (T, 4, 64)
+    k, v = torch.randn(2, L + 3, 64, generator=g)[:, :L], torch.randn(2, L, 64, generator=g)
+    got = K.attend_prompt_bf16(q, k, v, start).double()    # (T, 4, 64)
+    mask = torch.ones(T, L, dtype=torch.bool).tril(start)
     r = lambda x: x.bfloat16().double()
-    s = (r(q / 8).view(2, 2, T, 64) @ r(k)[:, None].transpose(-1, -2))
-    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    s = (r(q / 8).view(2, 2, T, 64) @ r(k)[:, None].transpose(-1, -2)).masked_fill(~mask, float("-inf"))
     w = torch.exp(s - s.amax(-1, keepdim=True))
     want = (r(w.float()) @ r(v)[:, None]) / w.sum(-1, keepdim=True)   # (2, 2, T, 64)
     assert torch.allclose(got, want.reshape(4, T, 64).transpose(0, 1), atol=2e-3, rtol=0)
-    exact = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
+    exact = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=True)
     assert torch.allclose(got.float(), exact[0].transpose(0, 1), atol=0.05)
 
 
