@@ -1,4 +1,5 @@
-"""The lab's own CPU kernels for quantized x·Wᵀ at small batch (sleep_engine/quant_matvec.cpp).
+"""The lab's own CPU kernels (sleep_engine/quant_matvec.cpp): quantized x·Wᵀ at small batch, the
+compiled decode step, and a long prompt's attention in bfloat16 dot products (AVX512-BF16).
 
 Built once per machine (and per source and torch version) with the system C++ compiler (~35 s
 on 2 cores) into the lab's cache directory, and imported from there afterwards (~20 ms). Where

@@ -778,6 +778,11 @@ class DecodePlan {
 // (64 keys per tile), a softmax over each row (float32), then the weights (bfloat16) times the
 // values. Keys are packed as bfloat16 pairs along the head dimension, values as pairs along
 // the keys, so each `vdpbf16ps` multiplies 16 keys (or 16 value columns) by one broadcast pair.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define SLEEPLAB_BF16 1   // the compiler knows the avx512bf16 target (GCC 10+, clang 9+)
+#endif
+
+#ifdef SLEEPLAB_BF16
 namespace {
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
@@ -862,10 +867,17 @@ BF16_TARGET inline void weigh_values(const uint16_t* P, int64_t ld_p, const uint
 }  // namespace
 
 bool bf16_dot_supported() { return __builtin_cpu_supports("avx512bf16"); }
+#else
+bool bf16_dot_supported() { return false; }
+#endif
 
 // q [H, T, 64] at positions start..start+T-1, k and v [KV, start+T, 64] float32 (the last
 // dimension contiguous; rotary applied) → out [T, H, 64] float32: softmax(q kᵀ / 8 + causal mask) v.
 torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start) {
+#ifndef SLEEPLAB_BF16
+  TORCH_CHECK(false, "attend_prompt_bf16: built without AVX512-BF16 support");
+  return q;
+#else
   const int64_t H = q.size(0), T = q.size(1), KV = k.size(0), d = q.size(2), L = start + T;
   TORCH_CHECK(bf16_dot_supported(), "attend_prompt_bf16: this CPU has no AVX512-BF16");
   TORCH_CHECK(d == kAttD && k.size(2) == d && v.sizes() == k.sizes() && k.size(1) == L && start >= 0 && H % KV == 0 &&
@@ -915,6 +927,7 @@ torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor
     }
   });
   return out;
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
