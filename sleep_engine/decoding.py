@@ -111,10 +111,13 @@ class FastLlamaDecoder:
                  bf16_prompts: bool | None = None):
         """`bf16_prompts`: a prompt longer than the compiled step takes has its quantized layers
         multiplied in bfloat16 (`backbone.bf16_many_rows`), and its attention too where the lab's
-        kernel runs (AVX512-BF16, head size 64); by default where the CPU
-        multiplies bfloat16 natively (`backbone.native_bf16`)."""
+        kernel runs (AVX512-BF16, head size 64); by default for a quantized base where the CPU
+        multiplies bfloat16 natively (`backbone.native_bf16`): a model kept in float32
+        (`--quantize none`) stays float32 throughout."""
         cfg = lm.config
-        self.bf16_prompts = native_bf16() if bf16_prompts is None else bf16_prompts
+        if bf16_prompts is None:
+            bf16_prompts = native_bf16() and any(isinstance(m, QuantLinear) for m in lm.modules())
+        self.bf16_prompts = bf16_prompts
         self.pauses = self.PAUSES_BESIDE_WORK if beside_work else self.PAUSES_ALONE
         self.lm, self.inner = lm, lm.model
         self.n_heads = cfg.num_attention_heads

@@ -100,6 +100,14 @@ def test_a_long_prompt_in_bfloat16_stays_within_bfloat16_rounding_of_float32(hea
         assert torch.equal(f32.feed(seq[:20]), b16.feed(seq[:20]))
 
 
+def test_bfloat16_prompts_by_default_only_for_a_quantized_base_on_a_native_bfloat16_cpu():
+    from sleep_engine.backbone import native_bf16, quantize_linears
+    lab = tiny_llama()
+    assert FastLlamaDecoder(lab, 16).bf16_prompts is False   # --quantize none stays float32
+    quantize_linears(lab, "int4")
+    assert FastLlamaDecoder(lab, 16).bf16_prompts == native_bf16()
+
+
 def test_prompt_logits_are_the_full_forwards_logits_at_every_position():
     """`prompt_logits` (the bench's perplexity of the long-prompt path) on the float32 path."""
     lab = tiny_llama()
