@@ -553,18 +553,21 @@ class WakeTab:
         page, history = self.page, list(history or [])
         stop = page.stops.fresh(request.session_hash if request else "api")
         key = page.sessions.key(request)
-        reply = None
+        reply, box = None, {self.msg: ""}
         try:
             for reply in in_own_thread(lambda: self.engine.wake.stream(message, stop, session=key,
                                                                     sampling=page.sampling.get(key)), stop):
                 turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
-                yield {self.chatbot: history + turn, self.msg: ""}   # the whole text too, before the panels
+                # the message box is emptied once, by the first update: emptied by every update, it
+                # wiped a next question typed while the reply streamed
+                yield {self.chatbot: history + turn, **box}   # the whole text too, before the panels
+                box = {}
         except (WakeInputError, WakeBusy) as e:
             yield {self.chatbot: history, self.msg: message, self.notice: _error(str(e))}   # the message stays
             return
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": reply.text}]
         view = self.views[key] = self.reply_view(reply)   # its plots come next (`reply_plots`)
-        yield {self.chatbot: history + turn, self.msg: "", self.notice: _ok(" · ".join(reply_notes(reply))),
+        yield {self.chatbot: history + turn, **box, self.notice: _ok(" · ".join(reply_notes(reply))),
                self.strip: views.token_strip(view), self.tiers: page.tiers_table(request), page.header: page.header_html()}
 
     def stop_reply(self, request: gr.Request):

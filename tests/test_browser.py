@@ -279,6 +279,37 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
     assert all((shots / f"{tab}.png").stat().st_size > 10_000 for tab in ("wake", "sleep", "inspect"))
 
 
+def test_what_is_typed_while_a_reply_streams_stays_in_the_box(lab):
+    """The reply's first update empties the message box; the later ones leave it alone (they
+    emptied it on every update, wiping a next question typed meanwhile)."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("SLEEP_LAB_REQUIRE_BROWSER"):
+            pytest.fail(f"no chromium at {CHROMIUM}")
+        pytest.skip(f"no chromium at {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+    engine, url = lab
+    engine.cfg.wake.context_tokens, engine.cfg.wake.max_new_tokens = 256, 1700   # within the decoder's cache
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("() => (document.getElementById('header') || {}).innerText")
+            if page.locator("#guide-ok").is_visible():
+                page.locator("#guide-ok").click()
+            box = page.locator("#message textarea")
+            box.fill("Tell me a long story")
+            box.press("Enter")
+            page.wait_for_function("() => document.querySelector('#message textarea').value === ''")
+            box.fill("and a next question")
+            streaming_at_fill = "tokens/s" not in text_of(page, "wake-notice")
+            wait_text(page, "wake-notice", "tokens/s", timeout=120_000)
+            assert streaming_at_fill, "the reply ended before anything was typed: make it longer"
+            assert box.input_value() == "and a next question"
+        finally:
+            browser.close()
+
+
 def readme_shots(page, shots: Path, question: str) -> None:
     """The README's Inspect and Wake shots, after walk_through: sleep 1's memories before and after
     asked `question`, then Wake asked it in a fresh conversation."""
