@@ -788,11 +788,7 @@ namespace {
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma")))
 constexpr int kAttRows = 4, kAttD = 64, kAttKeys = 64;   // query rows per block, head size, keys per tile
 
-inline uint16_t to_bf16(float f) {   // round to nearest even (finite inputs)
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-}
+inline uint16_t to_bf16(float f) { return c10::BFloat16(f).x; }   // round to nearest even
 
 inline uint32_t bf16_pair(float lo, float hi) { return to_bf16(lo) | (uint32_t(to_bf16(hi)) << 16); }
 
@@ -864,6 +860,35 @@ BF16_TARGET inline void weigh_values(const uint16_t* P, int64_t ld_p, const uint
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i * ld_out + 16 * j, _mm512_mul_ps(acc[i][j], _mm512_set1_ps(inv[i])));
 }
 
+// bfloat16 copies for attend_prompt_bf16: Q pairs [H][nb·rows][32] scaled by 1/√64 (rows past T
+// zero), K pairs [KV][32][Tk] along the head dimension, V pairs [KV][Tk/2][64] along the keys
+// (keys past L zero).
+struct AttentionPacks {
+  std::vector<uint32_t> Q, K, V;
+  AttentionPacks(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t Tk, int64_t nb) {
+    const int64_t H = q.size(0), T = q.size(1), KV = k.size(0), L = k.size(1), half = kAttD / 2;
+    Q.assign(H * nb * kAttRows * half, 0), K.assign(KV * half * Tk, 0), V.assign(KV * (Tk / 2) * kAttD, 0);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(kAttD));
+    const float *Qf = q.data_ptr<float>(), *Kf = k.data_ptr<float>(), *Vf = v.data_ptr<float>();
+    at::parallel_for(0, std::max(H, KV) * L, 256, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t h = i / L, t = i % L;
+        if (h < H && t < T) {
+          const float* row = Qf + h * q.stride(0) + t * q.stride(1);
+          for (int64_t c = 0; c < half; ++c) Q[(h * nb * kAttRows + t) * half + c] = bf16_pair(scale * row[2 * c], scale * row[2 * c + 1]);
+        }
+        if (h < KV) {
+          const float* kr = Kf + h * k.stride(0) + t * k.stride(1);
+          for (int64_t c = 0; c < half; ++c) K[(h * half + c) * Tk + t] = bf16_pair(kr[2 * c], kr[2 * c + 1]);
+          const float* vr = Vf + h * v.stride(0) + t * v.stride(1);
+          uint16_t* vp = reinterpret_cast<uint16_t*>(V.data() + (h * (Tk / 2) + t / 2) * kAttD);
+          for (int64_t c = 0; c < kAttD; ++c) vp[2 * c + (t & 1)] = to_bf16(vr[c]);   // (t even, t odd) pairs
+        }
+      }
+    });
+  }
+};
+
 }  // namespace
 
 bool bf16_dot_supported() { return __builtin_cpu_supports("avx512bf16"); }
@@ -884,26 +909,7 @@ torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor
               q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.scalar_type() == torch::kFloat32 &&
               k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32, "attend_prompt_bf16: bad shapes");
   const int64_t Tk = (L + kAttKeys - 1) / kAttKeys * kAttKeys, nb = (T + kAttRows - 1) / kAttRows, half = d / 2;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  // packed copies: Q pairs [H][nb·rows][32] (scaled), K pairs [KV][32][Tk], V pairs [KV][Tk/2][64]
-  std::vector<uint32_t> Qp(H * nb * kAttRows * half, 0), Kp(KV * half * Tk, 0), Vp(KV * (Tk / 2) * d, 0);
-  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
-  at::parallel_for(0, std::max(H, KV) * L, 256, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t h = i / L, t = i % L;
-      if (h < H && t < T) {
-        const float* row = Q + h * q.stride(0) + t * q.stride(1);
-        for (int64_t c = 0; c < half; ++c) Qp[(h * nb * kAttRows + t) * half + c] = bf16_pair(scale * row[2 * c], scale * row[2 * c + 1]);
-      }
-      if (h < KV) {
-        const float* kr = K + h * k.stride(0) + t * k.stride(1);
-        for (int64_t c = 0; c < half; ++c) Kp[(h * half + c) * Tk + t] = bf16_pair(kr[2 * c], kr[2 * c + 1]);
-        const float* vr = V + h * v.stride(0) + t * v.stride(1);
-        uint16_t* vp = reinterpret_cast<uint16_t*>(Vp.data() + (h * (Tk / 2) + t / 2) * d);
-        for (int64_t c = 0; c < d; ++c) vp[2 * c + (t & 1)] = to_bf16(vr[c]);
-      }
-    }
-  });
+  const AttentionPacks packs(q, k, v, Tk, nb);
   auto out = torch::empty({T, H, d}, q.options());
   float* O = out.data_ptr<float>();
   // item i: head i % H, row block j = i / H taken from both ends in turn, so that each thread's
@@ -916,14 +922,14 @@ torch::Tensor attend_prompt_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor
       const int64_t blk = j % 2 == 0 ? j / 2 : nb - 1 - j / 2, r0 = blk * kAttRows;
       const int rows = static_cast<int>(std::min<int64_t>(kAttRows, T - r0));
       const int64_t keys = start + r0 + rows, tiles = (keys + kAttKeys - 1) / kAttKeys * kAttKeys;
-      const uint32_t* Qb = Qp.data() + (h * nb * kAttRows + r0) * half;
-      for (int64_t k0 = 0; k0 < tiles; k0 += kAttKeys) score_tile(Qb, Kp.data() + g * half * Tk, Tk, k0, S.data(), Tk);
+      const uint32_t* Qb = packs.Q.data() + (h * nb * kAttRows + r0) * half;
+      for (int64_t k0 = 0; k0 < tiles; k0 += kAttKeys) score_tile(Qb, packs.K.data() + g * half * Tk, Tk, k0, S.data(), Tk);
       float inv[kAttRows] = {0, 0, 0, 0};
       const int64_t to = (keys + 15) / 16 * 16;
       for (int r = 0; r < kAttRows; ++r)   // rows past T: zero weights (their output is not stored)
         inv[r] = r < rows ? softmax_row(S.data() + r * Tk, start + r0 + r + 1, to, P.data() + r * Tk)
                           : (std::fill_n(P.data() + r * Tk, to, uint16_t(0)), 0.0f);
-      weigh_values(P.data(), Tk, Vp.data() + g * (Tk / 2) * d, to / 2, inv, O + (r0 * H + h) * d, H * d, rows);
+      weigh_values(P.data(), Tk, packs.V.data() + g * (Tk / 2) * d, to / 2, inv, O + (r0 * H + h) * d, H * d, rows);
     }
   });
   return out;
