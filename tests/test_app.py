@@ -231,6 +231,9 @@ def test_the_wake_tab_bench_row_times_the_same_reply_through_the_page(tiny_engin
         assert r["page"]["tokens"] == r["engine"]["tokens"] > 1
         assert r["page"]["ttft_s"] > 0 and r["page"]["tokens_per_s"] > 0
     assert row["page_vs_engine"] > 0 and tiny_engine.cfg.wake.fast_update_every == 0
+    ratios = sorted(r["page"]["tokens_per_s"] / r["engine"]["tokens_per_s"] for r in row["per_prompt"])
+    per_reply = row["page_vs_engine_per_reply"]   # two replies: their interval is the two, at 50%
+    assert (per_reply["low"], per_reply["high"], per_reply["coverage"]) == (round(ratios[0], 3), round(ratios[1], 3), 0.5)
 
 
 def test_the_page_ticks_every_second_asleep_every_five_awake_and_redraws_a_sleeps_panels_every_few(tiny_engine, tmp_path, monkeypatch):

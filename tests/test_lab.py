@@ -203,6 +203,17 @@ def test_settings_from_the_command_line_keep_their_types():
     assert (e.n1_passages, e.sft_lr, e.tta_epochs) == (0, 5e-4, (1, 3))
 
 
+def test_median_interval_takes_the_sign_tests_order_statistics():
+    from sleep_engine.lab.scoring import median_interval
+    # n = 15: P(B ≤ 3) = (1 + 15 + 105 + 455)/2¹⁵ = 0.0176 ≤ 0.025 < P(B ≤ 4) = 0.0592 → x₍₄₎, x₍₁₂₎
+    lo, hi, coverage = median_interval([15 - i for i in range(15)])   # order does not matter
+    assert (lo, hi) == (4, 12) and abs(coverage - (1 - 2 * 576 / 2 ** 15)) < 1e-12
+    # n = 6: P(B ≤ 0) = 1/64 ≤ 0.025 → the extremes, at 1 − 2/64
+    assert median_interval([3, 1, 2, 6, 5, 4]) == (1, 6, 1 - 2 / 64)
+    # n = 5: even the extremes cover only 1 − 2/32 = 0.9375 < 95%, and say so
+    assert median_interval([1, 2, 3, 4, 5]) == (1, 5, 0.9375)
+
+
 def test_wilson_interval_matches_hand_computed_values():
     from sleep_engine.lab.scoring import wilson
     lo, hi = wilson(5, 10)            # p̂ = 0.5: centre 0.5, half = 1.96·√(0.025 + 0.0096)/1.384 = 0.2634

@@ -11,6 +11,7 @@ right sentence still scores high), so the exact score is the headline and this a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -137,3 +138,26 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Distribution-free interval of a median from its order statistics (the sign test's):
+
+        [x₍ⱼ₎, x₍ₙ₋ⱼ₊₁₎] of the sorted values, j the largest with P(Binomial(n, ½) ≤ j − 1) ≤ (1 − level)/2,
+        coverage = 1 − 2·P(Binomial(n, ½) ≤ j − 1)
+
+    Returns (low, high, coverage). Too few values for `level` (n ≤ 5 at 95%): the smallest and the
+    largest, with the coverage they do have."""
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_interval of no values")
+    tail, j = 0.0, 0                       # tail = P(B ≤ j − 1)
+    while j < n // 2:
+        below = tail + math.comb(n, j) / 2 ** n
+        if below > (1 - level) / 2:
+            break
+        tail, j = below, j + 1
+    if j == 0:   # not even the extremes reach `level`
+        return x[0], x[-1], 1 - 2 / 2 ** n
+    return x[j - 1], x[n - j], 1 - 2 * tail
