@@ -279,8 +279,9 @@ class QuantLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        if self.mode == "int4" and self.use_kernels and dtype == torch.float32 and self.qweight.device.type == "cpu":
-            return kernels.load().q4_dequant(self.qweight, self.step, self.lo)   # one pass, not five
+        if self.mode == "int4" and self.use_kernels and dtype in (torch.float32, torch.bfloat16) and \
+                self.qweight.device.type == "cpu":   # one pass, not five
+            return kernels.load().q4_dequant(self.qweight, self.step, self.lo, dtype == torch.bfloat16)
         if self.mode == "int8":
             groups = self.qweight.view(n, self.scale_f32.shape[1], -1).to(dtype)
             return (groups * self.scale_f32[..., None].to(dtype)).view(n, k)
@@ -296,8 +297,10 @@ class QuantLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if x.requires_grad or rows > self.KERNEL_MAX_ROWS or x.device.type != "cpu" or \
                 (not self.use_kernels and self.mode == "int4" and self.out_features % 16):   # torch's int4 needs n % 16 == 0
-            weight = self.float_weight if self.float_weight is not None else self.dequantized()
-            if _many_rows_bf16.get() and not x.requires_grad and rows > self.KERNEL_MAX_ROWS:
+            low = _many_rows_bf16.get() and not x.requires_grad and rows > self.KERNEL_MAX_ROWS
+            weight = self.float_weight if self.float_weight is not None else \
+                self.dequantized(torch.bfloat16 if low else torch.float32)
+            if low:
                 y = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16))
                 return (y if self.bias is None else y.float() + self.bias).to(x.dtype)
             return F.linear(x.float(), weight, self.bias).to(x.dtype)

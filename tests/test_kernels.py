@@ -101,6 +101,9 @@ def test_q4_dequant_gives_the_codes_times_step_plus_lo():
     got = K.q4_dequant(q.qweight, q.step, q.lo)
     assert got.shape == (n, k) and torch.equal(got, ref)   # bit for bit: cached readings stay valid
     assert torch.equal(q.dequantized(), got)
+    # in bfloat16 (a long prompt's products): torch's rounding of those floats, bit for bit
+    assert torch.equal(K.q4_dequant(q.qweight, q.step, q.lo, True), ref.to(torch.bfloat16))
+    assert torch.equal(q.dequantized(torch.bfloat16), ref.to(torch.bfloat16))
 
 
 @needs_kernels
