@@ -220,3 +220,16 @@ def test_wilson_interval_matches_hand_computed_values():
     assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
     lo, hi = wilson(0, 32)            # no successes: the interval still reaches 3.84/35.84 = 0.107
     assert lo == 0.0 and abs(hi - 0.1072) < 1e-3
+
+
+def test_the_wake_experiments_learning_row_says_where_a_sleeps_budget_went():
+    """`lab wake` (make user-check) reports each sleep's parts, so a sleep that trained 1 of 18
+    steps shows what took its budget: the teacher's writing, the gates' preparation, the older gates."""
+    from sleep_engine.lab.wake_memory import _learning
+    summary = {"consolidation": {"steps": 1, "planned_steps": 18, "answered": 44, "prompts": 119, "writing_s": 18.6,
+                                 "gate_s": 13.9, "training_s": 2.0},
+               "older_gates_s": 11.1, "phases": {"consolidation": 50.7}}
+    row = _learning(summary)
+    assert (row["steps"], row["planned_steps"]) == (1, 18)
+    assert (row["writing_s"], row["gate_s"], row["older_gates_s"], row["training_s"]) == (18.6, 13.9, 11.1, 2.0)
+    assert _learning({})["gate_s"] is None   # a sleep refused before consolidating

@@ -146,7 +146,7 @@ def _learning(summary: dict) -> dict:
     seeded = summary.get("consolidation") or {}
     return {"steps": seeded.get("steps"), "planned_steps": seeded.get("planned_steps"),
             "answered": seeded.get("answered"), "prompts": seeded.get("prompts"),
-            "writing_s": seeded.get("writing_s"), "training_s": seeded.get("training_s"),
+            "writing_s": seeded.get("writing_s"), "gate_s": seeded.get("gate_s"), "training_s": seeded.get("training_s"),
             "older_gates_s": summary.get("older_gates_s"), "phases": summary.get("phases")}
 
 
