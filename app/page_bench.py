@@ -212,15 +212,15 @@ def wake_tab_rate(engine, prompts: list[str], repeats: int = ROUNDS, log=print, 
     # the same ratios per reply (page and engine on one prompt, one after the other), with the
     # interval of their median: run to run, the ratio of medians moved more than the target's margin
     from sleep_engine.lab.scoring import median_interval   # not at import: the client's process needs no torch
-    for name, key, engine_key in (("page_vs_engine", "tokens_per_s", "tokens_per_s"),
-                                  ("status_vs_engine", "status_tokens_per_s", "status_tokens_per_s")):
-        ratios = [p[key] / d[engine_key] for p, d in zip(page, direct)]
+    per_reply = []
+    for name, key in (("page_vs_engine", "tokens_per_s"), ("status_vs_engine", "status_tokens_per_s")):
+        ratios = [p[key] / d[key] for p, d in zip(page, direct)]
         low, high, coverage = median_interval(ratios)
-        row[f"{name}_per_reply"] = {"median": round(statistics.median(ratios), 3), "low": round(low, 3),
-                                    "high": round(high, 3), "coverage": round(coverage, 3)}
+        r = row[f"{name}_per_reply"] = {"median": round(statistics.median(ratios), 3), "low": round(low, 3),
+                                        "high": round(high, 3), "coverage": round(coverage, 3)}
+        per_reply.append(f"{name.split('_')[0]} {r['median']} ({r['low']}–{r['high']}, {r['coverage']:.0%})")
     log(f"Wake tab ({client}): {row['page_tokens_per_s']} tokens/s at the client, first text after {row['page_ttft_ms']} ms "
         f"(engine alone {row['engine_tokens_per_s']} tokens/s, {row['engine_ttft_ms']} ms); decoding, by the status "
-        f"line {row['status_tokens_per_s']} against {row['engine_status_tokens_per_s']} tokens/s; page / engine per reply "
-        + ", ".join(f"{k.split('_')[0]} {v['median']} ({v['low']}–{v['high']}, {v['coverage']:.0%})"
-                    for k, v in ((k, row[f"{k}_per_reply"]) for k in ("page_vs_engine", "status_vs_engine"))))
+        f"line {row['status_tokens_per_s']} against {row['engine_status_tokens_per_s']} tokens/s; page / engine per "
+        f"reply {', '.join(per_reply)}")
     return row

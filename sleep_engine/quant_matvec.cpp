@@ -17,7 +17,6 @@
 #include <mutex>
 #include <sched.h>
 #include <thread>
-#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -436,25 +435,16 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor ste
 // 1,000-token prompt's 2.24 s (2 cores, 2026-12-05).
 // Bit for bit what torch computes (a product, rounded, then a sum): not contracted into an FMA,
 // so that weights dequantized here and by torch ops (and readings kept from either) agree.
-// Out uint16_t: those values as bfloat16 (a long prompt's products where the CPU has them,
-// backbone.bf16_many_rows), rounded to nearest even as torch's conversion of a finite float is;
-// in one pass, without writing the float32 weight and converting it (69 + ~50 of a 1,000-token
-// prompt's ~1,050 ms on 2 cores, 2026-12-06).
+// Out at::BFloat16: those values as bfloat16 (a long prompt's products where the CPU has them,
+// backbone.bf16_many_rows), rounded to nearest even as torch's conversion is; in one pass, without
+// writing the float32 weight and converting it (69 + ~50 of a 1,000-token prompt's ~1,050 ms on
+// 2 cores, 2026-12-06).
 template <typename Out>
 __attribute__((optimize("fp-contract=off"))) static void q4_dequant_block(const uint8_t* p, float s, float l, Out* w) {
-  auto out = [](float v) -> Out {
-    if constexpr (std::is_same_v<Out, float>) {
-      return v;
-    } else {   // the branch-free rounding vectorizes (weights are finite)
-      uint32_t u;
-      std::memcpy(&u, &v, sizeof u);
-      return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
-  };
   for (int j = 0; j < 16; ++j) {
     const float lo_code = static_cast<float>(p[j] & 15) * s, hi_code = static_cast<float>(p[j] >> 4) * s;
-    w[j] = out(lo_code + l);
-    w[16 + j] = out(hi_code + l);
+    w[j] = static_cast<Out>(lo_code + l);
+    w[16 + j] = static_cast<Out>(hi_code + l);
   }
 }
 
@@ -465,7 +455,7 @@ torch::Tensor q4_dequant(torch::Tensor packed, torch::Tensor step, torch::Tensor
   auto out = torch::empty({n, k}, step.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const uint8_t* P = packed.data_ptr<uint8_t>();
   const float *S = step.data_ptr<float>(), *L = lo.data_ptr<float>();
-  uint16_t* W16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  at::BFloat16* W16 = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
   float* W32 = bf16 ? nullptr : out.data_ptr<float>();
   at::parallel_for(0, n * nb, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -918,7 +908,8 @@ BF16_TARGET void silu_mul_row(const uint16_t* g, const uint16_t* u, int64_t n, u
   for (int64_t c = 0; c < n; c += 16) {
     const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
     const __m512 x = load_bf16(g + c, m), y = load_bf16(u + c, m);
-    const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
     const __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_mul_ps(x, sig), y));   // nearest even
     __m256i bits;
     std::memcpy(&bits, &r, sizeof bits);

@@ -235,11 +235,15 @@ def walk_through(page, url: str, shots: Path, passage: str, steps: int = 2, long
     return seen
 
 
-def test_walk_through_in_a_real_browser(lab, tmp_path):
+def needs_chromium() -> None:
     if not Path(CHROMIUM).exists():
         if os.environ.get("SLEEP_LAB_REQUIRE_BROWSER"):   # set by .ci/run, which installs chromium
             pytest.fail(f"no chromium at {CHROMIUM}")
         pytest.skip(f"no chromium at {CHROMIUM} (.ci/run installs Debian's; locally: apt-get install chromium)")
+
+
+def test_walk_through_in_a_real_browser(lab, tmp_path):
+    needs_chromium()
     from playwright.sync_api import sync_playwright
     engine, url = lab
     shots = Path(os.environ.get("SLEEP_LAB_SCREENSHOTS", tmp_path / "shots"))
@@ -282,10 +286,7 @@ def test_walk_through_in_a_real_browser(lab, tmp_path):
 def test_what_is_typed_while_a_reply_streams_stays_in_the_box(lab):
     """The reply's first update empties the message box; the later ones leave it alone (they
     emptied it on every update, wiping a next question typed meanwhile)."""
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("SLEEP_LAB_REQUIRE_BROWSER"):
-            pytest.fail(f"no chromium at {CHROMIUM}")
-        pytest.skip(f"no chromium at {CHROMIUM}")
+    needs_chromium()
     from playwright.sync_api import sync_playwright
     engine, url = lab
     engine.cfg.wake.context_tokens, engine.cfg.wake.max_new_tokens = 256, 1700   # within the decoder's cache
@@ -294,7 +295,7 @@ def test_what_is_typed_while_a_reply_streams_stays_in_the_box(lab):
         try:
             page = browser.new_page()
             page.goto(url)
-            page.wait_for_function("() => (document.getElementById('header') || {}).innerText")
+            wait_text(page, "header", "model")
             if page.locator("#guide-ok").is_visible():
                 page.locator("#guide-ok").click()
             box = page.locator("#message textarea")
